@@ -1,0 +1,3 @@
+"""tlsoverride: temporary, approved, audited mailcow TLS policy overrides."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,203 @@
+"""OIDC bearer-token validation and the caller's roles.
+
+Tokens are JWTs checked with joserfc (authlib's JOSE implementation): signature against the issuer's
+JWKS (discovered, cached, refetched on an unknown `kid` at most every few seconds), an algorithm
+allow-list (never `none`, never HMAC), exact `iss`, `aud`, `exp` and `nbf` with a small leeway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import httpx
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2AuthorizationCodeBearer
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+from joserfc.jws import extract_compact
+
+from app.core.config import ROLES, Role, Settings
+from app.core.errors import Forbidden, InvalidInput, ServiceUnavailable, Unauthenticated
+
+log = logging.getLogger("app.auth")
+
+ON_BEHALF_OF = "X-On-Behalf-Of"
+ON_BEHALF_OF_NAME = "X-On-Behalf-Of-Name"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is acting: the human (`actor`) and, for integrations, the machine client (`via`)."""
+
+    actor: str
+    name: str
+    roles: frozenset[Role]
+    via: str | None = None
+    client_id: str | None = None
+
+    def has(self, *roles: Role) -> bool:
+        return bool(self.roles.intersection(roles))
+
+
+@dataclass
+class _JwksCache:
+    keys: KeySet | None = None
+    fetched_at: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class TokenValidator:
+    """Validates bearer tokens against one issuer."""
+
+    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.http = http
+        self._jwks_uri: str | None = None
+        self._cache = _JwksCache()
+
+    async def _discover(self) -> str:
+        if self._jwks_uri is None:
+            response = await self.http.get(self.settings.discovery_url)
+            response.raise_for_status()
+            doc = response.json()
+            if doc.get("issuer") != self.settings.oidc_issuer:
+                raise ServiceUnavailable("OIDC discovery names another issuer than TLSO_OIDC_ISSUER")
+            self._jwks_uri = str(doc["jwks_uri"])
+        return self._jwks_uri
+
+    async def _keys(self, kid: str | None) -> KeySet:
+        cache = self._cache
+        async with cache.lock:
+            known = cache.keys is not None and (kid is None or _has_kid(cache.keys, kid))
+            stale_ok = time.monotonic() - cache.fetched_at < self.settings.oidc_jwks_min_refresh_seconds
+            if cache.keys is None or (not known and not stale_ok):
+                try:
+                    response = await self.http.get(await self._discover())
+                    response.raise_for_status()
+                    cache.keys = KeySet.import_key_set(response.json())
+                    cache.fetched_at = time.monotonic()
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    log.warning("cannot fetch the issuer's keys: %s", exc)
+                    if cache.keys is None:
+                        raise ServiceUnavailable("The identity provider's keys cannot be fetched.") from exc
+            assert cache.keys is not None
+            return cache.keys
+
+    async def validate(self, token: str) -> dict[str, Any]:
+        settings = self.settings
+        try:
+            header = extract_compact(token.encode()).protected
+        except (JoseError, ValueError, UnicodeError) as exc:
+            raise Unauthenticated("The bearer token is not a valid JWT.") from exc
+        alg = header.get("alg")
+        if alg not in settings.oidc_algorithms:
+            raise Unauthenticated(f"Token algorithm {alg!r} is not allowed.")
+        kid = header.get("kid")
+        keys = await self._keys(kid if isinstance(kid, str) else None)
+        if isinstance(kid, str) and not _has_kid(keys, kid):
+            raise Unauthenticated("The token was signed with an unknown key.")
+        try:
+            decoded = jwt.decode(token, keys, algorithms=settings.oidc_algorithms)
+            jwt.JWTClaimsRegistry(
+                leeway=settings.oidc_leeway_seconds,
+                iss={"essential": True, "value": settings.oidc_issuer},
+                aud={"essential": True, "value": settings.oidc_audience},
+                exp={"essential": True},
+                sub={"essential": True},
+            ).validate(decoded.claims)
+        except (JoseError, ValueError) as exc:
+            raise Unauthenticated(f"The bearer token was rejected: {exc}") from exc
+        return dict(decoded.claims)
+
+
+def _has_kid(keys: KeySet, kid: str) -> bool:
+    return any(key.kid == kid for key in keys.keys)
+
+
+def roles_from_claims(claims: dict[str, Any], settings: Settings) -> frozenset[Role]:
+    value: Any = claims
+    for part in settings.oidc_roles_claim.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    groups = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    roles: set[Role] = set()
+    for group in groups:
+        for role in settings.oidc_role_map.get(str(group), []):
+            if role in ROLES:
+                roles.add(role)
+    return frozenset(roles)
+
+
+def principal_from_claims(
+    claims: dict[str, Any], settings: Settings, on_behalf_of: str | None, on_behalf_name: str | None
+) -> Principal:
+    roles = roles_from_claims(claims, settings)
+    sub = str(claims["sub"])
+    client_id = str(claims.get("client_id") or claims.get("azp") or "") or None
+    name = str(claims.get("name") or claims.get("preferred_username") or sub)
+    if on_behalf_of is None:
+        return Principal(actor=sub, name=name, roles=roles, client_id=client_id)
+    if "integration" not in roles:
+        raise Forbidden(f"Only integrations may send {ON_BEHALF_OF}.")
+    user = on_behalf_of.strip()
+    if not user or len(user) > 200 or not user.isprintable():
+        raise InvalidInput.on(f"header.{ON_BEHALF_OF}", "must name the user the integration acts for")
+    delegated = frozenset(settings.integration_delegated_roles)
+    return Principal(
+        actor=user,
+        name=(on_behalf_name or user).strip()[:200],
+        roles=delegated,
+        via=client_id or sub,
+        client_id=client_id,
+    )
+
+
+# Swagger UI shows both: the OIDC login (authorization code + PKCE) and a pasted bearer token.
+def oauth2_scheme(settings: Settings) -> OAuth2AuthorizationCodeBearer:
+    issuer = settings.oidc_issuer.rstrip("/")
+    return OAuth2AuthorizationCodeBearer(
+        authorizationUrl=settings.oidc_authorization_url or f"{issuer}/auth",
+        tokenUrl=settings.oidc_token_url or f"{issuer}/token",
+        scopes={scope: scope for scope in settings.oidc_swagger_scopes.split()},
+        scheme_name="oidc",
+        auto_error=False,
+    )
+
+
+_bearer = HTTPBearer(scheme_name="bearer", auto_error=False, description="Paste an access token.")
+
+
+async def current_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise Unauthenticated("A bearer token is required.")
+    validator: TokenValidator = request.app.state.token_validator
+    claims = await validator.validate(credentials.credentials)
+    principal = principal_from_claims(
+        claims,
+        validator.settings,
+        request.headers.get(ON_BEHALF_OF),
+        request.headers.get(ON_BEHALF_OF_NAME),
+    )
+    request.state.principal = principal
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def require(*roles: Role) -> Any:
+    """A dependency that lets the call through only for one of `roles`."""
+
+    async def _check(principal: CurrentPrincipal) -> Principal:
+        if not principal.has(*roles):
+            raise Forbidden(f"This needs one of the roles: {', '.join(roles)}.")
+        return principal
+
+    return Depends(_check)

@@ -1,0 +1,182 @@
+"""Typed settings from `TLSO_*` environment variables, validated at start-up."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Role = Literal["requester", "approver", "admin", "auditor", "integration"]
+ROLES: tuple[Role, ...] = ("requester", "approver", "admin", "auditor", "integration")
+
+DEFAULT_ROLE_MAP: dict[str, list[Role]] = {
+    "tlso-requesters": ["requester"],
+    "tlso-approvers": ["approver", "requester"],
+    "tlso-admins": ["admin"],
+    "tlso-auditors": ["auditor"],
+    "tlso-integrations": ["integration"],
+}
+
+DEFAULT_APPROVALS: dict[str, int] = {
+    "none": 2,
+    "may": 1,
+    "encrypt": 1,
+    "verify": 1,
+    "secure": 1,
+    "dane": 1,
+    "dane-only": 1,
+    "fingerprint": 1,
+}
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; the README lists them all."""
+
+    model_config = SettingsConfigDict(env_prefix="TLSO_", extra="ignore")
+
+    env: Literal["dev", "test", "production"] = "production"
+    database_url: str = "sqlite:///./var/tlsoverride.db"
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    # OIDC
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    oidc_discovery_url: str = ""  # default: {issuer}/.well-known/openid-configuration
+    oidc_algorithms: Annotated[list[str], NoDecode] = ["RS256", "ES256", "PS256", "EdDSA"]
+    oidc_leeway_seconds: int = 30
+    oidc_jwks_min_refresh_seconds: int = 30
+    oidc_roles_claim: str = "groups"
+    oidc_role_map: Annotated[dict[str, list[Role]], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_ROLE_MAP))
+    oidc_authorization_url: str = ""  # default: {issuer}/auth (Swagger UI login)
+    oidc_token_url: str = ""  # default: {issuer}/token
+    oidc_swagger_client_id: str = "swagger-ui"
+    oidc_swagger_scopes: str = "openid profile groups"
+    integration_delegated_roles: Annotated[list[Role], NoDecode] = ["requester", "approver"]
+
+    # Override rules
+    default_target: str = "default"
+    approvals_required: Annotated[dict[str, int], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_APPROVALS))
+    auto_approve_policies: Annotated[list[str], NoDecode] = []
+    default_duration: timedelta = timedelta(days=7)
+    max_duration: timedelta = timedelta(days=30)
+    review_window: timedelta = timedelta(days=2)
+    justification_min_length: int = 20
+    require_if_match: bool = False
+    allow_subdomain_dest: bool = False
+    idempotency_ttl: timedelta = timedelta(hours=24)
+
+    # mailcow targets: the default one from URL + key (or key file); more as JSON
+    # {"name": {"url": "...", "api_key_file": "..."}}
+    mailcow_url: str = ""
+    mailcow_api_key: SecretStr | None = None
+    mailcow_api_key_file: Path | None = None
+    mailcow_targets: Annotated[dict[str, dict[str, str]], NoDecode] = {}
+    mailcow_timeout_seconds: float = 10.0
+    mailcow_supports_subdomain_dest: bool = False
+
+    # worker
+    worker_poll_seconds: float = 5.0
+    worker_lease_seconds: float = 60.0
+    reconcile_interval_seconds: float = 300.0
+    drift_action: Literal["alert", "reapply"] = "alert"
+    removal_grace_seconds: float = 300.0
+    retry_initial_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    apply_max_attempts: int = 20
+
+    # diagnosis
+    dns_resolver: str | None = None
+    smtp_port: int = 25
+    diagnosis_timeout_seconds: float = 5.0
+    diagnosis_allow_reserved: bool = False
+    diagnosis_concurrency: int = 8
+    diagnosis_rate_per_minute: int = 30
+    diagnosis_on_create: bool = True
+    recheck_interval_seconds: float = 3600.0
+    remediation_checks: int = 3
+    remediation: Literal["end", "notify"] = "notify"
+    refuse_rules: Annotated[list[str], NoDecode] = ["policy_useless"]
+
+    @field_validator(
+        "oidc_algorithms",
+        "auto_approve_policies",
+        "integration_delegated_roles",
+        "refuse_rules",
+        mode="before",
+    )
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("oidc_role_map", "approvals_required", "mailcow_targets", mode="before")
+    @classmethod
+    def _parse_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value)
+        return value
+
+    @field_validator("oidc_algorithms")
+    @classmethod
+    def _no_weak_algorithms(cls, value: list[str]) -> list[str]:
+        bad = [alg for alg in value if alg.lower() == "none" or alg.upper().startswith("HS")]
+        if bad:
+            raise ValueError(f"refusing token algorithms {bad}: only asymmetric signatures are accepted")
+        if not value:
+            raise ValueError("at least one token algorithm is required")
+        return value
+
+    @model_validator(mode="after")
+    def _production_is_configured(self) -> Settings:
+        if self.env == "production":
+            missing = [
+                name
+                for name, value in (
+                    ("TLSO_OIDC_ISSUER", self.oidc_issuer),
+                    ("TLSO_OIDC_AUDIENCE", self.oidc_audience),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} must be set outside dev mode")
+            if self.oidc_issuer.startswith("http://") and not _is_loopback_url(self.oidc_issuer):
+                raise ValueError("TLSO_OIDC_ISSUER must use https outside loopback")
+        if self.default_duration > self.max_duration:
+            raise ValueError("TLSO_DEFAULT_DURATION exceeds TLSO_MAX_DURATION")
+        return self
+
+    @property
+    def discovery_url(self) -> str:
+        return self.oidc_discovery_url or f"{self.oidc_issuer.rstrip('/')}/.well-known/openid-configuration"
+
+    def approvals_for(self, policy: str) -> int:
+        return max(1, self.approvals_required.get(policy, 1))
+
+
+def _is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    return host in {"127.0.0.1", "localhost", "::1"}
+
+
+def read_secret(value: SecretStr | None, file: Path | None) -> str | None:
+    """A secret from a `*_FILE` path when given, else from the variable itself."""
+    if file is not None:
+        return file.read_text(encoding="utf-8").strip()
+    return value.get_secret_value() if value is not None else None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,88 @@
+"""`Idempotency-Key`: a retried request gets the first answer instead of a second change.
+
+The key is claimed by inserting its record *before* the work runs, in the same transaction: a
+concurrent duplicate waits on the unique index, then finds the finished record and replays it. A
+request that fails (4xx/5xx problem) rolls back with its claim, so it can be retried with the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from sqlalchemy import JSON, Column, UniqueConstraint, delete
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from app.core.auth import Principal
+from app.core.db import UTCDateTime, utcnow
+from app.core.errors import IdempotencyMismatch, InvalidInput
+
+HEADER = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """The first answer to a request sent with an `Idempotency-Key`, replayed on retries."""
+
+    __tablename__ = "idempotency_record"
+    __table_args__ = (UniqueConstraint("principal", "key", name="uq_idempotency_principal_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    principal: str = Field(max_length=400)
+    key: str = Field(max_length=200)
+    fingerprint: str = Field(max_length=64)
+    status_code: int
+    body: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    headers: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+def fingerprint(method: str, path: str, body: Any) -> str:
+    payload = json.dumps([method, path, body], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _replay(record: IdempotencyRecord, print_: str) -> JSONResponse:
+    if record.fingerprint != print_:
+        raise IdempotencyMismatch(f"{HEADER} was first used for a different request.")
+    return JSONResponse(record.body, status_code=record.status_code, headers={**record.headers, REPLAYED: "true"})
+
+
+def run_idempotent(
+    session: Session,
+    principal: Principal,
+    key: str | None,
+    print_: str,
+    work: Callable[[], tuple[int, dict[str, Any], dict[str, str]]],
+    ttl: timedelta,
+) -> JSONResponse:
+    """Run `work` once per (caller, key); replay its answer for later requests with that key."""
+    if key is None:
+        status, body, headers = work()
+        return JSONResponse(body, status_code=status, headers=headers)
+    if not 1 <= len(key) <= 200 or not key.isprintable():
+        raise InvalidInput.on(f"header.{HEADER}", "must be 1 to 200 printable characters")
+    owner = f"{principal.via or ''}|{principal.actor}"
+    session.execute(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < utcnow() - ttl))
+    query = select(IdempotencyRecord).where(IdempotencyRecord.principal == owner, IdempotencyRecord.key == key)
+    found = session.exec(query).first()
+    if found is not None:
+        return _replay(found, print_)
+    claim = IdempotencyRecord(
+        principal=owner, key=key, fingerprint=print_, status_code=0, body={}, headers={}, created_at=utcnow()
+    )
+    session.add(claim)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        return _replay(session.exec(query).one(), print_)
+    status, body, headers = work()
+    claim.status_code, claim.body, claim.headers = status, body, headers
+    session.add(claim)
+    return JSONResponse(body, status_code=status, headers=headers)

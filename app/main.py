@@ -1,0 +1,141 @@
+"""create_app(): the API process — routers, error handlers, auth, docs, lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from app import __version__
+from app.audit.router import router as audit_router
+from app.core.auth import TokenValidator, oauth2_scheme
+from app.core.config import Settings
+from app.core.db import make_engine
+from app.core.devidp import DevIdentityProvider
+from app.core.errors import install_error_handlers, problem_responses
+from app.overrides.router import router as overrides_router
+
+log = logging.getLogger("app")
+STATIC = Path(__file__).parent / "static"
+
+DESCRIPTION = """
+Temporary, approved and audited TLS policy overrides for mailcow, for recipient domains whose
+DANE/TLSA records are broken. Engineers request an override with a justification and an expiry;
+reviewers approve or reject (never their own); a worker applies it through the mailcow API and
+removes it when it ends. Every step lands in a hash-chained audit trail.
+
+Errors are RFC 9457 `application/problem+json`. Actions accept `If-Match` (the override's ETag) and
+`Idempotency-Key`.
+"""
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    dev_idp: DevIdentityProvider | None = None,
+    oidc_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    engine = engine or make_engine(settings.database_url)
+    scheme = oauth2_scheme(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.oidc_http.aclose()
+
+    app = FastAPI(
+        title="tlsoverride",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        swagger_ui_init_oauth={
+            "clientId": settings.oidc_swagger_client_id,
+            "usePkceWithAuthorizationCodeGrant": True,
+            "scopes": settings.oidc_swagger_scopes,
+            "appName": "tlsoverride",
+        },
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    if dev_idp is not None:
+        # Dev mode validates its own tokens through HTTP discovery + JWKS, served by this same app.
+        oidc_transport = httpx.ASGITransport(app=app)
+    app.state.oidc_http = httpx.AsyncClient(transport=oidc_transport, timeout=10.0, follow_redirects=False)
+    app.state.token_validator = TokenValidator(settings, app.state.oidc_http)
+    install_error_handlers(app)
+
+    # The OAuth2 scheme only documents the Swagger UI login; tokens are checked by current_principal.
+    api = APIRouter(dependencies=[Depends(scheme)])
+    api.include_router(overrides_router)
+    api.include_router(audit_router)
+    app.include_router(api)
+    app.include_router(health_router())
+    if dev_idp is not None:
+        app.include_router(dev_idp.router())
+    _mount_docs(app)
+    return app
+
+
+def health_router() -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", summary="The process is alive")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="Database reachable and migrated to head", responses=problem_responses(503))
+    def readyz(request: Request) -> JSONResponse:
+        from app.core.migrations import current_and_head
+
+        try:
+            with request.app.state.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            current, head = current_and_head(request.app.state.engine)
+        except Exception as exc:  # any failure means "not ready"; the reason is logged, not leaked
+            log.warning("readiness check failed: %s", exc)
+            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
+        ready = current == head
+        body: dict[str, Any] = {
+            "status": "ok" if ready else "unavailable",
+            "database": "ok",
+            "migration": current,
+            "head": head,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    return router
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI served from this process (no CDN), with OIDC login (code + PKCE) and bearer paste."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="tlsoverride — API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            init_oauth=app.swagger_ui_init_oauth,
+            swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    def swagger_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()

@@ -1,0 +1,378 @@
+"""HTTP routes of the override workflow: take input, resolve the caller, call one service function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import JSONResponse
+from sqlmodel import Session
+
+from app.audit.service import as_dict, iter_events
+from app.core.auth import CurrentPrincipal, Principal
+from app.core.config import Settings
+from app.core.db import SessionDep
+from app.core.errors import NotFound, problem_responses
+from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from app.core.idempotency import fingerprint, run_idempotent
+from app.overrides import service
+from app.overrides.evidence import gather_evidence
+from app.overrides.models import Override, OverrideState
+from app.overrides.schemas import (
+    ActionBody,
+    EventRead,
+    ExtendBody,
+    FindingRead,
+    OverrideCreate,
+    OverridePage,
+    OverrideRead,
+    PendingExtension,
+    VoteRead,
+)
+
+router = APIRouter(prefix="/v1/overrides", tags=["overrides"])
+
+OverrideId = Annotated[int, Path(ge=1, description="The override's id.")]
+IfMatch = Annotated[str | None, Header(alias="If-Match", description="The ETag you decided on.")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias=IDEMPOTENCY_HEADER, description="Retry-safe key; a replay returns the first answer."),
+]
+ETAG_HEADER = {"ETag": {"description": "The override's version, for If-Match.", "schema": {"type": "string"}}}
+
+
+def to_read(session: Session, override: Override) -> OverrideRead:
+    votes = [
+        VoteRead(
+            reviewer=v.reviewer,
+            reviewer_name=v.reviewer_name,
+            via=v.via,
+            decision=v.decision,
+            comment=v.comment,
+            round=v.round,
+            at=v.created_at,
+        )
+        for v in service.votes_of(session, override.id or 0)
+    ]
+    pending = None
+    if override.extension_seconds:
+        pending = PendingExtension(
+            duration=timedelta(seconds=override.extension_seconds),
+            requested_by=override.extension_requested_by or "",
+            approvals=[v for v in votes if v.round == override.extension_round and v.decision == "approve"],
+        )
+    return OverrideRead(
+        id=override.id or 0,
+        target=override.target,
+        destination=override.destination,
+        policy=override.policy,
+        parameters=override.parameters,
+        justification=override.justification,
+        ticket=override.ticket,
+        ticket_url=override.ticket_url,
+        duration=timedelta(seconds=override.duration_seconds),
+        state=override.state,
+        requested_by=override.requested_by,
+        requested_by_name=override.requested_by_name,
+        requested_via=override.requested_via,
+        approvals=[v for v in votes if v.round == 0 and v.decision == "approve"],
+        approvals_required=override.approvals_required,
+        votes=votes,
+        created_at=override.created_at,
+        updated_at=override.updated_at,
+        review_deadline=override.review_deadline,
+        applied_at=override.applied_at,
+        expires_at=override.expires_at,
+        ended_at=override.ended_at,
+        end_reason=override.end_reason,
+        removal_deadline=override.removal_deadline,
+        overdue=service.is_overdue(override),
+        pending_extension=pending,
+        mailcow_id=override.mailcow_id,
+        conflict=override.conflict,
+        drift=override.drift,
+        last_error=override.last_error,
+        diagnosis=override.diagnosis,
+        findings=[FindingRead.model_validate(f) for f in override.findings or []],
+        version=override.version,
+        links={"self": f"/v1/overrides/{override.id}", "events": f"/v1/overrides/{override.id}/events"},
+    )
+
+
+def _answer(session: Session, override: Override, status: int = 200) -> tuple[int, dict[str, Any], dict[str, str]]:
+    body = to_read(session, override).model_dump(mode="json")
+    headers = {"ETag": f'"{override.version}"'}
+    if status == 201:
+        headers["Location"] = f"/v1/overrides/{override.id}"
+    return status, body, headers
+
+
+def _context(request: Request, principal: Principal, if_match: str | None = None) -> service.ActionContext:
+    return service.ActionContext(
+        principal=principal,
+        settings=request.app.state.settings,
+        engine=request.app.state.engine,
+        if_match=if_match,
+    )
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=OverrideRead,
+    summary="Request an override",
+    responses={
+        201: {"headers": {**ETAG_HEADER, "Location": {"schema": {"type": "string"}}}},
+        **problem_responses(401, 403, 409, 422),
+    },
+)
+def create_override(
+    request: Request,
+    body: OverrideCreate,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Ask for a temporary TLS policy override. The domain is diagnosed and the evidence stored with it."""
+    ctx = _context(request, principal)
+    settings: Settings = request.app.state.settings
+    if not principal.has("requester", "admin"):
+        raise service.refuse(ctx, None, "create", "Creating overrides needs the requester role.")
+    _, destination, parameters, _ = service.validate_request(body, settings)
+    diagnosis, findings = gather_evidence(request.app, destination, body.policy, parameters)
+    return run_idempotent(
+        session,
+        principal,
+        idempotency_key,
+        fingerprint("POST", request.url.path, body.model_dump(mode="json")),
+        lambda: _answer(
+            session, service.create_override(session, ctx, body, diagnosis=diagnosis, findings=findings), 201
+        ),
+        settings.idempotency_ttl,
+    )
+
+
+@router.get("", response_model=OverridePage, summary="List overrides", responses=problem_responses(401, 422))
+def list_overrides(
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    state: Annotated[list[OverrideState] | None, Query(description="Repeat to match several states.")] = None,
+    destination: str | None = None,
+    requester: str | None = None,
+    ticket: str | None = None,
+    target: str | None = None,
+    overdue: bool | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> OverridePage:
+    """Newest first. Requesters see their own; reviewers, admins and auditors see all."""
+    rows, next_cursor = service.list_overrides(
+        session,
+        principal,
+        service.OverrideFilter(
+            state=state,
+            destination=destination,
+            requester=requester,
+            ticket=ticket,
+            target=target,
+            overdue=overdue,
+        ),
+        cursor,
+        limit,
+    )
+    return OverridePage(items=[to_read(session, row) for row in rows], next_cursor=next_cursor)
+
+
+def _visible(session: Session, principal: Principal, override_id: int) -> Override:
+    override = service.load(session, override_id)
+    if not service.can_see(principal, override):
+        raise NotFound(f"Override {override_id} does not exist.")
+    return override
+
+
+@router.get(
+    "/{override_id}",
+    response_model=OverrideRead,
+    summary="Get one override",
+    responses={200: {"headers": ETAG_HEADER}, **problem_responses(401, 404, 422)},
+)
+def get_override(override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal) -> JSONResponse:
+    status, body, headers = _answer(session, _visible(session, principal, override_id))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@router.get(
+    "/{override_id}/events",
+    response_model=list[EventRead],
+    summary="The override's audit trail",
+    responses=problem_responses(401, 404, 422),
+)
+def override_events(override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal) -> list[EventRead]:
+    _visible(session, principal, override_id)
+    return [EventRead.model_validate(as_dict(e)) for e in iter_events(session, override_id=override_id)]
+
+
+ACTION_ERRORS = problem_responses(401, 403, 404, 409, 412, 422, 428)
+
+
+def _action(
+    request: Request,
+    session: SessionDep,
+    principal: Principal,
+    override_id: int,
+    body: ActionBody,
+    if_match: str | None,
+    idempotency_key: str | None,
+    call: Callable[[service.ActionContext], Override],
+) -> JSONResponse:
+    ctx = _context(request, principal, if_match)
+    return run_idempotent(
+        session,
+        principal,
+        idempotency_key,
+        fingerprint("POST", request.url.path, body.model_dump(mode="json")),
+        lambda: _answer(session, call(ctx)),
+        request.app.state.settings.idempotency_ttl,
+    )
+
+
+@router.post(
+    "/{override_id}/approve",
+    response_model=OverrideRead,
+    summary="Approve (request or extension)",
+    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+)
+def approve_override(
+    request: Request,
+    override_id: OverrideId,
+    body: ActionBody,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Vote to approve. Nobody approves their own request; enough approvals make it `approved`."""
+    return _action(
+        request,
+        session,
+        principal,
+        override_id,
+        body,
+        if_match,
+        idempotency_key,
+        lambda ctx: service.approve(session, ctx, override_id, body.comment),
+    )
+
+
+@router.post(
+    "/{override_id}/reject",
+    response_model=OverrideRead,
+    summary="Reject (request or extension)",
+    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+)
+def reject_override(
+    request: Request,
+    override_id: OverrideId,
+    body: ActionBody,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Reject a pending request, or only the pending extension of an active override."""
+    return _action(
+        request,
+        session,
+        principal,
+        override_id,
+        body,
+        if_match,
+        idempotency_key,
+        lambda ctx: service.reject(session, ctx, override_id, body.comment),
+    )
+
+
+@router.post(
+    "/{override_id}/cancel",
+    response_model=OverrideRead,
+    summary="Cancel your own request or override",
+    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+)
+def cancel_override(
+    request: Request,
+    override_id: OverrideId,
+    body: ActionBody,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Withdraw a request; once applied, the worker removes the mailcow row first (state `removing`)."""
+    return _action(
+        request,
+        session,
+        principal,
+        override_id,
+        body,
+        if_match,
+        idempotency_key,
+        lambda ctx: service.cancel(session, ctx, override_id, body.comment),
+    )
+
+
+@router.post(
+    "/{override_id}/revoke",
+    response_model=OverrideRead,
+    summary="Revoke an override (admin)",
+    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+)
+def revoke_override(
+    request: Request,
+    override_id: OverrideId,
+    body: ActionBody,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """End an approved or active override now."""
+    return _action(
+        request,
+        session,
+        principal,
+        override_id,
+        body,
+        if_match,
+        idempotency_key,
+        lambda ctx: service.revoke(session, ctx, override_id, body.comment),
+    )
+
+
+@router.post(
+    "/{override_id}/extend",
+    response_model=OverrideRead,
+    summary="Ask for more time",
+    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+)
+def extend_override(
+    request: Request,
+    override_id: OverrideId,
+    body: ExtendBody,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Request an extension; it takes effect when approved, without a gap and with the same mailcow row."""
+    return _action(
+        request,
+        session,
+        principal,
+        override_id,
+        body,
+        if_match,
+        idempotency_key,
+        lambda ctx: service.extend(session, ctx, override_id, body.duration, body.comment),
+    )

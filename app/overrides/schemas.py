@@ -1,0 +1,149 @@
+"""The public API shapes of overrides (integrators code against these names: keep them)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.overrides.models import OverrideState
+
+Policy = Literal["none", "may", "encrypt", "verify", "secure", "dane", "dane-only", "fingerprint"]
+
+
+def _iso_duration(value: Any) -> Any:
+    if value is None or isinstance(value, timedelta):
+        return value
+    if not isinstance(value, str) or not value.upper().startswith("P"):
+        raise ValueError("must be an ISO 8601 duration such as 'P3D' or 'PT12H'")
+    return value
+
+
+class OverrideCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "destination": "example.org",
+                    "policy": "fingerprint",
+                    "parameters": "match=7F:92:30:AA:01:02:03:04:05:06:07:08:09:0A:0B:0C:0D:0E:0F:10:11:12:13:14:15:"
+                    "16:17:18:19:1A:1B:1C",
+                    "justification": "Recipient rotated its key without updating TLSA; mail queued since 09:00.",
+                    "ticket": "OPS-1234",
+                    "duration": "P3D",
+                }
+            ]
+        },
+    )
+
+    target: str | None = Field(default=None, max_length=100, description="mailcow instance; default target if omitted.")
+    destination: str = Field(
+        max_length=300, description="Recipient domain, `[host]:port` next hop or IP literal; normalised."
+    )
+    policy: Policy
+    parameters: str = Field(default="", max_length=1000, description="Postfix TLS policy attributes, `name=value`.")
+    justification: str = Field(max_length=4000)
+    ticket: str | None = Field(default=None, max_length=200)
+    ticket_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
+    duration: timedelta | None = Field(
+        default=None, description="ISO 8601 duration (e.g. `P3D`, `PT12H`); counted from when it is applied."
+    )
+
+    _duration_is_iso = field_validator("duration", mode="before")(_iso_duration)
+
+
+class ActionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    comment: str = Field(min_length=1, max_length=4000, description="Why: every decision carries a comment.")
+
+
+class ExtendBody(ActionBody):
+    duration: timedelta = Field(description="ISO 8601 duration added to the current expiry.")
+
+    _duration_is_iso = field_validator("duration", mode="before")(_iso_duration)
+
+
+class VoteRead(BaseModel):
+    reviewer: str
+    reviewer_name: str
+    via: str | None
+    decision: Literal["approve", "reject"]
+    comment: str
+    round: int = Field(description="0 = the request itself, n = the n-th extension.")
+    at: datetime
+
+
+class PendingExtension(BaseModel):
+    duration: timedelta
+    requested_by: str
+    approvals: list[VoteRead]
+
+
+class FindingRead(BaseModel):
+    rule: str
+    severity: str
+    message: str
+    refused: bool = False
+
+
+class OverrideRead(BaseModel):
+    id: int
+    target: str
+    destination: str
+    policy: str
+    parameters: str
+    justification: str
+    ticket: str | None
+    ticket_url: str | None
+    duration: timedelta
+    state: OverrideState
+    requested_by: str
+    requested_by_name: str
+    requested_via: str | None
+    approvals: list[VoteRead] = Field(description="Approving votes of the request round.")
+    approvals_required: int
+    votes: list[VoteRead] = Field(description="Every vote, all rounds, in order.")
+    created_at: datetime
+    updated_at: datetime
+    review_deadline: datetime | None
+    applied_at: datetime | None
+    expires_at: datetime | None
+    ended_at: datetime | None
+    end_reason: str | None
+    removal_deadline: datetime | None
+    overdue: bool = Field(description="Still in mailcow (or not yet confirmed removed) past its removal deadline.")
+    pending_extension: PendingExtension | None
+    mailcow_id: int | None
+    conflict: dict[str, Any] | None
+    drift: dict[str, Any] | None
+    last_error: str | None
+    diagnosis: dict[str, Any] | None
+    findings: list[FindingRead]
+    version: int
+    links: dict[str, str]
+
+
+class OverridePage(BaseModel):
+    items: list[OverrideRead]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page.")
+
+
+class EventRead(BaseModel):
+    seq: int
+    at: datetime
+    actor: str
+    via: str | None
+    action: str
+    override_id: int | None
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    comment: str | None
+    prev_hash: str
+    hash: str
+
+
+class EventPage(BaseModel):
+    items: list[EventRead]
+    next_cursor: str | None

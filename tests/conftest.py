@@ -1,0 +1,227 @@
+"""Shared fixtures: real databases built by Alembic (SQLite and PostgreSQL), isolated per test,
+an app wired to the dev identity provider (real JWT validation), and small factories.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+
+from app.core.config import Settings
+from app.core.db import make_engine
+from app.core.devidp import DEV_AUDIENCE, DEV_ROLE_MAP, DevIdentityProvider, DevTokenRequest
+from app.core.migrations import upgrade
+from app.main import create_app
+
+PG_ADMIN_URL = os.environ.get("TLSO_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_TEMPLATE = f"tlso_tpl_{os.getpid()}"
+ISSUER = "http://testserver/dev"
+
+
+def _pg_available() -> bool:
+    try:
+        engine = sa.create_engine(PG_ADMIN_URL)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+def _pg_admin() -> Engine:
+    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+
+def _pg_url(database: str) -> str:
+    return str(sa.make_url(PG_ADMIN_URL).set(database=database))
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("db") / "template.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    if not _pg_available():
+        if os.environ.get("TLSO_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required but not reachable at {PG_ADMIN_URL}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
+    admin = _pg_admin()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{PG_TEMPLATE}"'))
+        conn.execute(sa.text(f'CREATE DATABASE "{PG_TEMPLATE}"'))
+    engine = make_engine(_pg_url(PG_TEMPLATE))
+    upgrade(engine)
+    engine.dispose()
+    yield PG_TEMPLATE
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{PG_TEMPLATE}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database per test, copied from a template that Alembic built once."""
+    if backend == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "test.db"
+        shutil.copyfile(template, path)
+        yield f"sqlite:///{path}"
+        return
+    template_name: str = request.getfixturevalue("pg_template")
+    name = f"tlso_t_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"'))
+    yield _pg_url(name)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "env": "test",
+        "database_url": "sqlite://",
+        "oidc_issuer": ISSUER,
+        "oidc_audience": DEV_AUDIENCE,
+        "oidc_roles_claim": "roles",
+        "oidc_role_map": DEV_ROLE_MAP,
+        "oidc_algorithms": ["ES256"],
+        "justification_min_length": 20,
+        "log_json": False,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def idp() -> DevIdentityProvider:
+    return DevIdentityProvider(ISSUER)
+
+
+@pytest.fixture
+def app(settings: Settings, engine: Engine, idp: DevIdentityProvider) -> FastAPI:
+    return create_app(settings, engine=engine, dev_idp=idp)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+Headers = dict[str, str]
+
+
+@pytest.fixture
+def auth(idp: DevIdentityProvider) -> Callable[..., Headers]:
+    """`auth("alice", "requester")` → Authorization headers for that person and roles."""
+
+    def make(sub: str, *roles: str, client_id: str | None = None, on_behalf_of: str | None = None) -> Headers:
+        token = idp.mint(DevTokenRequest(sub=sub, name=sub.title(), roles=list(roles), client_id=client_id))  # type: ignore[arg-type]
+        headers = {"Authorization": f"Bearer {token}"}
+        if on_behalf_of:
+            headers["X-On-Behalf-Of"] = on_behalf_of
+        return headers
+
+    return make
+
+
+VALID_REQUEST: dict[str, Any] = {
+    "destination": "example.org",
+    "policy": "encrypt",
+    "justification": "Recipient TLSA records are stale after a certificate renewal.",
+    "ticket": "OPS-1",
+    "duration": "P3D",
+}
+
+
+@pytest.fixture
+def make_override(client: TestClient, auth: Callable[..., Headers]) -> Callable[..., dict[str, Any]]:
+    """Create an override as `requester` (default alice) and return its JSON."""
+
+    def make(requester: str = "alice", **fields: Any) -> dict[str, Any]:
+        body = {**VALID_REQUEST, **fields}
+        response = client.post("/v1/overrides", json=body, headers=auth(requester, "requester"))
+        assert response.status_code == 201, response.text
+        data: dict[str, Any] = response.json()
+        return data
+
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LiveServer:
+    """The app under a real uvicorn server on a loopback port, in a thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", log_config=None)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def live_server(app: FastAPI) -> Iterator[LiveServer]:
+    with LiveServer(app) as server:
+        yield server
