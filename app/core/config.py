@@ -68,7 +68,6 @@ class Settings(BaseSettings):
     review_window: timedelta = timedelta(days=2)
     justification_min_length: int = 20
     require_if_match: bool = False
-    allow_subdomain_dest: bool = False
     idempotency_ttl: timedelta = timedelta(hours=24)
 
     # mailcow targets: the default one from URL + key (or key file); more as JSON
