@@ -6,6 +6,7 @@ from sqlmodel import SQLModel
 
 import app.audit.models
 import app.core.idempotency
+import app.notify.models
 import app.overrides.models  # noqa: F401  (tables register on SQLModel.metadata)
 from alembic import context
 from app.core.db import make_engine

@@ -91,6 +91,7 @@ class Settings(BaseSettings):
 
     # diagnosis
     dns_resolver: str | None = None
+    dns_selftest_name: str = "."  # a name known to be signed; its DNSKEY must validate (AD=1)
     smtp_port: int = 25
     diagnosis_timeout_seconds: float = 5.0
     diagnosis_allow_reserved: bool = False
@@ -101,6 +102,10 @@ class Settings(BaseSettings):
     remediation_checks: int = 3
     remediation: Literal["end", "notify"] = "notify"
     refuse_rules: Annotated[list[str], NoDecode] = ["policy_useless"]
+
+    # notifications: {"name": {"url": "...", "secret_file": "...", "format": "json|slack", "events": ["override.*"]}}
+    notify_webhooks: Annotated[dict[str, dict[str, Any]], NoDecode] = {}
+    notify_max_attempts: int = 10
 
     @field_validator(
         "oidc_algorithms",
@@ -118,7 +123,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("oidc_role_map", "approvals_required", "mailcow_targets", mode="before")
+    @field_validator("oidc_role_map", "approvals_required", "mailcow_targets", "notify_webhooks", mode="before")
     @classmethod
     def _parse_json(cls, value: Any) -> Any:
         if isinstance(value, str):
