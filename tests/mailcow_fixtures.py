@@ -1,0 +1,100 @@
+"""Shared helpers for the mailcow client and stand-in tests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from http.cookiejar import Cookie, CookieJar
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+
+from app.mailcow.client import MailcowClient
+from app.mailcow.standin import MailcowStandin, StandinKey, create_standin_app
+
+KEY = "ABCDEF-012345-6789AB-CDEF01-234567"
+RO_KEY = "FEDCBA-012345-6789AB-CDEF01-234567"
+JSON = {"Content-Type": "application/json"}
+AUTH = {"X-API-Key": KEY, "Content-Type": "application/json"}
+RO = {"X-API-Key": RO_KEY, "Content-Type": "application/json"}
+BASE = "http://mailcow.test"
+ADD = "/api/v1/add/tls-policy-map"
+EDIT = "/api/v1/edit/tls-policy-map"
+DELETE = "/api/v1/delete/tls-policy-map"
+ALL = "/api/v1/get/tls-policy-map/all"
+
+
+def make_app(extra: list[StandinKey] | None = None) -> Starlette:
+    return create_standin_app([StandinKey(KEY), StandinKey(RO_KEY, access="ro"), *(extra or [])])
+
+
+def standin_of(app: Starlette) -> MailcowStandin:
+    standin: MailcowStandin = app.state.standin
+    return standin
+
+
+class NoCookies(CookieJar):
+    def set_cookie(self, cookie: Cookie) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
+@asynccontextmanager
+async def raw(app: Starlette, *, keep_cookies: bool = False) -> AsyncIterator[httpx.AsyncClient]:
+    """A plain HTTP client on the stand-in; stateless unless `keep_cookies` (the pitfall)."""
+    jar: CookieJar | None = None if keep_cookies else NoCookies()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE, cookies=jar) as client:
+        yield client
+
+
+def mailcow_client(app: Starlette, key: str = KEY, **kwargs: Any) -> MailcowClient:
+    kwargs.setdefault("backoff_initial", 0.001)
+    kwargs.setdefault("backoff_max", 0.005)
+    return MailcowClient(BASE, key, transport=httpx.ASGITransport(app=app), **kwargs)
+
+
+@contextmanager
+def served(app: Starlette) -> Iterator[str]:
+    """Run `app` under a real uvicorn on a free loopback port in a thread; yields the base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="off",
+        ws="none",
+        http="h11",
+        loop="asyncio",
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
