@@ -1,0 +1,98 @@
+"""How a diagnosis runs (resolver, port, limits) and what counts as a valid recipient domain."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+
+_LDH_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class InvalidDomain(ValueError):
+    """The input is not a usable recipient domain name."""
+
+
+@dataclass(frozen=True)
+class DiagnosisConfig:
+    resolver: str | None = None
+    """`host:port` of a validating resolver (`127.0.0.1:5301`, `[::1]:53`); None = the system resolver."""
+    smtp_port: int = 25
+    """Where the probes connect. The TLSA name is always `_25._tcp`, as Postfix's."""
+    timeout: float = 5.0
+    """Per DNS query and per SMTP step (connect, each reply, TLS handshake)."""
+    allow_reserved: bool = False
+    """Probe loopback/private/reserved addresses (a lab); off in production, as danecheck's `-R`."""
+    concurrency: int = 8
+    """At most this many SMTP probes at once, per diagnosis."""
+    helo_name: str = "tlsoverride.invalid"
+    selftest_name: str = "."
+    """A zone known to be signed; its DNSKEY must come back with AD=1 (a lab uses its own anchor)."""
+    ca_file: str | None = None
+    """CA bundle used to judge whether `verify`/`secure` would work; None = the system bundle."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.smtp_port < 65536:
+            raise ValueError(f"smtp_port out of range: {self.smtp_port}")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if self.resolver is not None:
+            parse_resolver(self.resolver)
+
+    @property
+    def resolver_label(self) -> str:
+        return self.resolver or "system"
+
+
+def parse_resolver(value: str) -> tuple[str, int]:
+    """`127.0.0.1:5301`, `[::1]:53`, `::1` or `127.0.0.1` → (address, port)."""
+    text = value.strip()
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad resolver address {value!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ValueError(f"resolver must be an IP address, got {value!r}") from exc
+    if not 0 < port < 65536:
+        raise ValueError(f"bad resolver port in {value!r}")
+    return host, port
+
+
+def normalize_domain(value: str) -> str:
+    """A recipient domain as a lower-case IDNA A-label without the trailing dot, or InvalidDomain."""
+    if not isinstance(value, str):
+        raise InvalidDomain("domain must be a string")
+    text = value.strip().rstrip(".")
+    if not text or len(text) > 253:
+        raise InvalidDomain(f"not a domain name: {value!r}")
+    if any(ch.isspace() or ch in "@/\\:[]*_" for ch in text) or ".." in text:
+        raise InvalidDomain(f"not a domain name: {value!r}")
+    try:
+        if text.isascii():
+            name = dns.name.from_text(text)
+        else:
+            name = dns.name.from_unicode(text, idna_codec=dns.name.IDNA_2008_Practical)
+        ascii_name = name.to_text(omit_final_dot=True).lower()
+    except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+        raise InvalidDomain(f"not a valid domain name: {value!r} ({exc})") from exc
+    labels = ascii_name.split(".")
+    if len(labels) < 2:
+        raise InvalidDomain(f"a recipient domain needs at least two labels: {value!r}")
+    if len(ascii_name) > 253 or not all(_LDH_LABEL.match(label) for label in labels):
+        raise InvalidDomain(f"not a host name (letters, digits, hyphens): {value!r}")
+    if labels[-1].isdigit():
+        raise InvalidDomain(f"an IP address is not a recipient domain: {value!r}")
+    return ascii_name

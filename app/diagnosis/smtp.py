@@ -1,0 +1,195 @@
+"""STARTTLS probe of one MX address: banner, EHLO, STARTTLS, handshake with SNI, the chain sent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from app.diagnosis.certs import describe_certificate, load_chain
+from app.diagnosis.models import SmtpProbe, Stage
+
+_MAX_REPLY_LINES = 100
+_ENCODING_DER = 2  # _ssl.ENCODING_DER
+
+
+@dataclass
+class ProbeOutcome:
+    probe: SmtpProbe
+    chain: list[x509.Certificate] = field(default_factory=list)
+
+    @property
+    def reached(self) -> bool:
+        return self.probe.failed_stage != "connect"
+
+    @property
+    def tls_ok(self) -> bool:
+        return bool(self.chain)
+
+
+class _SmtpError(Exception):
+    def __init__(self, stage: Stage, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass
+class _Session:
+    port: int
+    sni: str
+    banner: str | None = None
+    ehlo: list[str] = field(default_factory=list)
+    starttls_offered: bool | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    chain_der: list[bytes] = field(default_factory=list)
+
+
+async def probe_smtp(address: str, port: int, sni: str, helo_name: str, timeout: float) -> ProbeOutcome:
+    """Never raises: a failure is recorded with the stage it happened at."""
+    started = time.monotonic()
+    session = _Session(port=port, sni=sni)
+    failed_stage: Stage | None = None
+    error: str | None = None
+    writer: asyncio.StreamWriter | None = None
+    try:
+        try:
+            reader, opened = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise _SmtpError("connect", _os_error_text(exc)) from exc
+        writer = opened
+        await _converse(reader, opened, session, helo_name, timeout)
+    except _SmtpError as exc:
+        failed_stage, error = exc.stage, str(exc)
+    finally:
+        if writer is not None:
+            await _close(writer)
+    chain: list[x509.Certificate] = []
+    chain_error: str | None = None
+    if session.chain_der:
+        try:
+            chain = load_chain(session.chain_der)
+        except ValueError as exc:
+            chain_error = f"unparsable certificate in the chain: {exc}"
+    probe = SmtpProbe(
+        port=port,
+        sni=sni,
+        banner=session.banner,
+        ehlo=session.ehlo,
+        starttls_offered=session.starttls_offered,
+        tls_version=session.tls_version,
+        cipher=session.cipher,
+        chain=[describe_certificate(cert, depth) for depth, cert in enumerate(chain)],
+        failed_stage="handshake" if chain_error else failed_stage,
+        error=chain_error or error,
+        duration_ms=round((time.monotonic() - started) * 1000),
+    )
+    return ProbeOutcome(probe, chain)
+
+
+async def _converse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: _Session, helo_name: str, timeout: float
+) -> None:
+    code, lines = await _read_reply(reader, timeout, "banner")
+    session.banner = " / ".join(lines)
+    if code != 220:
+        raise _SmtpError("banner", f"greeting {code} {session.banner}")
+    code, lines = await _command(reader, writer, f"EHLO {helo_name}", timeout, "ehlo")
+    if code != 250:
+        raise _SmtpError("ehlo", f"EHLO answered {code} {' '.join(lines)}")
+    session.ehlo = lines
+    session.starttls_offered = any(line.split()[:1] == ["STARTTLS"] for line in (x.upper() for x in lines[1:]))
+    if not session.starttls_offered:
+        with contextlib.suppress(_SmtpError):
+            await _command(reader, writer, "QUIT", timeout, "ehlo")
+        return
+    code, lines = await _command(reader, writer, "STARTTLS", timeout, "starttls")
+    if code != 220:
+        raise _SmtpError("starttls", f"STARTTLS answered {code} {' '.join(lines)}")
+    try:
+        await asyncio.wait_for(
+            writer.start_tls(_client_context(), server_hostname=session.sni, ssl_handshake_timeout=timeout),
+            timeout + 1,
+        )
+    except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+        raise _SmtpError("handshake", f"TLS handshake failed: {_os_error_text(exc)}") from exc
+    ssl_object = writer.get_extra_info("ssl_object")
+    if ssl_object is None:
+        raise _SmtpError("handshake", "no TLS session after the handshake")
+    session.tls_version = ssl_object.version()
+    cipher = ssl_object.cipher()
+    session.cipher = cipher[0] if cipher else None
+    session.chain_der = _peer_chain(ssl_object)
+    # The rest is courtesy towards the server; what we need is recorded.
+    with contextlib.suppress(_SmtpError):
+        await _command(reader, writer, f"EHLO {helo_name}", timeout, "handshake")
+        await _command(reader, writer, "QUIT", timeout, "handshake")
+
+
+def _client_context() -> ssl.SSLContext:
+    # DANE replaces PKIX; we match the chain ourselves. A fresh context per probe: no session reuse.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _peer_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The whole chain the server sent (Python 3.13+: public API; 3.10-3.12: the private one)."""
+    public = getattr(ssl_object, "get_unverified_chain", None)
+    if public is not None:
+        return [bytes(der) for der in public() or []]
+    inner = getattr(ssl_object, "_sslobj", None)
+    getter = getattr(inner, "get_unverified_chain", None)
+    if getter is not None:
+        return [cert.public_bytes(_ENCODING_DER) for cert in getter() or []]
+    leaf = ssl_object.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
+
+
+async def _command(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: str, timeout: float, stage: Stage
+) -> tuple[int, list[str]]:
+    try:
+        writer.write(line.encode("ascii") + b"\r\n")
+        await asyncio.wait_for(writer.drain(), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise _SmtpError(stage, f"sending {line.split()[0]}: {_os_error_text(exc)}") from exc
+    return await _read_reply(reader, timeout, stage)
+
+
+async def _read_reply(reader: asyncio.StreamReader, timeout: float, stage: Stage) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    while len(lines) < _MAX_REPLY_LINES:
+        try:
+            raw = await asyncio.wait_for(reader.readline(), timeout)
+        except TimeoutError as exc:
+            raise _SmtpError(stage, f"no reply within {timeout:g} s") from exc
+        except (OSError, ValueError) as exc:
+            raise _SmtpError(stage, _os_error_text(exc)) from exc
+        if not raw:
+            raise _SmtpError(stage, "connection closed by the server")
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in " -"):
+            raise _SmtpError(stage, f"malformed reply {line[:80]!r}")
+        lines.append(line[4:])
+        if len(line) == 3 or line[3] == " ":
+            return int(line[:3]), lines
+    raise _SmtpError(stage, "reply too long")
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+def _os_error_text(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text

@@ -1,0 +1,65 @@
+"""The lab's scenarios (dane.md §3.2, plus classes G, H, I, null/implicit MX and the bench domains)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Server:
+    """One SMTP listener, and the certificate it serves."""
+
+    key: str
+    host: str
+    address: str
+    cert: str = "self"
+    """self | ca (lab CA issues it, chain leaf+CA) | ca-wrongname | expired | reissued."""
+    starttls: bool = True
+    slow: bool = False
+    """Greets after the lab's banner delay (bench domains)."""
+    extra_names: tuple[str, ...] = ()
+
+
+SERVERS: tuple[Server, ...] = (
+    Server("mx1", "mx1.example.test", "127.0.0.11", extra_names=("implicit.example.test",)),
+    Server("mx2", "mx2.example.test", "127.0.0.12"),
+    Server("mx3", "mx3.example.test", "127.0.0.13", starttls=False),
+    Server("mx4", "mx4.example.test", "127.0.0.14"),
+    Server("mx5", "mx5.example.test", "127.0.0.15", cert="ca"),
+    Server("mx6", "mx6.example.test", "127.0.0.16"),
+    Server("mx7", "mx7.example.test", "127.0.0.17"),
+    Server("mx8", "mx8.example.test", "127.0.0.18", cert="reissued"),
+    Server("mx10", "mx10.example.test", "127.0.0.20", cert="ca-wrongname"),
+    Server("mx11", "mx11.example.test", "127.0.0.22", cert="expired"),
+    Server("unsigned", "mx.unsigned.test", "127.0.0.21"),
+    Server("bogus", "mx.bogus.test", "127.0.0.31"),
+    *(Server(f"slow{i}", f"slow{i}.example.test", f"127.0.0.{40 + i}", slow=True) for i in range(1, 5)),
+)
+
+BOGUS_HOST_ADDRESS = "127.0.0.19"
+"""mx9's A record, edited after signing so that its RRSIG fails (class G); nothing listens there."""
+
+SCENARIO_DOMAINS: tuple[str, ...] = (
+    "example.test",
+    "good.example.test",
+    "stale.example.test",
+    "stalefirst.example.test",
+    "stale301.example.test",
+    "nostarttls.example.test",
+    "pkix.example.test",
+    "ta.example.test",
+    "taname.example.test",
+    "expired.example.test",
+    "notlsa.example.test",
+    "bogustlsa.example.test",
+    "bogushost.example.test",
+    "cname.example.test",
+    "cnameorig.example.test",
+    "implicit.example.test",
+    "nullmx.example.test",
+    "unsigned.test",
+    "hosted.unsigned.test",
+    "bogus.test",
+)
+
+BENCH_DOMAINS: tuple[str, ...] = ("mx1host.example.test", "mx2host.example.test", "mx4host.example.test")

@@ -1,0 +1,449 @@
+"""app.diagnosis against the real DANE lab (tests/lab), plus the pure workflow helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from datetime import UTC, datetime
+
+import pytest
+
+from app.diagnosis import (
+    Diagnosis,
+    DiagnosisConfig,
+    InvalidDomain,
+    assess_request,
+    diagnose,
+    is_clean,
+    normalize_domain,
+)
+from tests.lab.lab import Lab
+from tests.lab.topology import SCENARIO_DOMAINS
+
+# domain: (verdict, failure_class, recommended policy, contingency policy) — dane.md §2.2/§2.3
+EXPECTED: dict[str, tuple[str, str | None, str | None, str | None]] = {
+    "example.test": ("degraded", "A''", None, "fingerprint"),
+    "good.example.test": ("ok", None, None, None),
+    "stale.example.test": ("blocked", "A", "fingerprint", None),
+    "stalefirst.example.test": ("degraded", "A''", None, "fingerprint"),
+    "stale301.example.test": ("blocked", "A'", "fingerprint", None),
+    "nostarttls.example.test": ("blocked", "B", "may", None),
+    "pkix.example.test": ("ok", "C", None, None),
+    "ta.example.test": ("ok", None, None, None),
+    "taname.example.test": ("blocked", "H", "fingerprint", None),
+    "expired.example.test": ("ok", "I", None, None),
+    "notlsa.example.test": ("ok", "J", None, None),
+    "bogustlsa.example.test": ("blocked", "E", "fingerprint", None),
+    "bogushost.example.test": ("blocked", "G", None, None),
+    "cname.example.test": ("ok", None, None, None),
+    "cnameorig.example.test": ("ok", None, None, None),
+    "implicit.example.test": ("ok", None, None, None),
+    "nullmx.example.test": ("blocked", None, None, None),
+    "unsigned.test": ("ok", "D", None, None),
+    "hosted.unsigned.test": ("ok", "D'", None, None),
+    "bogus.test": ("blocked", "F", None, None),
+}
+
+# The key each recommended `fingerprint` must pin, by lab server.
+PINNED_SERVERS = {
+    "stale.example.test": ["mx2"],
+    "stale301.example.test": ["mx8"],
+    "taname.example.test": ["mx10"],
+    "bogustlsa.example.test": ["mx7"],
+}
+
+
+@pytest.fixture(scope="module")
+def results(dane_lab: Lab) -> dict[str, Diagnosis]:
+    """Every scenario domain diagnosed once, all at the same time."""
+
+    async def run() -> list[Diagnosis]:
+        return await asyncio.gather(*(diagnose(domain, dane_lab.config()) for domain in SCENARIO_DOMAINS))
+
+    return {d.domain: d for d in asyncio.run(run())}
+
+
+def fingerprints(lab: Lab, keys: list[str]) -> str:
+    return "match=" + "|".join(lab.server(k)["pkey_fingerprint"] for k in keys)
+
+
+def test_every_scenario_is_covered() -> None:
+    assert set(EXPECTED) == set(SCENARIO_DOMAINS)
+
+
+# -- verdicts, classes, recommendations ---------------------------------------------------
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("domain", sorted(EXPECTED))
+def test_verdict_class_and_recommendation(results: dict[str, Diagnosis], domain: str) -> None:
+    diagnosis = results[domain]
+    verdict, failure_class, recommended, contingency = EXPECTED[domain]
+    assert (diagnosis.verdict, diagnosis.failure_class) == (verdict, failure_class), diagnosis.explanation
+    assert (diagnosis.recommended.policy if diagnosis.recommended else None) == recommended
+    assert (diagnosis.contingency.policy if diagnosis.contingency else None) == contingency
+    assert diagnosis.resolver_validates is True
+    assert diagnosis.explanation
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("domain", sorted(PINNED_SERVERS))
+def test_fingerprint_recommendation_pins_the_served_key(
+    results: dict[str, Diagnosis],
+    dane_lab: Lab,
+    domain: str,
+) -> None:
+    recommended = results[domain].recommended
+    assert recommended is not None
+    assert recommended.parameters == fingerprints(dane_lab, PINNED_SERVERS[domain])
+    assert recommended.plaintext is False
+    assert [a.policy for a in recommended.alternatives] == ["encrypt", "may"]
+
+
+@pytest.mark.lab
+def test_degraded_contingency_pins_every_host_in_preference_order(
+    results: dict[str, Diagnosis],
+    dane_lab: Lab,
+) -> None:
+    example, stalefirst = results["example.test"], results["stalefirst.example.test"]
+    assert example.contingency is not None and stalefirst.contingency is not None
+    assert example.contingency.parameters == fingerprints(dane_lab, ["mx1", "mx2"])
+    assert stalefirst.contingency.parameters == fingerprints(dane_lab, ["mx2", "mx1"])
+    assert [h.would_deliver for h in stalefirst.hosts] == [False, True]
+    assert "delivers via mx1.example.test" in stalefirst.explanation
+
+
+@pytest.mark.lab
+def test_no_starttls_recommends_may_and_says_plaintext(results: dict[str, Diagnosis]) -> None:
+    diagnosis = results["nostarttls.example.test"]
+    assert diagnosis.recommended is not None and diagnosis.recommended.plaintext is True
+    address = diagnosis.hosts[0].addresses[0]
+    assert address.status == "starttls-missing"
+    assert address.probe is not None and address.probe.starttls_offered is False
+    assert diagnosis.hosts[0].pkey_fingerprint is None
+    assert "PLAINTEXT" in diagnosis.recommended.reason
+    assert "unencrypted" in diagnosis.explanation
+
+
+@pytest.mark.lab
+def test_bogus_domain_no_tls_policy_can_help(results: dict[str, Diagnosis]) -> None:
+    diagnosis = results["bogus.test"]
+    assert diagnosis.recommended is None and diagnosis.contingency is None
+    assert "No TLS policy can help" in diagnosis.explanation
+    assert 'domain-insecure: "bogus.test."' in diagnosis.explanation
+    assert diagnosis.hosts == []
+    assert diagnosis.mx is not None
+    assert diagnosis.mx.rcode == "SERVFAIL" and diagnosis.mx.security == "bogus"
+    assert [e.code for e in diagnosis.mx.ede] == [7]
+    # What the zone publishes, seen with CD=1.
+    assert diagnosis.mx.published == ["10 mx.bogus.test."]
+
+
+@pytest.mark.lab
+def test_bogus_host_address_is_class_g(results: dict[str, Diagnosis]) -> None:
+    diagnosis = results["bogushost.example.test"]
+    host = diagnosis.hosts[0]
+    assert host.status == "host-lookup-error" and host.dnssec == "bogus"
+    assert host.addresses == []
+    assert "No TLS policy can help" in diagnosis.explanation
+
+
+@pytest.mark.lab
+def test_bogus_tlsa_shows_the_published_records(results: dict[str, Diagnosis], dane_lab: Lab) -> None:
+    host = results["bogustlsa.example.test"].hosts[0]
+    assert host.postfix_level == "defer" and host.tlsa is not None and host.tlsa.state == "error"
+    lookup = host.tlsa.lookups[0]
+    assert lookup.qname == "_25._tcp.mx7.example.test" and lookup.rcode == "SERVFAIL"
+    assert [e.code for e in lookup.ede] == [6]
+    assert lookup.published is not None and len(lookup.published) == 1
+    assert lookup.published[0].startswith("3 1 1 ")
+    # Changed after signing: what is published is not the served key.
+    assert lookup.published[0].split()[-1].lower() != dane_lab.server("mx7")["tlsa_3_1_1"]
+    # The probe still ran, so the override can pin the served key.
+    assert host.pkey_fingerprint == dane_lab.server("mx7")["pkey_fingerprint"]
+
+
+# -- per-host facts -------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_served_leaf_digests_match_the_lab_certificates(results: dict[str, Diagnosis], dane_lab: Lab) -> None:
+    by_host = {s["host"]: s for s in dane_lab.servers.values()}
+    checked = 0
+    for diagnosis in results.values():
+        for host in diagnosis.hosts:
+            if host.pkey_fingerprint is None:
+                continue
+            address = host.addresses[0].address
+            served = next(s for s in dane_lab.servers.values() if s["address"] == address)
+            assert host.tlsa_3_1_1 == served["tlsa_3_1_1"]
+            assert host.tlsa_3_0_1 == served["tlsa_3_0_1"]
+            assert host.pkey_fingerprint == served["pkey_fingerprint"]
+            assert host.pkey_fingerprint.replace(":", "").lower() == host.tlsa_3_1_1
+            checked += 1
+    assert checked >= 15 and by_host
+
+
+@pytest.mark.lab
+def test_rollover_ready_host(results: dict[str, Diagnosis]) -> None:
+    host = results["good.example.test"].hosts[0]
+    assert host.tlsa is not None and host.tlsa.state == "usable"
+    assert len([r for r in host.tlsa.records if r.usable]) == 2
+    assert host.addresses[0].matched == [f"3 1 1 {host.tlsa_3_1_1[:16]}… at depth 0"]
+    assert host.addresses[0].postfix_tls == "Verified"
+    assert not any("rollover" in advice for advice in host.advice)
+    assert host.addresses[0].probe is not None
+    assert host.addresses[0].probe.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert host.addresses[0].probe.sni == "mx1.example.test"
+
+
+@pytest.mark.lab
+def test_stale_hosts_get_advice(results: dict[str, Diagnosis]) -> None:
+    stale = results["stale.example.test"].hosts[0]
+    assert f"`3 1 1 {stale.tlsa_3_1_1}`" in " ".join(stale.advice)
+    assert any("rollover" in advice for advice in stale.advice)
+    stale301 = results["stale301.example.test"].hosts[0]
+    assert any("3 0 1" in advice for advice in stale301.advice)
+
+
+@pytest.mark.lab
+def test_dane_ta_matches_the_issuer_and_checks_the_name(results: dict[str, Diagnosis]) -> None:
+    ta = results["ta.example.test"].hosts[0].addresses[0]
+    assert ta.status == "pass" and ta.matched[0].startswith("2 1 1 ") and ta.matched[0].endswith("at depth 1")
+    assert ta.probe is not None and len(ta.probe.chain) == 2
+    assert ta.probe.chain[1].subject == "CN=tlsoverride lab CA"
+    taname = results["taname.example.test"].hosts[0].addresses[0]
+    assert taname.status == "name-mismatch"
+    assert "other.invalid" in taname.detail
+
+
+@pytest.mark.lab
+def test_cname_rule(results: dict[str, Diagnosis]) -> None:
+    expanded = results["cname.example.test"].hosts[0]
+    assert expanded.name == "mxalias.example.test" and expanded.canonical_name == "mx1.example.test"
+    assert expanded.tlsa is not None and expanded.tlsa.base_domain == "mx1.example.test"
+    assert expanded.address_lookups[0].cnames == ["mxalias.example.test -> mx1.example.test"]
+    original = results["cnameorig.example.test"].hosts[0]
+    assert original.tlsa is not None and original.tlsa.base_domain == "mxalias2.example.test"
+    assert [lk.qname for lk in original.tlsa.lookups] == ["_25._tcp.mx6.example.test", "_25._tcp.mxalias2.example.test"]
+
+
+@pytest.mark.lab
+def test_insecure_and_unusable_cases(results: dict[str, Diagnosis]) -> None:
+    unsigned = results["unsigned.test"].hosts[0]
+    assert unsigned.dnssec == "insecure" and unsigned.postfix_level == "may"
+    assert unsigned.tlsa is not None and unsigned.tlsa.state == "not-applicable" and unsigned.tlsa.records
+    assert any("not DNSSEC-signed" in advice for advice in unsigned.advice)
+    hosted = results["hosted.unsigned.test"]
+    assert hosted.mx is not None and hosted.mx.security == "insecure"
+    assert hosted.hosts[0].addresses[0].postfix_tls == "Trusted"
+    pkix = results["pkix.example.test"].hosts[0]
+    assert pkix.postfix_level == "encrypt" and pkix.tlsa is not None
+    assert sorted(r.text.split()[0] for r in pkix.tlsa.records) == ["0", "1"]
+    assert not any(r.usable for r in pkix.tlsa.records)
+    notlsa = results["notlsa.example.test"].hosts[0]
+    assert notlsa.tlsa is not None and notlsa.tlsa.state == "none"
+    assert notlsa.tlsa.lookups[0].security == "secure" and notlsa.tlsa.lookups[0].rcode == "NXDOMAIN"
+
+
+@pytest.mark.lab
+def test_implicit_and_null_mx(results: dict[str, Diagnosis]) -> None:
+    implicit = results["implicit.example.test"]
+    assert implicit.implicit_mx and implicit.hosts[0].name == "implicit.example.test" and implicit.hosts[0].implicit
+    nullmx = results["nullmx.example.test"]
+    assert nullmx.null_mx and nullmx.hosts == [] and "null MX" in nullmx.explanation
+
+
+@pytest.mark.lab
+def test_diagnosis_is_json_stable(results: dict[str, Diagnosis]) -> None:
+    for diagnosis in results.values():
+        assert Diagnosis.model_validate_json(diagnosis.model_dump_json()) == diagnosis
+        assert diagnosis.checked_at.tzinfo is not None and diagnosis.checked_at <= datetime.now(UTC)
+        assert diagnosis.duration_ms >= 0 and diagnosis.schema_version == 1
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+async def test_smtp_port_never_changes_the_tlsa_name(dane_lab: Lab) -> None:
+    assert dane_lab.smtp_port != 25
+    diagnosis = await diagnose("good.example.test", dane_lab.config())
+    host = diagnosis.hosts[0]
+    assert host.tlsa is not None and [lk.qname for lk in host.tlsa.lookups] == ["_25._tcp.mx1.example.test"]
+    assert host.addresses[0].probe is not None and host.addresses[0].probe.port == dane_lab.smtp_port
+
+
+@pytest.mark.lab
+async def test_reserved_addresses_are_refused_by_default(dane_lab: Lab) -> None:
+    diagnosis = await diagnose("good.example.test", dane_lab.config(allow_reserved=False))
+    address = diagnosis.hosts[0].addresses[0]
+    assert address.status == "not-probed-reserved" and address.probe is None and address.would_deliver is None
+    assert "loopback" in address.detail and "allow_reserved" in address.detail
+    assert diagnosis.verdict == "unknown" and not is_clean(diagnosis)
+    # A TLSA lookup failure is known without probing; which override helps is not.
+    bogustlsa = await diagnose("bogustlsa.example.test", dane_lab.config(allow_reserved=False))
+    assert (bogustlsa.verdict, bogustlsa.failure_class, bogustlsa.recommended) == ("blocked", "E", None)
+    assert "could not be probed" in bogustlsa.explanation
+
+
+@pytest.mark.lab
+async def test_unreachable_hosts_are_not_a_tls_matter(dane_lab: Lab) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    diagnosis = await diagnose("good.example.test", dane_lab.config(smtp_port=closed_port, timeout=1.0))
+    assert diagnosis.hosts[0].addresses[0].status == "unreachable"
+    assert (diagnosis.verdict, diagnosis.failure_class, diagnosis.recommended) == ("blocked", None, None)
+
+
+@pytest.mark.lab
+async def test_non_validating_resolver_is_class_k(dane_lab: Lab) -> None:
+    # NSD is authoritative only: it answers, but never sets AD.
+    diagnosis = await diagnose("good.example.test", dane_lab.config(resolver=f"127.0.0.1:{dane_lab.auth_port}"))
+    assert diagnosis.resolver_validates is False
+    assert (diagnosis.verdict, diagnosis.failure_class, diagnosis.recommended) == ("unknown", "K", None)
+    assert "does not validate" in diagnosis.explanation
+    assert not is_clean(diagnosis)
+    assert [f.rule for f in assess_request(diagnosis, "encrypt", "")] == ["policy_useless"]
+
+
+@pytest.mark.lab
+async def test_input_is_normalised(dane_lab: Lab) -> None:
+    diagnosis = await diagnose(" GOOD.Example.TEST. ", dane_lab.config())
+    assert diagnosis.domain == "good.example.test" and diagnosis.verdict == "ok"
+    missing = await diagnose("bücher.test", dane_lab.config())
+    assert missing.domain == "xn--bcher-kva.test"
+    assert missing.mx is not None and missing.mx.rcode == "NXDOMAIN" and missing.mx.security == "secure"
+    assert (missing.verdict, missing.failure_class, missing.recommended) == ("blocked", None, None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        " ",
+        "localhost",
+        "a..b.test",
+        "-bad.test",
+        "under_score.test",
+        "user@example.test",
+        "192.0.2.1",
+        "x" * 64 + ".test",
+        "*.example.test",
+        "[::1]",
+        "a b.test",
+    ],
+)
+async def test_garbage_domains_are_rejected(value: str) -> None:
+    with pytest.raises(InvalidDomain):
+        await diagnose(value, DiagnosisConfig(resolver="127.0.0.1:9"))
+    assert issubclass(InvalidDomain, ValueError)
+
+
+def test_normalize_domain() -> None:
+    assert normalize_domain("Bücher.Example.") == "xn--bcher-kva.example"
+    assert normalize_domain("XN--BCHER-KVA.example") == "xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"resolver": "resolver.example:53"},
+        {"resolver": "127.0.0.1:0"},
+        {"smtp_port": 0},
+        {"timeout": 0},
+        {"concurrency": 0},
+    ],
+)
+def test_config_is_validated(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        DiagnosisConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_config_accepts_ipv6_resolver() -> None:
+    assert DiagnosisConfig(resolver="[::1]:5301").resolver == "[::1]:5301"
+
+
+# -- assess_request / is_clean ---------------------------------------------------------------
+
+
+def rules(diagnosis: Diagnosis, policy: str, parameters: str = "") -> list[str]:
+    return sorted(f.rule for f in assess_request(diagnosis, policy, parameters))
+
+
+@pytest.mark.lab
+def test_assess_request_on_a_passing_domain(results: dict[str, Diagnosis]) -> None:
+    assert rules(results["good.example.test"], "encrypt") == ["domain_passes"]
+    # dane-only on a domain without TLSA records would stop mail that flows today.
+    assert rules(results["notlsa.example.test"], "dane-only") == ["domain_passes", "policy_useless"]
+    assert rules(results["pkix.example.test"], "dane-only") == ["domain_passes", "policy_useless"]
+    finding = assess_request(results["good.example.test"], "may", "")[0]
+    assert finding.severity == "warning" and "no override is needed" in finding.message
+
+
+@pytest.mark.lab
+def test_assess_request_on_stale_tlsa(results: dict[str, Diagnosis], dane_lab: Lab) -> None:
+    stale = results["stale.example.test"]
+    assert rules(stale, "fingerprint", fingerprints(dane_lab, ["mx2"])) == []
+    assert rules(stale, "fingerprint", "match=00:11:22") == ["policy_useless"]
+    assert rules(stale, "encrypt") == ["weaker_than_recommended"]
+    may = assess_request(stale, "may", "")
+    assert [f.rule for f in may] == ["weaker_than_recommended"] and "plaintext" in may[0].message
+    assert rules(stale, "dane") == ["policy_useless", "weaker_than_recommended"]
+    assert rules(stale, "verify") == ["policy_useless", "weaker_than_recommended"]  # self-signed: no WebPKI
+    assert [f.severity for f in assess_request(stale, "dane", "")] == ["error", "warning"]
+
+
+@pytest.mark.lab
+def test_assess_request_without_starttls(results: dict[str, Diagnosis]) -> None:
+    nostarttls = results["nostarttls.example.test"]
+    for policy in ("encrypt", "dane", "dane-only", "fingerprint", "verify"):
+        assert "policy_useless" in rules(nostarttls, policy), policy
+    assert "STARTTLS" in assess_request(nostarttls, "encrypt", "")[0].message
+    assert rules(nostarttls, "may") == []
+    assert rules(nostarttls, "none") == ["weaker_than_recommended"]
+
+
+@pytest.mark.lab
+def test_assess_request_when_no_tls_policy_helps(results: dict[str, Diagnosis]) -> None:
+    for policy in ("none", "may", "encrypt", "fingerprint"):
+        assert rules(results["bogus.test"], policy) == ["policy_useless"]
+        assert rules(results["bogushost.example.test"], policy) == ["policy_useless"]
+    assert "no TLS policy can help" in assess_request(results["bogus.test"], "may", "")[0].message
+
+
+@pytest.mark.lab
+def test_assess_request_on_bogus_tlsa_and_degraded(results: dict[str, Diagnosis]) -> None:
+    bogustlsa = results["bogustlsa.example.test"]
+    assert rules(bogustlsa, "dane-only") == ["policy_useless", "weaker_than_recommended"]
+    assert rules(bogustlsa, "encrypt") == ["weaker_than_recommended"]
+    example = results["example.test"]
+    assert example.contingency is not None
+    assert rules(example, "fingerprint", example.contingency.parameters) == []
+    assert rules(example, "encrypt") == ["weaker_than_recommended"]
+
+
+def test_assess_request_rejects_unknown_policies() -> None:
+    diagnosis = Diagnosis(
+        domain="example.org",
+        verdict="ok",
+        failure_class=None,
+        recommended=None,
+        explanation="",
+        resolver="system",
+        resolver_validates=True,
+        smtp_port=25,
+        mx=None,
+        hosts=[],
+        checked_at=datetime.now(UTC),
+        duration_ms=0,
+    )
+    with pytest.raises(ValueError, match="unknown TLS policy"):
+        assess_request(diagnosis, "tls-please", "")
+
+
+@pytest.mark.lab
+def test_is_clean(results: dict[str, Diagnosis]) -> None:
+    clean = {domain for domain, diagnosis in results.items() if is_clean(diagnosis)}
+    assert clean == {domain for domain, (verdict, *_) in EXPECTED.items() if verdict == "ok"}

@@ -1,0 +1,60 @@
+"""app.diagnosis agrees with Postfix itself (posttls-finger, level dane) on every lab domain.
+
+posttls-finger only sees the lab on ports 53 and 25, so the whole run happens inside a private
+network+mount+pid namespace (tests/lab/netns.py, dane.md §3.5). Needs root, unshare, iproute2 and
+the postfix package; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.diagnosis import Diagnosis
+from tests.lab.netns import run_in_namespace, unavailable_reason
+from tests.lab.topology import SCENARIO_DOMAINS
+
+pytestmark = [pytest.mark.netns, pytest.mark.lab]
+
+
+@pytest.fixture(scope="module")
+def postfix_view(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"posttls-finger comparison skipped: {reason}")
+    return run_in_namespace(Path(tmp_path_factory.mktemp("netns")))
+
+
+def postfix_verdict(view: dict[str, Any]) -> str:
+    hosts = [h["delivers"] for h in view["hosts"].values()]
+    if not hosts or not any(hosts):
+        return "blocked"
+    return "ok" if all(hosts) else "degraded"
+
+
+@pytest.mark.parametrize("domain", SCENARIO_DOMAINS)
+def test_verdict_agrees_with_posttls_finger(postfix_view: dict[str, Any], domain: str) -> None:
+    entry = postfix_view[domain]
+    diagnosis = Diagnosis.model_validate(entry["diagnosis"])
+    postfix = entry["postfix"]
+    context = f"{domain}: ours {diagnosis.verdict}/{diagnosis.failure_class}; postfix {postfix['domain']['reason']}"
+
+    assert diagnosis.verdict == postfix_verdict(postfix), context
+    for host in diagnosis.hosts:
+        theirs = postfix["hosts"][host.name]
+        assert host.would_deliver == theirs["delivers"], f"{context}; {host.name}: {theirs['reason']}"
+        if theirs["pkey_fingerprint"]:
+            # mailcow's digest is sha256 (compatibility level >= 3.6): the value `fingerprint match=` needs.
+            assert host.pkey_fingerprint == theirs["pkey_fingerprint"], context
+
+    # posttls-finger on the domain stops at the first MX host that completes TLS (dane.md §1.1).
+    first = postfix["domain"]
+    if diagnosis.hosts:
+        assert diagnosis.hosts[0].would_deliver == first["delivers"], context
+        ours_tls = diagnosis.hosts[0].addresses[0].postfix_tls if diagnosis.hosts[0].addresses else None
+        if first["delivers"] and first["tls"]:
+            assert ours_tls == first["tls"], context
+    else:
+        assert first["delivers"] is False, context
