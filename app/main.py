@@ -23,6 +23,8 @@ from app.core.config import Settings
 from app.core.db import make_engine
 from app.core.devidp import DevIdentityProvider
 from app.core.errors import install_error_handlers, problem_responses
+from app.diagnosis.router import RateLimiter
+from app.diagnosis.router import router as diagnosis_router
 from app.overrides.router import router as overrides_router
 
 log = logging.getLogger("app")
@@ -75,12 +77,14 @@ def create_app(
         oidc_transport = httpx.ASGITransport(app=app)
     app.state.oidc_http = httpx.AsyncClient(transport=oidc_transport, timeout=10.0, follow_redirects=False)
     app.state.token_validator = TokenValidator(settings, app.state.oidc_http)
+    app.state.diagnosis_limiter = RateLimiter(settings.diagnosis_rate_per_minute)
     install_error_handlers(app)
 
     # The OAuth2 scheme only documents the Swagger UI login; tokens are checked by current_principal.
     api = APIRouter(dependencies=[Depends(scheme)])
     api.include_router(overrides_router)
     api.include_router(audit_router)
+    api.include_router(diagnosis_router)
     app.include_router(api)
     app.include_router(health_router())
     if dev_idp is not None:

@@ -26,6 +26,9 @@ from app.core.devidp import DEV_AUDIENCE, DEV_ROLE_MAP, DevIdentityProvider, Dev
 from app.core.migrations import upgrade
 from app.main import create_app
 
+# The DNSSEC/SMTP lab (`dane_lab`) and the real OpenID provider (`oidc_provider`) are session fixtures.
+pytest_plugins = ["tests.lab.fixtures", "tests.oidc_provider"]
+
 PG_ADMIN_URL = os.environ.get("TLSO_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_TEMPLATE = f"tlso_tpl_{os.getpid()}"
 ISSUER = "http://testserver/dev"
@@ -121,6 +124,8 @@ def make_settings(**overrides: Any) -> Settings:
         "oidc_algorithms": ["ES256"],
         "justification_min_length": 20,
         "log_json": False,
+        # Diagnosis on create would reach the real DNS; the diagnosis tests turn it on against the lab.
+        "diagnosis_on_create": False,
     }
     values.update(overrides)
     return Settings(**values)
