@@ -13,20 +13,17 @@ from dataclasses import dataclass
 
 import idna
 
-POLICIES = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure")
+from app.diagnosis.policy import POLICIES, POLICY_STRENGTH
 
-# How much each policy weakens the default (`dane`), most weakening first; used for approval counts
-# and for "stronger than the default" auto-approval.
-POLICY_STRENGTH = {
-    "none": 0,
-    "may": 1,
-    "encrypt": 2,
-    "dane": 3,
-    "verify": 4,
-    "secure": 4,
-    "fingerprint": 4,
-    "dane-only": 5,
-}
+__all__ = [
+    "POLICIES",
+    "POLICY_STRENGTH",
+    "PolicyInputError",
+    "mx_domain_of",
+    "normalise_destination",
+    "normalise_parameters",
+]
+
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _CIPHER_GRADES = {"export", "low", "medium", "high", "null"}
