@@ -305,7 +305,8 @@ async def test_non_validating_resolver_is_class_k(dane_lab: Lab) -> None:
     assert (diagnosis.verdict, diagnosis.failure_class, diagnosis.recommended) == ("unknown", "K", None)
     assert "does not validate" in diagnosis.explanation
     assert not is_clean(diagnosis)
-    assert [f.rule for f in assess_request(diagnosis, "encrypt", "")] == ["policy_useless"]
+    # Our blind spot is not the recipient's problem: flagged as inconclusive, never refused.
+    assert [f.rule for f in assess_request(diagnosis, "encrypt", "")] == ["diagnosis_inconclusive"]
 
 
 @pytest.mark.lab

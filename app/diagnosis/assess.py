@@ -11,6 +11,16 @@ def assess_request(diagnosis: Diagnosis, policy: str, parameters: str) -> list[F
     if not is_policy(policy):
         raise ValueError(f"unknown TLS policy {policy!r}; expected one of {', '.join(POLICY_STRENGTH)}")
     requested: TlsPolicy = policy  # type: ignore[assignment]
+    if diagnosis.failure_class == "K" or diagnosis.verdict == "unknown":
+        # Our own view is blind (no validating resolver, nothing probed): that says nothing about what
+        # mailcow's resolver sees, so it must neither refuse nor bless the request.
+        return [
+            Finding(
+                rule="diagnosis_inconclusive",
+                message=f"the diagnosis of {diagnosis.domain} is inconclusive: {diagnosis.explanation}",
+                severity="warning",
+            )
+        ]
     findings: list[Finding] = []
     if diagnosis.verdict == "ok":
         findings.append(
@@ -39,8 +49,6 @@ def assess_request(diagnosis: Diagnosis, policy: str, parameters: str) -> list[F
 
 
 def _why_useless(diagnosis: Diagnosis, policy: TlsPolicy, parameters: str) -> str | None:
-    if diagnosis.failure_class == "K":
-        return "the sender-side resolver does not validate DNSSEC; a TLS policy for the recipient changes nothing"
     if diagnosis.failure_class == "F":
         return (
             f"{diagnosis.domain}'s MX lookup is DNSSEC-bogus: Postfix defers before TLS, so no TLS policy can "

@@ -55,7 +55,7 @@ Stage = Literal["connect", "banner", "ehlo", "starttls", "handshake"]
 
 Severity = Literal["info", "warning", "error"]
 
-FindingRule = Literal["domain_passes", "policy_useless", "weaker_than_recommended"]
+FindingRule = Literal["domain_passes", "policy_useless", "weaker_than_recommended", "diagnosis_inconclusive"]
 
 
 class _Model(BaseModel):
