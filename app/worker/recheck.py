@@ -1,0 +1,129 @@
+"""The remediation watch: re-diagnose active overrides; notice when the recipient has fixed DANE.
+
+After `TLSO_REMEDIATION_CHECKS` clean diagnoses in a row the worker records `recipient.fixed` in the
+audit trail (which the notification sinks carry) and, with `TLSO_REMEDIATION=end`, ends the override
+early as `remediated`. A later failure starts the count again. Bookkeeping (`clean_checks`,
+`last_checked_at`) does not bump the override's version, so a reviewer's ETag is not invalidated by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, or_, update
+from sqlmodel import col, select
+
+from app.audit.service import record
+from app.core.config import Settings
+from app.core.db import transaction, utcnow
+from app.diagnosis.assess import is_clean
+from app.diagnosis.engine import diagnose
+from app.diagnosis.models import Diagnosis
+from app.diagnosis.router import diagnosis_config
+from app.overrides import service
+from app.overrides.models import Override, OverrideState
+from app.overrides.postfix import mx_domain_of
+
+log = logging.getLogger("app.worker.recheck")
+
+Diagnose = Callable[[str], Awaitable[Diagnosis]]
+
+
+def _due(engine: Engine, settings: Settings, limit: int) -> list[tuple[int, str, datetime | None]]:
+    cutoff = utcnow() - timedelta(seconds=settings.recheck_interval_seconds)
+    with transaction(engine) as session:
+        rows = session.exec(
+            select(Override)
+            .where(Override.state == OverrideState.active)
+            .where(or_(col(Override.last_checked_at).is_(None), col(Override.last_checked_at) <= cutoff))
+            .order_by(col(Override.last_checked_at).is_(None).desc(), col(Override.last_checked_at))
+            .limit(limit)
+        ).all()
+        return [(row.id or 0, row.destination, row.last_checked_at) for row in rows]
+
+
+def _claim(engine: Engine, override_id: int, seen: datetime | None) -> bool:
+    """Compare-and-set on `last_checked_at`, so two workers do not diagnose the same override at once."""
+    with transaction(engine) as session:
+        guard = col(Override.last_checked_at).is_(None) if seen is None else col(Override.last_checked_at) == seen
+        result = session.execute(
+            update(Override)
+            .where(col(Override.id) == override_id, col(Override.state) == OverrideState.active, guard)
+            .values(last_checked_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _record_result(engine: Engine, settings: Settings, override_id: int, diagnosis: Diagnosis) -> str:
+    clean = is_clean(diagnosis)
+    with transaction(engine) as session:
+        override = service.load(session, override_id, for_update=True)
+        if override.state != OverrideState.active:
+            return "gone"
+        checks = override.clean_checks + 1 if clean else 0
+        session.execute(
+            update(Override)
+            .where(col(Override.id) == override_id)
+            .values(clean_checks=checks)
+            .execution_options(synchronize_session=False)
+        )
+        if clean and checks == settings.remediation_checks:
+            record(
+                session,
+                actor="system",
+                action="recipient.fixed",
+                override_id=override_id,
+                after={"clean_checks": checks, "verdict": diagnosis.verdict, "remediation": settings.remediation},
+                comment=f"{diagnosis.domain} passes DANE again ({checks} checks in a row): {diagnosis.explanation}",
+            )
+            if settings.remediation == "end":
+                session.refresh(override)
+                service.begin_removal(
+                    session,
+                    override,
+                    "remediated",
+                    actor="system",
+                    via=None,
+                    comment="the recipient fixed DANE; the override is no longer needed",
+                    settings=settings,
+                )
+                return "ended"
+            return "fixed"
+        if not clean and override.clean_checks >= settings.remediation_checks:
+            record(
+                session,
+                actor="system",
+                action="recipient.regressed",
+                override_id=override_id,
+                after={"verdict": diagnosis.verdict, "failure_class": diagnosis.failure_class},
+                comment=f"{diagnosis.domain} fails again after passing: {diagnosis.explanation}",
+            )
+        return "clean" if clean else "failing"
+
+
+async def recheck_due(engine: Engine, settings: Settings, run: Diagnose | None = None, limit: int = 20) -> int:
+    """Re-diagnose the active overrides whose check is due; returns how many were checked."""
+    if run is None:
+        config = diagnosis_config(settings)
+
+        async def run(domain: str) -> Diagnosis:
+            return await diagnose(domain, config)
+
+    checked = 0
+    for override_id, destination, seen in await asyncio.to_thread(_due, engine, settings, limit):
+        domain = mx_domain_of(destination)
+        if domain is None or not await asyncio.to_thread(_claim, engine, override_id, seen):
+            continue
+        try:
+            diagnosis = await run(domain)
+        except Exception as exc:  # one bad domain must not stop the watch of the others
+            log.warning("recheck of override %s (%s) failed: %s", override_id, domain, exc)
+            continue
+        outcome = await asyncio.to_thread(_record_result, engine, settings, override_id, diagnosis)
+        log.info("recheck of override %s (%s): %s", override_id, domain, outcome)
+        checked += 1
+    return checked
