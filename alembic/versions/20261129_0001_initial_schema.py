@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 import sqlmodel
-
 from alembic import op
+
 from app.core.db import UTCDateTime
 
 revision: str = "96a7fafc29d7"
