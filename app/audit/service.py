@@ -49,7 +49,8 @@ def record(
     comment: str | None = None,
 ) -> None:
     """Queue an audit entry; it is written in the same transaction, when the session commits."""
-    entry = Entry(actor, via, action, override_id, _jsonable(before), _jsonable(after), comment)
+    # "" and None must not both exist: a CSV export could not tell them apart when re-hashed offline.
+    entry = Entry(actor, via or None, action, override_id, _jsonable(before), _jsonable(after), comment or None)
     session.info.setdefault(_PENDING, []).append(entry)
 
 

@@ -137,8 +137,11 @@ def principal_from_claims(
 ) -> Principal:
     roles = roles_from_claims(claims, settings)
     sub = str(claims["sub"])
+    if not sub or len(sub) > 200:
+        raise Unauthenticated("The token's subject is empty or longer than 200 characters.")
     client_id = str(claims.get("client_id") or claims.get("azp") or "") or None
-    name = str(claims.get("name") or claims.get("preferred_username") or sub)
+    client_id = client_id[:200] if client_id else None
+    name = str(claims.get("name") or claims.get("preferred_username") or sub)[:200]
     if on_behalf_of is None:
         return Principal(actor=sub, name=name, roles=roles, client_id=client_id)
     if "integration" not in roles:
@@ -179,14 +182,40 @@ async def current_principal(
         raise Unauthenticated("A bearer token is required.")
     validator: TokenValidator = request.app.state.token_validator
     claims = await validator.validate(credentials.credentials)
-    principal = principal_from_claims(
-        claims,
-        validator.settings,
-        request.headers.get(ON_BEHALF_OF),
-        request.headers.get(ON_BEHALF_OF_NAME),
-    )
+    try:
+        principal = principal_from_claims(
+            claims,
+            validator.settings,
+            request.headers.get(ON_BEHALF_OF),
+            request.headers.get(ON_BEHALF_OF_NAME),
+        )
+    except Forbidden as exc:
+        if request.method not in {"GET", "HEAD", "OPTIONS"}:  # an attempted action: on record, like any refusal
+            await _record_refusal(request, claims, exc)
+        raise
     request.state.principal = principal
     return principal
+
+
+async def _record_refusal(request: Request, claims: dict[str, Any], exc: Forbidden) -> None:
+    from starlette.concurrency import run_in_threadpool
+
+    from app.audit.service import record_alone
+
+    override_id = str(request.path_params.get("override_id", ""))
+    await run_in_threadpool(
+        record_alone,
+        request.app.state.engine,
+        actor=str(claims["sub"]),
+        via=None,
+        action="auth.refused",
+        override_id=int(override_id) if override_id.isdigit() else None,
+        after={
+            "attempted": f"{request.method} {request.url.path}",
+            "on_behalf_of": (request.headers.get(ON_BEHALF_OF) or "")[:200],
+        },
+        comment=exc.detail,
+    )
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

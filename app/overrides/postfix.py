@@ -79,6 +79,19 @@ def _bracketed_host(inner: str, field: str) -> str:
 
 def normalise_destination(raw: str, *, allow_subdomains: bool = False, field: str = "destination") -> str:
     """The lookup key Postfix will use: `example.org`, `.example.org`, `[host]`, `[host]:port`."""
+    destination = _lookup_key(raw, allow_subdomains, field)
+    # mailcow runs the whole dest, brackets and port included, through IDNA (mailcow-api.md §3): each
+    # dot-separated piece must fit a label and the whole a name, else the worker could never add the row.
+    if len(destination) > 253 or any(len(piece) > 63 for piece in destination.split(".")):
+        raise PolicyInputError(
+            field,
+            "is too long for mailcow: counting brackets and port, each label must stay within 63 characters "
+            "and the whole within 253",
+        )
+    return destination
+
+
+def _lookup_key(raw: str, allow_subdomains: bool, field: str) -> str:
     value = raw.strip().lower()
     if not value:
         raise PolicyInputError(field, "must not be empty")

@@ -55,7 +55,8 @@ class OverrideCreate(BaseModel):
 
 
 class ActionBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Stripped, so that a comment of blanks counts as no comment.
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     comment: str = Field(min_length=1, max_length=4000, description="Why: every decision carries a comment.")
 
 

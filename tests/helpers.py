@@ -1,0 +1,93 @@
+"""Small helpers shared by the API tests: problem assertions, audit reads, row counts, worker steps."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from app.core.db import transaction, utcnow
+from app.overrides import service
+from app.overrides.models import Override, OverrideState
+
+PROBLEM_JSON = "application/problem+json"
+COMMENT = {"comment": "Checked the diagnosis and the ticket."}
+
+
+def assert_problem(response: httpx.Response, status: int, *, field: str | None = None) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with `status` (and, if given, an error naming `field`)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM_JSON), response.headers
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["type"].startswith("https://") and body["title"]
+    if field is not None:
+        fields = [error["field"] for error in body.get("errors") or []]
+        assert field in fields, body
+        assert all(error["message"] for error in body["errors"])
+    return body
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    """Rows per table that a refused request must leave alone."""
+    with engine.connect() as conn:
+        return {
+            table: int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+            for table in ("override", "vote", "audit_event", "idempotency_record")
+        }
+
+
+def audit_rows(engine: Engine, action: str | None = None) -> list[dict[str, Any]]:
+    """Audit events straight from the table, oldest first."""
+    query = "SELECT seq, actor, via, action, override_id, comment FROM audit_event"
+    params: dict[str, Any] = {}
+    if action is not None:
+        query += " WHERE action = :action"
+        params["action"] = action
+    with engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(sa.text(query + " ORDER BY seq"), params)]
+
+
+def events(client: Any, override_id: int, headers: dict[str, str]) -> list[dict[str, Any]]:
+    response = client.get(f"/v1/overrides/{override_id}/events", headers=headers)
+    assert response.status_code == 200, response.text
+    result: list[dict[str, Any]] = response.json()
+    return result
+
+
+def act(client: Any, override_id: int, action: str, headers: dict[str, str], **body: Any) -> httpx.Response:
+    response: httpx.Response = client.post(
+        f"/v1/overrides/{override_id}/{action}", json={**COMMENT, **body}, headers=headers
+    )
+    return response
+
+
+def load(engine: Engine, override_id: int) -> Override:
+    with transaction(engine) as session:
+        return service.load(session, override_id)
+
+
+def worker_step(engine: Engine, override_id: int, to: OverrideState, action: str, **changes: Any) -> Override:
+    """What the worker does: one table-checked, compare-and-set transition in its own transaction."""
+    with transaction(engine) as session:
+        override = service.load(session, override_id, for_update=True)
+        return service.transition(session, override, to, actor="worker", action=action, changes=changes or None)
+
+
+def apply_now(engine: Engine, override_id: int, mailcow_id: int = 7) -> Override:
+    """The worker applied an approved override: the clock starts now."""
+    now = utcnow()
+    override = load(engine, override_id)
+    return worker_step(
+        engine,
+        override_id,
+        OverrideState.active,
+        "override.applied",
+        applied_at=now,
+        apply_started_at=now,
+        expires_at=now + timedelta(seconds=override.duration_seconds),
+        mailcow_id=mailcow_id,
+    )

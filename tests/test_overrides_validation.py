@@ -1,0 +1,220 @@
+"""Input validation: destinations and parameters as Postfix and mailcow take them (shared/mailcow-api.md
+§3, §8), and body shapes. Every refusal is a 422 problem naming the field, and changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from tests.conftest import make_settings
+from tests.helpers import assert_problem, counts
+
+JUSTIFICATION = "Recipient TLSA records are stale after a certificate renewal."
+DIGEST = ":".join(["ab"] * 32)
+LABEL63 = "a" * 63
+
+DESTINATIONS_ACCEPTED = {
+    "example.org": "example.org",
+    "  Example.COM  ": "example.com",
+    "example.net.": "example.net",
+    "Bücher.Example": "xn--bcher-kva.example",
+    "[mail.example.net]:25": "[mail.example.net]:25",
+    "[Mail.Example.NET]": "[mail.example.net]",
+    "mail.example.net:2525": "mail.example.net:2525",
+    "192.0.2.1": "[192.0.2.1]",
+    "[192.0.2.1]:2525": "[192.0.2.1]:2525",
+    "[ipv6:2001:db8::1]:25": "[ipv6:2001:db8::1]:25",
+    "[IPv6:2001:DB8:0:0::1]": "[ipv6:2001:db8::1]",
+    f"{LABEL63}.example": f"{LABEL63}.example",
+}
+DESTINATIONS_REFUSED = [
+    ".example.org",  # mailcow's add cannot store it (unless the target says it can)
+    "*.x",
+    "*.wild.example",
+    "user@mail.example",
+    "foo bar.example",
+    "foo_bar.example",
+    "-bad.example",
+    "example..org",
+    "example.org..",
+    "example",  # one label: never a next-hop domain
+    "example.123",
+    "",
+    "   ",
+    f"{'a' * 64}.example",
+    "[mail.example.net]:0",
+    "[mail.example.net]:65536",
+    "mail.example.net:",
+    "[2001:db8::1]",  # Postfix wants [ipv6:…]
+    "[ipv6:not-an-address]",
+    "[]",
+    "[mail.example.net",
+    # mailcow's IDNA check counts brackets and the port: it refuses these although Postfix would not
+    f"[{LABEL63}.example.net]:25",
+    f"[mail.{LABEL63[:60]}]:25",
+    f"[{'.'.join([LABEL63] * 3)}.{'b' * 61}]:25",  # 253-character host: too long with brackets and port
+]
+
+PARAMETERS_ACCEPTED = [
+    ("encrypt", "protocols=>=TLSv1.2 ciphers=high", "protocols=>=TLSv1.2 ciphers=high"),
+    ("encrypt", "protocols=>=TLSv1.2,ciphers=HIGH", "protocols=>=TLSv1.2 ciphers=high"),
+    ("encrypt", "  protocols=!SSLv2:!SSLv3  ", "protocols=!SSLv2:!SSLv3"),
+    ("encrypt", "ciphers=high\tprotocols=>=TLSv1.2", "ciphers=high protocols=>=TLSv1.2"),
+    ("may", "connection_reuse=YES", "connection_reuse=yes"),
+    ("dane", "exclude=aNULL:eNULL", "exclude=aNULL:eNULL"),
+    ("verify", "match=nexthop:dot-nexthop", "match=nexthop:dot-nexthop"),
+    ("secure", "match=.Example.org servername=hostname", "match=.example.org servername=hostname"),
+    ("fingerprint", f"match={DIGEST}", f"match={DIGEST.upper()}"),
+    ("fingerprint", f"match={DIGEST[:59]}|{DIGEST[:47]} match={DIGEST[:59]}", None),
+    ("encrypt", "exclude=" + "A" * 247, "exclude=" + "A" * 247),  # exactly 255 characters
+    ("none", "", ""),
+]
+PARAMETERS_REFUSED = [
+    ("encrypt", "foo=bar"),
+    ("encrypt", "match=x.example"),
+    ("may", "match=nexthop"),
+    ("none", "ciphers=high"),
+    ("encrypt", "protocols=>=TLSv1.2\nciphers=high"),
+    ("encrypt", "protocols=>=TLSv1.2\r\nciphers=high"),
+    ("encrypt", "ciphers=high\x00"),
+    ("encrypt", "{ protocols = >=TLSv1.2 }"),
+    ("encrypt", "servername=mail example.net"),
+    ("encrypt", "protocols"),
+    ("encrypt", "=x"),
+    ("encrypt", "ciphers="),
+    ("encrypt", "ciphers=high ciphers=medium"),
+    ("encrypt", "ciphers=super"),
+    ("encrypt", "protocols=TLSv9"),
+    ("encrypt", "connection_reuse=maybe"),
+    ("encrypt", "servername=not_a_host"),
+    ("encrypt", "exclude=" + "A" * 248),  # 256 characters
+    ("encrypt", "exclude=" + ":".join(["AES128-SHA"] * 25)),
+    ("fingerprint", ""),
+    ("fingerprint", "ciphers=high"),
+    ("fingerprint", "match=zz"),
+    ("fingerprint", "match=ab:cd"),
+    ("verify", "tafile=/etc/ssl/ta.pem"),
+    ("secure", "policy_type=sts"),
+]
+
+BODY_REFUSED: list[tuple[str, Any, str]] = [
+    ("unknown field", {"foo": 1}, "body.foo"),
+    ("mailcow's id", {"id": 7}, "body.id"),
+    ("missing destination", {"destination": None}, "body.destination"),
+    ("missing policy", {"policy": None}, "body.policy"),
+    ("missing justification", {"justification": None}, "body.justification"),
+    ("duration in words", {"duration": "three days"}, "body.duration"),
+    ("duration as a number", {"duration": 86400}, "body.duration"),
+    ("negative duration", {"duration": "-P1D"}, "body.duration"),
+    ("upper-case policy", {"policy": "DANE"}, "body.policy"),
+    ("unknown policy", {"policy": "tls"}, "body.policy"),
+    ("short justification", {"justification": "broken"}, "body.justification"),
+    ("padded justification", {"justification": "   too short, really   "}, "body.justification"),
+    ("destination not a string", {"destination": ["example.org"]}, "body.destination"),
+    ("very long destination", {"destination": "a" * 301}, "body.destination"),
+    ("very long parameters", {"parameters": "ciphers=high " * 80}, "body.parameters"),
+    ("long ticket", {"ticket": "T" * 201}, "body.ticket"),
+    ("ticket URL not http", {"ticket_url": "javascript:alert(1)"}, "body.ticket_url"),
+    ("unknown target", {"target": "nowhere"}, "body.target"),
+]
+
+
+def _body(**fields: Any) -> dict[str, Any]:
+    body = {"destination": "example.org", "policy": "encrypt", "justification": JUSTIFICATION, **fields}
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def _refused(client: Any, engine: Engine, headers: dict[str, str], body: Any, field: str) -> dict[str, Any]:
+    before = counts(engine)
+    problem = assert_problem(client.post("/v1/overrides", json=body, headers=headers), 422, field=field)
+    assert counts(engine) == before
+    return problem
+
+
+def test_destinations_are_normalised(client: Any, auth: Any, subtests: Any) -> None:
+    headers = auth("alice", "requester")
+    for raw, stored in DESTINATIONS_ACCEPTED.items():
+        with subtests.test(destination=raw):
+            response = client.post("/v1/overrides", json=_body(destination=raw), headers=headers)
+            assert response.status_code == 201, response.text
+            assert response.json()["destination"] == stored
+
+
+def test_destinations_postfix_never_uses_are_refused(client: Any, engine: Engine, auth: Any, subtests: Any) -> None:
+    headers = auth("alice", "requester")
+    for raw in DESTINATIONS_REFUSED:
+        with subtests.test(destination=raw):
+            problem = _refused(client, engine, headers, _body(destination=raw), "body.destination")
+            assert problem["errors"][0]["message"].startswith("destination ")
+
+
+@pytest.mark.parametrize("settings", [make_settings(mailcow_supports_subdomain_dest=True)], ids=["subdomains"])
+def test_subdomain_destinations_when_the_target_supports_them(client: Any, auth: Any) -> None:
+    response = client.post("/v1/overrides", json=_body(destination=".Example.ORG"), headers=auth("alice", "requester"))
+    assert response.status_code == 201, response.text
+    assert response.json()["destination"] == ".example.org"
+
+
+def test_parameters_are_canonical(client: Any, auth: Any, subtests: Any) -> None:
+    headers = auth("alice", "requester")
+    for n, (policy, raw, stored) in enumerate(PARAMETERS_ACCEPTED):
+        with subtests.test(policy=policy, parameters=raw):
+            body = _body(destination=f"p{n}.example", policy=policy, parameters=raw)
+            response = client.post("/v1/overrides", json=body, headers=headers)
+            assert response.status_code == 201, response.text
+            if stored is not None:
+                assert response.json()["parameters"] == stored
+            assert len(response.json()["parameters"]) <= 255
+
+
+def test_parameters_postfix_would_choke_on_are_refused(client: Any, engine: Engine, auth: Any, subtests: Any) -> None:
+    headers = auth("alice", "requester")
+    for policy, raw in PARAMETERS_REFUSED:
+        with subtests.test(policy=policy, parameters=raw):
+            problem = _refused(client, engine, headers, _body(policy=policy, parameters=raw), "body.parameters")
+            assert problem["detail"] and problem["errors"][0]["message"].startswith("parameters ")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # refused by the schema, before any database work
+def test_body_shape_errors(client: Any, engine: Engine, auth: Any, subtests: Any) -> None:
+    headers = auth("alice", "requester")
+    for name, fields, field in BODY_REFUSED:
+        with subtests.test(case=name):
+            _refused(client, engine, headers, _body(**fields), field)
+    with subtests.test(case="not JSON"):
+        before = counts(engine)
+        response = client.post(
+            "/v1/overrides", content=b"destination=example.org", headers=headers | {"content-type": "text/plain"}
+        )
+        assert_problem(response, 422, field="body")
+        assert counts(engine) == before
+    with subtests.test(case="a JSON list"):
+        _refused(client, engine, headers, [_body()], "body")
+
+
+def test_action_body_and_path_errors(client: Any, engine: Engine, auth: Any, make_override: Any, subtests: Any) -> None:
+    override_id = make_override()["id"]
+    headers = auth("root", "admin")
+    cases: list[tuple[str, Any, str]] = [
+        (f"/v1/overrides/{override_id}/approve", {}, "body.comment"),
+        (f"/v1/overrides/{override_id}/approve", {"comment": ""}, "body.comment"),
+        (f"/v1/overrides/{override_id}/reject", {"comment": " \n\t "}, "body.comment"),
+        (f"/v1/overrides/{override_id}/approve", {"comment": "ok", "approvals": 2}, "body.approvals"),
+        (f"/v1/overrides/{override_id}/reject", {"comment": "x" * 4001}, "body.comment"),
+        (f"/v1/overrides/{override_id}/extend", {"comment": "more"}, "body.duration"),
+        (f"/v1/overrides/{override_id}/extend", {"comment": "more", "duration": "soon"}, "body.duration"),
+        ("/v1/overrides/0/approve", {"comment": "ok"}, "path.override_id"),
+        ("/v1/overrides/abc/cancel", {"comment": "ok"}, "path.override_id"),
+    ]
+    for url, body, field in cases:
+        with subtests.test(url=url, body=body):
+            before = counts(engine)
+            assert_problem(client.post(url, json=body, headers=headers), 422, field=field)
+            assert counts(engine) == before
+    with subtests.test(case="unknown override"):
+        assert_problem(client.post("/v1/overrides/999/approve", json={"comment": "ok"}, headers=headers), 404)
+        assert_problem(client.get("/v1/overrides/999", headers=headers), 404)
+    with subtests.test(case="unknown route"):
+        assert_problem(client.get("/v1/nothing-here", headers=headers), 404)
