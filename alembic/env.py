@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
+from alembic import context
 from sqlmodel import SQLModel
 
-import app.audit.models
-import app.core.idempotency
-import app.notify.models
-import app.overrides.models  # noqa: F401  (tables register on SQLModel.metadata)
-from alembic import context
+import app.models  # noqa: F401  (every table registers on SQLModel.metadata)
 from app.core.db import make_engine
 
 target_metadata = SQLModel.metadata

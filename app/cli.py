@@ -7,9 +7,11 @@ import ipaddress
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from app.core.config import Settings, get_settings
@@ -96,8 +98,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    print("the worker is not built yet (issue 3)", file=sys.stderr)
-    return 2
+    from app.core.db import make_engine
+    from app.core.metrics import serve_worker_metrics
+    from app.core.migrations import current_and_head
+    from app.worker.loop import run_worker
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    engine = make_engine(settings.database_url)
+    try:
+        current, head = current_and_head(engine)
+    except Exception as exc:  # the supervisor restarts us; say why in one line
+        print(f"worker: database unreachable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if current != head:
+        print(f"worker: database is at {current}, this code needs {head}: run `python -m app migrate`", file=sys.stderr)
+        return 2
+    if not _hold_sqlite_worker_lock(settings.database_url):
+        return 2
+    if settings.worker_metrics_port:
+        serve_worker_metrics(engine, settings.worker_metrics_port)
+    run_worker(engine, settings)
+    engine.dispose()
+    return 0
+
+
+_WORKER_LOCKS: list[Any] = []  # open lock files, held for the life of the process
+
+
+def _hold_sqlite_worker_lock(database_url: str) -> bool:
+    """SQLite runs exactly one worker (no SKIP LOCKED): a second one against the same file refuses to start."""
+    import fcntl
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return True
+    path = Path(url.database).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(f"{path}.worker-lock", "a+")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        print(f"worker: another worker already runs against {path}; SQLite supports exactly one", file=sys.stderr)
+        return False
+    _WORKER_LOCKS.append(handle)
+    return True
 
 
 def _is_loopback(host: str) -> bool:
@@ -144,18 +192,123 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     settings = dev_settings(args.host, args.port)
     configure_logging(settings.log_level, as_json=False)
+    if not _hold_sqlite_worker_lock(settings.database_url):
+        return 2
+    stop_standin = None
+    if not settings.mailcow_url:
+        settings, stop_standin = _start_dev_standin(settings, args.host)
+    settings = _dev_worker_timing(settings, standin=stop_standin is not None)
     engine = make_engine(settings.database_url)
     upgrade(engine)
     app = create_app(settings, engine=engine, dev_idp=DevIdentityProvider(settings.oidc_issuer))
+    stop_worker = _start_dev_worker(engine, settings)
     base = f"http://{args.host}:{args.port}"
+    mailcow = (
+        f"mailcow stand-in (a test double) at {settings.mailcow_url}, rows: {settings.mailcow_url}/__standin__/rows"
+        if stop_standin
+        else f"mailcow at {settings.mailcow_url}"
+    )
     print(
         f"tlsoverride dev mode: {base}/docs  (database {settings.database_url})\n"
+        f"  worker: in this process, polling every {settings.worker_poll_seconds}s; {mailcow}\n"
         f"  get a token:  curl -s -X POST {base}/dev/token -H 'content-type: application/json' "
         f'-d \'{{"sub":"alice","roles":["requester"]}}\'',
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+    finally:
+        stop_worker()
+        if stop_standin is not None:
+            stop_standin()
     return 0
+
+
+def _start_dev_standin(settings: Settings, host: str) -> tuple[Settings, Callable[[], None]]:
+    """Serve the mailcow stand-in on a free loopback port (a thread of this process), with a fresh key."""
+    import secrets
+
+    from app.mailcow.standin import StandinKey, create_standin_app
+
+    key = "-".join(secrets.token_hex(3).upper() for _ in range(5))
+    url, stop = _serve_in_thread(create_standin_app([StandinKey(key)]), host)
+    return settings.model_copy(update={"mailcow_url": url, "mailcow_api_key": SecretStr(key)}), stop
+
+
+def _dev_worker_timing(settings: Settings, *, standin: bool) -> Settings:
+    """Dev mode reacts within a second; values given in the environment win."""
+    wanted: dict[str, Any] = {
+        "worker_poll_seconds": 0.5,
+        "reconcile_interval_seconds": 30.0,
+        "removal_grace_seconds": 60.0,
+        "retry_initial_seconds": 1.0,
+        "retry_max_seconds": 30.0,
+        "worker_lease_seconds": 30.0,
+    }
+    if standin:
+        # The stand-in forgets its rows when dev mode restarts; re-apply them instead of only alerting.
+        wanted["drift_action"] = "reapply"
+    return settings.model_copy(update={k: v for k, v in wanted.items() if f"TLSO_{k.upper()}" not in os.environ})
+
+
+def _serve_in_thread(app: Any, host: str) -> tuple[str, Callable[[], None]]:
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", log_config=None))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="standin", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    netloc = f"[{host}]" if ":" in host else host
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()
+
+    return f"http://{netloc}:{port}", stop
+
+
+def _start_dev_worker(engine: Any, settings: Settings) -> Callable[[], None]:
+    """The worker as a thread with its own event loop; the returned function stops it."""
+    import asyncio
+    import threading
+
+    from app.worker.loop import Worker
+
+    started = threading.Event()
+    control: dict[str, Any] = {}
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        control["stop"] = lambda: loop.call_soon_threadsafe(stop.set)
+        started.set()
+        worker = Worker(engine, settings)
+        try:
+            await worker.run(stop)
+        finally:
+            await worker.aclose()
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), name="worker", daemon=True)
+    thread.start()
+    started.wait(10)
+
+    def stop_worker() -> None:
+        if "stop" in control:
+            control["stop"]()
+        thread.join(10)
+
+    return stop_worker
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:

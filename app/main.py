@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -22,10 +21,12 @@ from app.core.auth import TokenValidator, oauth2_scheme
 from app.core.config import Settings
 from app.core.db import make_engine
 from app.core.devidp import DevIdentityProvider
-from app.core.errors import install_error_handlers, problem_responses
+from app.core.errors import ServiceUnavailable, install_error_handlers, problem_response, problem_responses
+from app.core.metrics import metrics_router
 from app.diagnosis.router import RateLimiter
 from app.diagnosis.router import router as diagnosis_router
 from app.overrides.router import router as overrides_router
+from app.targets.router import router as targets_router
 
 log = logging.getLogger("app")
 STATIC = Path(__file__).parent / "static"
@@ -85,8 +86,10 @@ def create_app(
     api.include_router(overrides_router)
     api.include_router(audit_router)
     api.include_router(diagnosis_router)
+    api.include_router(targets_router)
     app.include_router(api)
     app.include_router(health_router())
+    app.include_router(metrics_router())
     if dev_idp is not None:
         app.include_router(dev_idp.router())
     _mount_docs(app)
@@ -100,7 +103,11 @@ def health_router() -> APIRouter:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="Database reachable and migrated to head", responses=problem_responses(503))
+    @router.get(
+        "/readyz",
+        summary="Database reachable and migrated to head",
+        responses={200: {"description": "Ready"}, **problem_responses(503)},
+    )
     def readyz(request: Request) -> JSONResponse:
         from app.core.migrations import current_and_head
 
@@ -110,15 +117,14 @@ def health_router() -> APIRouter:
             current, head = current_and_head(request.app.state.engine)
         except Exception as exc:  # any failure means "not ready"; the reason is logged, not leaked
             log.warning("readiness check failed: %s", exc)
-            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
-        ready = current == head
-        body: dict[str, Any] = {
-            "status": "ok" if ready else "unavailable",
-            "database": "ok",
-            "migration": current,
-            "head": head,
-        }
-        return JSONResponse(body, status_code=200 if ready else 503)
+            return problem_response(ServiceUnavailable("The database is unreachable.").problem("/readyz"))
+        if current != head:
+            return problem_response(
+                ServiceUnavailable(f"The database schema is at {current}, not at {head}: run migrations.").problem(
+                    "/readyz"
+                )
+            )
+        return JSONResponse({"status": "ok", "database": "ok", "migration": current})
 
     return router
 

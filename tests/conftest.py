@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
 
 from app.core.config import Settings
 from app.core.db import make_engine
@@ -46,7 +47,8 @@ def _pg_available() -> bool:
 
 
 def _pg_admin() -> Engine:
-    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # No pool: a connection kept from before a server restart (test_worker_faults) would be dead.
+    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
 
 
 def _pg_url(database: str) -> str:
@@ -126,6 +128,8 @@ def make_settings(**overrides: Any) -> Settings:
         "log_json": False,
         # Diagnosis on create would reach the real DNS; the diagnosis tests turn it on against the lab.
         "diagnosis_on_create": False,
+        # The worker's remediation watch would too; tests/test_recheck.py runs it against the lab.
+        "remediation": "off",
     }
     values.update(overrides)
     return Settings(**values)

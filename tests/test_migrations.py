@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
-import app.audit.models
-import app.core.idempotency
-import app.notify.models
-import app.overrides.models  # noqa: F401  (register the tables)
-from alembic import command
+import app.models  # noqa: F401  (every table registers on SQLModel.metadata)
 from app.core.migrations import alembic_config, current_and_head, upgrade
 
 

@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     apply_max_attempts: int = 20
+    worker_batch_size: int = Field(default=50, ge=1, le=1000)  # overrides claimed per job and tick
+    worker_concurrency: int = Field(default=8, ge=1, le=64)  # parallel mailcow calls per target
+    worker_id: str = Field(default="", max_length=60)  # lease owner name; default host:pid:random
+    worker_metrics_port: int | None = None  # a standalone worker serves /metrics here (else: multiprocess dir)
+    mailcow_attempts: int = Field(default=3, ge=1, le=10)  # HTTP attempts per mailcow call (5xx, timeouts)
+    mailcow_retry_backoff_seconds: float = 0.2  # first pause between those attempts (doubling, at most 10x)
+    # After a 401/403 the target is not called again for this long (fail2ban bans after 10 in 10 min).
+    mailcow_auth_backoff_seconds: float = 900.0
 
     # diagnosis
     dns_resolver: str | None = None
@@ -98,9 +106,9 @@ class Settings(BaseSettings):
     diagnosis_concurrency: int = 8
     diagnosis_rate_per_minute: int = 30
     diagnosis_on_create: bool = True
-    recheck_interval_seconds: float = 3600.0
-    remediation_checks: int = 3
-    remediation: Literal["end", "notify"] = "notify"
+    recheck_interval_seconds: float = Field(default=3600.0, ge=0)  # re-diagnosis of each active override
+    remediation_checks: int = Field(default=3, ge=1)  # clean results in a row that mean "recipient fixed"
+    remediation: Literal["end", "notify", "off"] = "notify"  # off: the worker does not re-diagnose
     refuse_rules: Annotated[list[str], NoDecode] = ["policy_useless"]
 
     # notifications: {"name": {"url": "...", "secret_file": "...", "format": "json|slack", "events": ["override.*"]}}

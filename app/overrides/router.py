@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
 from sqlmodel import Session
 
 from app.audit.service import as_dict, iter_events
@@ -109,12 +110,15 @@ def _answer(session: Session, override: Override, status: int = 200) -> tuple[in
     return status, body, headers
 
 
-def _context(request: Request, principal: Principal, if_match: str | None = None) -> service.ActionContext:
+def _context(
+    request: Request, principal: Principal, if_match: str | None = None, session: Session | None = None
+) -> service.ActionContext:
     return service.ActionContext(
         principal=principal,
         settings=request.app.state.settings,
         engine=request.app.state.engine,
         if_match=if_match,
+        session=session,
     )
 
 
@@ -136,7 +140,7 @@ def create_override(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Ask for a temporary TLS policy override. The domain is diagnosed and the evidence stored with it."""
-    ctx = _context(request, principal)
+    ctx = _context(request, principal, session=session)
     settings: Settings = request.app.state.settings
     if not principal.has("requester", "admin"):
         raise service.refuse(ctx, None, "create", "Creating overrides needs the requester role.")
@@ -217,162 +221,93 @@ def override_events(override_id: OverrideId, session: SessionDep, principal: Cur
 ACTION_ERRORS = problem_responses(401, 403, 404, 409, 412, 422, 428)
 
 
-def _action(
-    request: Request,
-    session: SessionDep,
-    principal: Principal,
-    override_id: int,
-    body: ActionBody,
-    if_match: str | None,
-    idempotency_key: str | None,
-    call: Callable[[service.ActionContext], Override],
-) -> JSONResponse:
-    ctx = _context(request, principal, if_match)
-    return run_idempotent(
-        session,
-        principal,
-        idempotency_key,
-        fingerprint("POST", request.url.path, body.model_dump(mode="json")),
-        lambda: _answer(session, call(ctx)),
-        request.app.state.settings.idempotency_ttl,
+class ResolveConflictBody(ActionBody):
+    action: Literal["replace", "abandon"] = Field(
+        description="`replace`: delete the foreign row, apply the override, restore the row when it ends; "
+        "`abandon`: the override fails and the foreign row stays."
     )
 
 
-@router.post(
-    "/{override_id}/approve",
-    response_model=OverrideRead,
-    summary="Approve (request or extension)",
-    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+Call = Callable[[Session, service.ActionContext, int, Any], Override]
+
+
+def _action_route(
+    name: str, summary: str, description: str, body_type: type[ActionBody], call: Call, *, operation: str = ""
+) -> None:
+    """Register `POST /v1/overrides/{id}/{name}`: one shape for every action (If-Match, Idempotency-Key,
+    the override and its ETag in the answer); only the service call differs."""
+
+    def endpoint(
+        request: Request,
+        override_id: OverrideId,
+        body: ActionBody,
+        session: SessionDep,
+        principal: CurrentPrincipal,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JSONResponse:
+        ctx = _context(request, principal, if_match, session)
+        return run_idempotent(
+            session,
+            principal,
+            idempotency_key,
+            fingerprint("POST", request.url.path, body.model_dump(mode="json")),
+            lambda: _answer(session, call(session, ctx, override_id, body)),
+            request.app.state.settings.idempotency_ttl,
+        )
+
+    endpoint.__annotations__["body"] = body_type  # FastAPI reads the body model from the signature
+    endpoint.__name__ = endpoint.__qualname__ = operation or f"{name}_override"  # the operationId's stem
+    endpoint.__doc__ = description
+    router.post(
+        f"/{{override_id}}/{name}",
+        response_model=OverrideRead,
+        summary=summary,
+        responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+    )(endpoint)
+
+
+_action_route(
+    "approve",
+    "Approve (request or extension)",
+    "Vote to approve. Nobody approves their own request; enough approvals make it `approved`.",
+    ActionBody,
+    lambda session, ctx, oid, body: service.approve(session, ctx, oid, body.comment),
 )
-def approve_override(
-    request: Request,
-    override_id: OverrideId,
-    body: ActionBody,
-    session: SessionDep,
-    principal: CurrentPrincipal,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    """Vote to approve. Nobody approves their own request; enough approvals make it `approved`."""
-    return _action(
-        request,
-        session,
-        principal,
-        override_id,
-        body,
-        if_match,
-        idempotency_key,
-        lambda ctx: service.approve(session, ctx, override_id, body.comment),
-    )
-
-
-@router.post(
-    "/{override_id}/reject",
-    response_model=OverrideRead,
-    summary="Reject (request or extension)",
-    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+_action_route(
+    "reject",
+    "Reject (request or extension)",
+    "Reject a pending request, or only the pending extension of an active override.",
+    ActionBody,
+    lambda session, ctx, oid, body: service.reject(session, ctx, oid, body.comment),
 )
-def reject_override(
-    request: Request,
-    override_id: OverrideId,
-    body: ActionBody,
-    session: SessionDep,
-    principal: CurrentPrincipal,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    """Reject a pending request, or only the pending extension of an active override."""
-    return _action(
-        request,
-        session,
-        principal,
-        override_id,
-        body,
-        if_match,
-        idempotency_key,
-        lambda ctx: service.reject(session, ctx, override_id, body.comment),
-    )
-
-
-@router.post(
-    "/{override_id}/cancel",
-    response_model=OverrideRead,
-    summary="Cancel your own request or override",
-    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+_action_route(
+    "cancel",
+    "Cancel your own request or override",
+    "Withdraw a request; once applied, the worker removes the mailcow row first (state `removing`).",
+    ActionBody,
+    lambda session, ctx, oid, body: service.cancel(session, ctx, oid, body.comment),
 )
-def cancel_override(
-    request: Request,
-    override_id: OverrideId,
-    body: ActionBody,
-    session: SessionDep,
-    principal: CurrentPrincipal,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    """Withdraw a request; once applied, the worker removes the mailcow row first (state `removing`)."""
-    return _action(
-        request,
-        session,
-        principal,
-        override_id,
-        body,
-        if_match,
-        idempotency_key,
-        lambda ctx: service.cancel(session, ctx, override_id, body.comment),
-    )
-
-
-@router.post(
-    "/{override_id}/revoke",
-    response_model=OverrideRead,
-    summary="Revoke an override (admin)",
-    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+_action_route(
+    "revoke",
+    "Revoke an override (admin)",
+    "End an approved or active override now.",
+    ActionBody,
+    lambda session, ctx, oid, body: service.revoke(session, ctx, oid, body.comment),
 )
-def revoke_override(
-    request: Request,
-    override_id: OverrideId,
-    body: ActionBody,
-    session: SessionDep,
-    principal: CurrentPrincipal,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    """End an approved or active override now."""
-    return _action(
-        request,
-        session,
-        principal,
-        override_id,
-        body,
-        if_match,
-        idempotency_key,
-        lambda ctx: service.revoke(session, ctx, override_id, body.comment),
-    )
-
-
-@router.post(
-    "/{override_id}/extend",
-    response_model=OverrideRead,
-    summary="Ask for more time",
-    responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+_action_route(
+    "extend",
+    "Ask for more time",
+    "Request an extension; it takes effect when approved, without a gap and with the same mailcow row.",
+    ExtendBody,
+    lambda session, ctx, oid, body: service.extend(session, ctx, oid, body.duration, body.comment),
 )
-def extend_override(
-    request: Request,
-    override_id: OverrideId,
-    body: ExtendBody,
-    session: SessionDep,
-    principal: CurrentPrincipal,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    """Request an extension; it takes effect when approved, without a gap and with the same mailcow row."""
-    return _action(
-        request,
-        session,
-        principal,
-        override_id,
-        body,
-        if_match,
-        idempotency_key,
-        lambda ctx: service.extend(session, ctx, override_id, body.duration, body.comment),
-    )
+_action_route(
+    "resolve-conflict",
+    "Decide about a foreign mailcow row (admin)",
+    "An approved override whose destination already has a row tlsoverride did not write waits here.\n"
+    "The row is never overwritten silently; its snapshot is in the override's `conflict` field.",
+    ResolveConflictBody,
+    lambda session, ctx, oid, body: service.resolve_conflict(session, ctx, oid, body.action, body.comment),
+    operation="resolve_conflict",
+)

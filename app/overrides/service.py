@@ -199,10 +199,15 @@ class ActionContext:
     settings: Settings
     engine: Engine
     if_match: str | None = None
+    session: Session | None = None  # the request's own, ended before a refusal is recorded
 
 
 def refuse(ctx: ActionContext, override_id: int | None, action: str, reason: str) -> Forbidden:
     """Record a refused authorisation (in its own transaction: the request's own is rolled back)."""
+    if ctx.session is not None:
+        # It would be rolled back anyway; end it first, because on SQLite it holds the only write lock
+        # and the refusal's transaction would wait for it until the busy timeout (then fail: a 500).
+        ctx.session.rollback()
     record_alone(
         ctx.engine,
         actor=ctx.principal.actor,
@@ -240,7 +245,8 @@ def _load_for_action(session: Session, ctx: ActionContext, override_id: int) -> 
 
 
 def _bounded_duration(requested: timedelta | None, settings: Settings) -> timedelta:
-    duration = requested or settings.default_duration
+    # `is None`, not `or`: a zero duration is an error, not a request for the default.
+    duration = settings.default_duration if requested is None else requested
     if duration <= timedelta(0):
         raise InvalidInput.on("body.duration", "must be positive")
     if duration > settings.max_duration:
@@ -400,6 +406,15 @@ def decode_cursor(cursor: str | None) -> int | None:
         raise InvalidInput.on("query.cursor", "is not a cursor this API handed out") from exc
 
 
+def _normalised_or_raw(destination: str) -> str:
+    # Filter by the stored form (`Bücher.Example` → `xn--bcher-kva.example`); a value that is not a valid
+    # destination simply matches nothing.
+    try:
+        return normalise_destination(destination, allow_subdomains=True)
+    except PolicyInputError:
+        return destination.strip().lower()
+
+
 def list_overrides(
     session: Session, principal: Principal, filters: OverrideFilter, cursor: str | None, limit: int
 ) -> tuple[list[Override], str | None]:
@@ -410,7 +425,7 @@ def list_overrides(
     if filters.state:
         query = query.where(col(Override.state).in_(list(filters.state)))
     if filters.destination:
-        query = query.where(Override.destination == filters.destination.strip().lower())
+        query = query.where(Override.destination == _normalised_or_raw(filters.destination))
     if filters.requester:
         query = query.where(Override.requested_by == filters.requester)
     if filters.ticket:
@@ -444,11 +459,16 @@ def is_overdue(override: Override, now: datetime | None = None) -> bool:
 # Decisions
 
 
+def _require_reviewer(ctx: ActionContext, override: Override, decision: str) -> None:
+    # Checked before the state, so that a caller without the role learns nothing and is always on record.
+    if not ctx.principal.has("approver", "admin"):
+        raise refuse(ctx, override.id, decision, "Deciding on requests needs the approver role.")
+
+
 def _vote(session: Session, ctx: ActionContext, override: Override, decision: str, comment: str) -> Vote:
     principal = ctx.principal
     round_ = override.extension_round
-    if not principal.has("approver", "admin"):
-        raise refuse(ctx, override.id, decision, "Deciding on requests needs the approver role.")
+    _require_reviewer(ctx, override, decision)
     asker = override.extension_requested_by if round_ else override.requested_by
     if principal.actor in {override.requested_by, asker}:
         raise refuse(ctx, override.id, decision, "Nobody may decide on their own request.")
@@ -506,6 +526,7 @@ def lapse(session: Session, override: Override) -> Override:
 def approve(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """One reviewer approves the request (or its pending extension); enough approvals move it on."""
     override = _load_for_action(session, ctx, override_id)
+    _require_reviewer(ctx, override, "approve")
     if override.state == S.pending:
         _refuse_if_lapsed(override)
     elif not (override.state in {S.active, S.approved} and override.extension_seconds):
@@ -566,6 +587,7 @@ def approve(session: Session, ctx: ActionContext, override_id: int, comment: str
 def reject(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """A reviewer rejects the request (or only its pending extension)."""
     override = _load_for_action(session, ctx, override_id)
+    _require_reviewer(ctx, override, "reject")
     if override.state == S.pending:
         _refuse_if_lapsed(override)
         _vote(session, ctx, override, "reject", comment)
@@ -715,4 +737,49 @@ def extend(session: Session, ctx: ActionContext, override_id: int, duration: tim
             "extension_requested_by": principal.actor,
         },
         audit_extra={"requested_extension": duration},
+    )
+
+
+def resolve_conflict(session: Session, ctx: ActionContext, override_id: int, action: str, comment: str) -> Override:
+    """An admin decides about a foreign mailcow row that blocks an approved override: replace or abandon."""
+    override = _load_for_action(session, ctx, override_id)
+    principal = ctx.principal
+    if not principal.has("admin"):
+        raise refuse(ctx, override.id, "resolve-conflict", "Resolving conflicts needs the admin role.")
+    if action not in ("replace", "abandon"):
+        raise InvalidInput.on("body.action", "must be 'replace' or 'abandon'")
+    conflict = override.conflict or {}
+    if override.state != S.approved or conflict.get("status") != "open":
+        raise InvalidTransition("This override has no open conflict to resolve.")
+    decided = {"resolution": action, "resolved_by": principal.actor, "resolved_at": utcnow().isoformat()}
+    if action == "abandon":
+        return transition(
+            session,
+            override,
+            S.failed,
+            actor=principal.actor,
+            via=principal.via,
+            action="override.conflict_abandoned",
+            comment=comment,
+            changes={
+                "conflict": {**conflict, **decided, "status": "abandoned"},
+                "end_reason": "conflict",
+                "next_attempt_at": None,
+            },
+        )
+    # The worker deletes the foreign row (the snapshot is kept), applies ours, and restores it at the end.
+    return update_in_place(
+        session,
+        override,
+        actor=principal.actor,
+        via=principal.via,
+        action="override.conflict_resolved",
+        comment=comment,
+        changes={
+            "conflict": {**conflict, **decided, "status": "replace"},
+            "next_attempt_at": utcnow(),
+            "attempts": 0,
+            "last_error": None,
+        },
+        audit_extra={"resolution": action, "foreign_row": conflict.get("row")},
     )

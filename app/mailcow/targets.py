@@ -1,0 +1,73 @@
+"""The configured mailcow instances ("targets") and their clients; API keys never leave this module.
+
+The default target (`TLSO_DEFAULT_TARGET`) is `TLSO_MAILCOW_URL` with `TLSO_MAILCOW_API_KEY` or
+`TLSO_MAILCOW_API_KEY_FILE`; more come from `TLSO_MAILCOW_TARGETS`:
+`{"name": {"url": "https://…", "api_key_file": "/run/secrets/…", "timeout": "10"}}` (`api_key` works too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from app.core.config import Settings, read_secret
+from app.mailcow.client import MailcowClient
+
+
+class TargetNotConfigured(Exception):
+    """An override names a target that has no URL or no API key in the settings."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    timeout: float
+    _api_key: str = field(repr=False)
+
+    def client(
+        self,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        attempts: int | None = None,
+    ) -> MailcowClient:
+        """A client for this target; close it (`async with`) when done."""
+        return MailcowClient(
+            self.url,
+            self._api_key,
+            name=self.name,
+            timeout=self.timeout,
+            attempts=attempts or settings.mailcow_attempts,
+            backoff_initial=settings.mailcow_retry_backoff_seconds,
+            backoff_max=settings.mailcow_retry_backoff_seconds * 10,
+            transport=transport,
+        )
+
+
+def configured_targets(settings: Settings) -> dict[str, Target]:
+    """Every target with a URL and a key (a missing key file is a configuration error: it raises)."""
+    targets: dict[str, Target] = {}
+    if settings.mailcow_url:
+        key = read_secret(settings.mailcow_api_key, settings.mailcow_api_key_file)
+        if key:
+            targets[settings.default_target] = Target(
+                settings.default_target, settings.mailcow_url, settings.mailcow_timeout_seconds, key
+            )
+    for name, spec in settings.mailcow_targets.items():
+        url = spec.get("url", "")
+        key_file = spec.get("api_key_file")
+        key = read_secret(None, Path(key_file)) if key_file else spec.get("api_key")
+        if url and key:
+            timeout = float(spec.get("timeout") or settings.mailcow_timeout_seconds)
+            targets[name] = Target(name, url, timeout, key)
+    return targets
+
+
+def get_target(settings: Settings, name: str) -> Target:
+    target = configured_targets(settings).get(name)
+    if target is None:
+        raise TargetNotConfigured(f"mailcow target {name!r} has no URL or API key configured")
+    return target

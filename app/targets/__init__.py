@@ -1,0 +1,1 @@
+"""mailcow targets: their live policy maps (ownership, drift) and the worker's per-target bookkeeping."""

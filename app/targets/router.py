@@ -1,0 +1,36 @@
+"""The mailcow targets: their status, and each one's live TLS policy map with ownership and drift."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+
+from app.core.auth import Principal, require
+from app.core.db import SessionDep
+from app.core.errors import problem_responses
+from app.targets import service
+from app.targets.schemas import TargetPolicies, TargetRead
+
+router = APIRouter(prefix="/v1/targets", tags=["targets"])
+Reader = Annotated[Principal, require("approver", "admin", "auditor")]
+TargetName = Annotated[str, Path(max_length=100, description="The target's name (see `GET /v1/targets`).")]
+
+
+@router.get("", response_model=list[TargetRead], summary="mailcow targets", responses=problem_responses(401, 403, 422))
+def list_targets(request: Request, session: SessionDep, _: Reader) -> list[TargetRead]:
+    """Each configured mailcow instance: last reconcile, pause after auth failures, row counts."""
+    return service.list_targets(session, request.app.state.settings)
+
+
+@router.get(
+    "/{name}/policies",
+    response_model=TargetPolicies,
+    summary="The live TLS policy map of a target",
+    responses=problem_responses(401, 403, 404, 422, 503),
+)
+async def target_policies(request: Request, name: TargetName, _: Reader) -> TargetPolicies:
+    """Read from mailcow now. `owned_by` names the override that owns a row (null: not ours, never
+    touched); `drift` says how an owned row differs from its override; `missing` lists active
+    overrides whose row is gone."""
+    return await service.live_policies(request.app.state.engine, request.app.state.settings, name)

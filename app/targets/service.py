@@ -1,0 +1,361 @@
+"""What tlsoverride owns in a target's policy map, what drifted, and the per-target bookkeeping.
+
+Ownership is by mailcow row id (`override.mailcow_id`): a row is ours only if a live override recorded
+its id. Every other row is inventory — listed, never touched. The drift rules here are the ones the
+worker's reconcile job acts on and the ones `GET /v1/targets/{name}/policies` shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy import Engine, or_, update
+from sqlmodel import Session, col, select
+
+from app.core.config import Settings
+from app.core.db import transaction, utcnow
+from app.core.errors import NotFound, ServiceUnavailable
+from app.mailcow.client import MailcowAuthError, MailcowError, PolicyRow
+from app.mailcow.targets import configured_targets
+from app.overrides.models import Override, OverrideState
+from app.overrides.service import target_names
+from app.targets.models import MailcowTarget
+from app.targets.schemas import MissingRowRead, PolicyRowRead, TargetPolicies, TargetRead
+
+S = OverrideState
+
+# States in which an override may own a mailcow row.
+OWNING_STATES = (S.approved, S.active, S.removing)
+
+
+def dest_key(dest: str) -> str:
+    """mailcow's unique index on dest ignores case and trailing spaces (utf8mb4_general_ci)."""
+    return dest.rstrip(" ").lower()
+
+
+def row_dict(row: PolicyRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "dest": row.dest,
+        "policy": row.policy,
+        "parameters": row.parameters,
+        "active": row.active,
+        "created": row.created,
+        "modified": row.modified,
+    }
+
+
+def is_our_content(row: PolicyRow, destination: str, policy: str, parameters: str) -> bool:
+    """The row says what the override says (dest, policy, parameters); `active` is checked separately."""
+    return dest_key(row.dest) == dest_key(destination) and row.policy == policy and row.parameters == parameters
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What an override expects at its target (a plain copy: safe outside any session)."""
+
+    id: int
+    version: int
+    state: OverrideState
+    destination: str
+    policy: str
+    parameters: str
+    mailcow_id: int | None
+    drift: dict[str, Any] | None
+    conflict: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, override: Override) -> Wanted:
+        return cls(
+            id=override.id or 0,
+            version=override.version,
+            state=override.state,
+            destination=override.destination,
+            policy=override.policy,
+            parameters=override.parameters,
+            mailcow_id=override.mailcow_id,
+            drift=override.drift,
+            conflict=override.conflict,
+        )
+
+    def expected(self) -> dict[str, Any]:
+        return {"dest": self.destination, "policy": self.policy, "parameters": self.parameters, "active": 1}
+
+
+class PolicyMap:
+    """One listing of a target's map, indexed by id and by dest."""
+
+    def __init__(self, rows: Iterable[PolicyRow]) -> None:
+        self.rows = list(rows)
+        self.by_id = {row.id: row for row in self.rows}
+        self.by_dest = {dest_key(row.dest): row for row in self.rows}
+
+    def at(self, destination: str) -> PolicyRow | None:
+        return self.by_dest.get(dest_key(destination))
+
+
+def drift_of(wanted: Wanted, policy_map: PolicyMap) -> dict[str, Any] | None:
+    """How an ACTIVE override's row differs from what it should be; None when it is as applied.
+
+    kinds: `missing` (no row for the destination), `recreated` (our content under another id: someone
+    re-added it), `replaced` (a row we did not write now holds the destination), `edited` (our row,
+    changed by hand: the differing fields are listed).
+    """
+    row = policy_map.by_id.get(wanted.mailcow_id) if wanted.mailcow_id is not None else None
+    if row is None:
+        other = policy_map.at(wanted.destination)
+        if other is None:
+            return {"kind": "missing", "expected": wanted.expected(), "found": None}
+        if is_our_content(other, wanted.destination, wanted.policy, wanted.parameters) and other.active == 1:
+            return {"kind": "recreated", "expected": wanted.expected(), "found": row_dict(other)}
+        return {"kind": "replaced", "expected": wanted.expected(), "found": row_dict(other)}
+    fields = [
+        name
+        for name, differs in (
+            ("dest", dest_key(row.dest) != dest_key(wanted.destination)),
+            ("policy", row.policy != wanted.policy),
+            ("parameters", row.parameters != wanted.parameters),
+            ("active", row.active != 1),
+        )
+        if differs
+    ]
+    if not fields:
+        return None
+    return {"kind": "edited", "fields": fields, "expected": wanted.expected(), "found": row_dict(row)}
+
+
+def same_drift(old: dict[str, Any] | None, new: dict[str, Any] | None) -> bool:
+    """Already reported: the same kind and the same row content (timestamps aside)."""
+    if old is None or new is None:
+        return old is new
+    return bool(old.get("kind") == new.get("kind") and old.get("found") == new.get("found"))
+
+
+def owning_overrides(session: Session, target: str) -> list[Wanted]:
+    rows = session.exec(
+        select(Override).where(Override.target == target, col(Override.state).in_(list(OWNING_STATES)))
+    ).all()
+    return [Wanted.of(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class RowView:
+    row: PolicyRow
+    owned_by: int | None
+    override_state: OverrideState | None
+    conflict_of: int | None
+    drift: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class MissingView:
+    override: Wanted
+    drift: dict[str, Any]
+
+
+def describe_map(policy_map: PolicyMap, overrides: Sequence[Wanted]) -> tuple[list[RowView], list[MissingView]]:
+    """Each row with its owner (or none) and drift; and the active overrides whose row is gone."""
+    owner_of = {o.mailcow_id: o for o in overrides if o.mailcow_id is not None}
+    conflict_of = {
+        int(o.conflict["row"]["id"]): o.id
+        for o in overrides
+        if o.conflict and o.conflict.get("status") == "open" and isinstance(o.conflict.get("row"), dict)
+    }
+    views = []
+    for row in sorted(policy_map.rows, key=lambda r: (dest_key(r.dest), r.id)):
+        owner = owner_of.get(row.id)
+        drift = drift_of(owner, policy_map) if owner is not None and owner.state == S.active else None
+        views.append(
+            RowView(
+                row=row,
+                owned_by=owner.id if owner else None,
+                override_state=owner.state if owner else None,
+                conflict_of=conflict_of.get(row.id),
+                drift=drift,
+            )
+        )
+    missing = []
+    for wanted in overrides:
+        if wanted.state == S.active and (wanted.mailcow_id is None or wanted.mailcow_id not in policy_map.by_id):
+            drift = drift_of(wanted, policy_map)
+            if drift is not None:
+                missing.append(MissingView(wanted, drift))
+    return views, missing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-target bookkeeping (table `mailcow_target`)
+
+
+def ensure_targets(engine: Engine, names: Iterable[str]) -> None:
+    """Create the bookkeeping row of each target (due for reconciliation now)."""
+    with transaction(engine) as session:
+        known = set(session.exec(select(MailcowTarget.name)).all())
+        for name in names:
+            if name not in known:
+                session.add(MailcowTarget(name=name, reconcile_due_at=utcnow()))
+    # Two workers starting together may both insert: the loser's commit fails; its next start finds the row.
+
+
+def target_status(session: Session, name: str) -> MailcowTarget | None:
+    return session.get(MailcowTarget, name)
+
+
+def paused_targets(session: Session, now: datetime | None = None) -> dict[str, datetime]:
+    now = now or utcnow()
+    rows = session.exec(select(MailcowTarget).where(col(MailcowTarget.paused_until) > now)).all()
+    return {row.name: row.paused_until for row in rows if row.paused_until is not None}
+
+
+def pause_target(engine: Engine, name: str, seconds: float, reason: str) -> datetime:
+    """Stop calling a target for a while (after an authentication failure)."""
+    until = utcnow() + timedelta(seconds=seconds)
+    with transaction(engine) as session:
+        row = session.get(MailcowTarget, name, with_for_update=True)
+        if row is None:
+            row = MailcowTarget(name=name, reconcile_due_at=utcnow())
+        row.paused_until, row.pause_reason = until, reason[:500]
+        session.add(row)
+    return until
+
+
+def claim_reconcile(engine: Engine, names: Sequence[str], owner: str, lease: timedelta) -> list[str]:
+    """Lease the targets whose reconciliation is due and that nobody else is reconciling."""
+    claimed = []
+    for name in names:
+        with transaction(engine) as session:
+            now = utcnow()
+            result = session.execute(
+                update(MailcowTarget)
+                .where(col(MailcowTarget.name) == name)
+                .where(col(MailcowTarget.reconcile_due_at) <= now)
+                .where(or_(col(MailcowTarget.lease_until).is_(None), col(MailcowTarget.lease_until) < now))
+                .where(or_(col(MailcowTarget.paused_until).is_(None), col(MailcowTarget.paused_until) <= now))
+                .values(lease_owner=owner, lease_until=now + lease)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append(name)
+    return claimed
+
+
+def finish_reconcile(
+    engine: Engine,
+    name: str,
+    owner: str,
+    *,
+    next_in: timedelta,
+    error: str | None = None,
+    owned: int | None = None,
+    foreign: int | None = None,
+) -> None:
+    with transaction(engine) as session:
+        values: dict[str, Any] = {
+            "lease_owner": None,
+            "lease_until": None,
+            "reconcile_due_at": utcnow() + next_in,
+            "last_reconcile_error": error[:1000] if error else None,
+        }
+        if error is None:
+            values["last_reconcile_at"] = utcnow()
+            values["rows_owned"] = owned or 0
+            values["rows_foreign"] = foreign or 0
+        session.execute(
+            update(MailcowTarget)
+            .where(col(MailcowTarget.name) == name, col(MailcowTarget.lease_owner) == owner)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API's view
+
+
+def _target_read(settings: Settings, name: str, row: MailcowTarget | None) -> TargetRead:
+    config = configured_targets(settings).get(name)
+    return TargetRead(
+        name=name,
+        configured=config is not None,
+        url=_without_credentials(config.url) if config else None,
+        last_reconcile_at=row.last_reconcile_at if row else None,
+        last_reconcile_error=row.last_reconcile_error if row else None,
+        paused_until=row.paused_until if row and row.paused_until and row.paused_until > utcnow() else None,
+        rows_owned=row.rows_owned if row else 0,
+        rows_foreign=row.rows_foreign if row else 0,
+    )
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def list_targets(session: Session, settings: Settings) -> list[TargetRead]:
+    return [_target_read(settings, name, session.get(MailcowTarget, name)) for name in target_names(settings)]
+
+
+def _snapshot(engine: Engine, settings: Settings, name: str) -> tuple[TargetRead, list[Wanted]]:
+    with Session(engine) as session:
+        return _target_read(settings, name, session.get(MailcowTarget, name)), owning_overrides(session, name)
+
+
+async def live_policies(engine: Engine, settings: Settings, name: str) -> TargetPolicies:
+    """The target's map as mailcow has it now, each row with its owner and drift."""
+    if name not in target_names(settings):
+        raise NotFound(f"There is no target {name!r}.")
+    config = configured_targets(settings).get(name)
+    if config is None:
+        raise ServiceUnavailable(f"Target {name!r} has no mailcow URL or API key configured.")
+    # Overrides first, then the map (an override applied in between must not look like drift).
+    status, overrides = await asyncio.to_thread(_snapshot, engine, settings, name)
+    if status.paused_until is not None:
+        raise ServiceUnavailable(
+            f"Calls to {name} are paused until {status.paused_until.isoformat()} after an authentication failure.",
+            headers={"Retry-After": str(max(1, int((status.paused_until - utcnow()).total_seconds())))},
+        )
+    async with config.client(settings, attempts=1) as client:
+        try:
+            rows = await client.list_policies()
+        except MailcowAuthError as exc:
+            await asyncio.to_thread(pause_target, engine, name, settings.mailcow_auth_backoff_seconds, exc.message)
+            raise ServiceUnavailable(f"mailcow {name} rejected our API key; calls are paused.") from exc
+        except MailcowError as exc:
+            raise ServiceUnavailable(f"mailcow {name} did not answer usefully ({exc.kind}).") from exc
+    views, missing = describe_map(PolicyMap(rows), overrides)
+    return TargetPolicies(
+        target=status,
+        fetched_at=utcnow(),
+        rows=[
+            PolicyRowRead(
+                **row_dict(view.row),
+                owned_by=view.owned_by,
+                override_state=view.override_state,
+                conflict_of=view.conflict_of,
+                drift=view.drift,
+            )
+            for view in views
+        ],
+        missing=[
+            MissingRowRead(
+                override_id=item.override.id,
+                destination=item.override.destination,
+                policy=item.override.policy,
+                parameters=item.override.parameters,
+                mailcow_id=item.override.mailcow_id,
+                drift=item.drift,
+            )
+            for item in missing
+        ],
+    )

@@ -1,0 +1,203 @@
+"""The remove job: overrides in `removing` leave mailcow — deleted, verified gone, then recorded.
+
+Which rows are ours: the one with our recorded id (if it still holds our destination), and any row at
+our destination with exactly our content (an add whose id was never recorded: a crash, or a cancel
+while the apply was in flight). Rows of an open conflict are never ours. Only after a fresh read of the
+map shows none of them does the override reach its end state; until then it is retried with backoff,
+forever, and turns overdue after its removal deadline. A foreign row that an admin let us replace is
+restored (same dest, policy, parameters, active) before the end is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from app.core.db import transaction
+from app.core.errors import AppError
+from app.core.metrics import WORKER_JOBS
+from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected
+from app.overrides import service
+from app.overrides.models import OverrideState
+from app.targets.service import PolicyMap, dest_key, is_our_content, row_dict
+from app.worker import store
+from app.worker.context import JobContext, describe
+from app.worker.faults import crash_point
+from app.worker.store import RELEASED, Job
+
+log = logging.getLogger("app.worker.remove")
+S = OverrideState
+
+
+@dataclass(frozen=True)
+class Plan:
+    ids: frozenset[int]  # our rows to delete
+    check_dest: bool  # a row at our destination with our content would be ours too
+    restore: dict[str, Any] | None  # the foreign row to put back afterwards
+
+
+def plan_removal(job: Job, current: PolicyMap) -> Plan:
+    status = job.conflict_status
+    snapshot = (job.conflict or {}).get("row") if job.conflict else None
+    if status in ("open", "abandoned"):
+        return Plan(frozenset(), False, None)  # we never added anything: the row there is foreign
+    if status == "replace":
+        # The admin said replace, but the apply never recorded deleting the foreign row. If it is gone,
+        # we (probably) deleted it; our own row is only ever added after that was recorded.
+        foreign_there = isinstance(snapshot, dict) and int(snapshot.get("id", 0)) in current.by_id
+        return Plan(frozenset(), False, None if foreign_there else snapshot)
+    if status == "restoring":
+        return Plan(frozenset(), False, snapshot)  # ours is gone already (recorded)
+    ids = set()
+    if job.mailcow_id is not None:
+        row = current.by_id.get(job.mailcow_id)
+        if row is not None and dest_key(row.dest) == dest_key(job.destination):
+            ids.add(row.id)
+    at_dest = current.at(job.destination)
+    if at_dest is not None and is_our_content(at_dest, job.destination, job.policy, job.parameters):
+        ids.add(at_dest.id)
+    return Plan(frozenset(ids), True, snapshot if status == "replaced" else None)
+
+
+def leftovers(job: Job, plan: Plan, current: PolicyMap) -> list[int]:
+    """Our rows still in the map (after the delete)."""
+    left = {row_id for row_id in plan.ids if row_id in current.by_id}
+    at_dest = current.at(job.destination)
+    if plan.check_dest and at_dest is not None and is_our_content(at_dest, job.destination, job.policy, job.parameters):
+        left.add(at_dest.id)
+    return sorted(left)
+
+
+async def remove_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -> None:
+    """Remove claimed overrides of one target."""
+    crash_point("after_remove_claim")
+    try:
+        before = PolicyMap(await client.list_policies())
+    except MailcowError as exc:
+        for job in jobs:
+            await ctx.retry_later(job, "remove", exc)
+        return
+    plans = {job.id: plan_removal(job, before) for job in jobs}
+    delete_ids = sorted(set().union(*(plan.ids for plan in plans.values())))
+    after = before
+    if delete_ids:
+        try:
+            await client.delete_policies(delete_ids)
+            crash_point("after_delete")
+            after = PolicyMap(await client.list_policies())  # verify: mailcow "deletes" unknown ids too
+        except MailcowError as exc:
+            for job in jobs:
+                if plans[job.id].ids:
+                    await ctx.retry_later(job, "remove", exc)
+            jobs = [job for job in jobs if not plans[job.id].ids]
+    removed: list[tuple[Job, list[int], dict[str, Any]]] = []
+    for job in jobs:
+        plan = plans[job.id]
+        left = leftovers(job, plan, after)
+        if left:
+            await ctx.retry_later(job, "remove", f"mailcow still lists row(s) {left} after deleting them")
+            continue
+        restored: dict[str, Any] = {}
+        if plan.restore is not None:
+            outcome = await _restore(ctx, client, job, plan.restore, after)
+            if outcome is None:
+                continue
+            restored = outcome
+        removed.append((job, sorted(plan.ids), restored))
+    if not removed:
+        return
+    crash_point("before_record_removal")
+    try:
+        done = await ctx.db(_record_removed, ctx.engine, removed, ctx.owner)
+    except AppError:  # one override refused by the state machine must not hold back the others
+        log.warning("recording %d removals together failed; recording them one by one", len(removed))
+        done = [(await ctx.db(_record_removed, ctx.engine, [item], ctx.owner))[0] for item in removed]
+    for recorded in done:
+        WORKER_JOBS.labels("remove", "removed" if recorded else "superseded").inc()
+
+
+async def _restore(
+    ctx: JobContext, client: MailcowClient, job: Job, snapshot: dict[str, Any], current: PolicyMap
+) -> dict[str, Any] | None:
+    """Put the replaced foreign row back; never overwrite a row someone else put there meanwhile."""
+    if job.conflict_status != "restoring" and not await ctx.db(_record_restoring, ctx.engine, job, ctx.owner):
+        return None
+    dest, policy, parameters = str(snapshot["dest"]), str(snapshot["policy"]), str(snapshot.get("parameters", ""))
+    active = int(snapshot.get("active", 1))
+    at_dest = current.at(dest)
+    if at_dest is not None:
+        if is_our_content(at_dest, dest, policy, parameters):
+            return {"restored": row_dict(at_dest)}  # an earlier attempt restored it already
+        return {"restore_skipped": row_dict(at_dest), "reason": "another row holds the destination now"}
+    try:
+        await client.add_policy(dest, policy, parameters)
+        crash_point("after_restore")
+        row = await client.find_policy(dest)
+        if row is None:
+            await ctx.retry_later(job, "remove", f"the restored row for {dest} is not in the map")
+            return None
+        if active != 1 and row.active == 1:
+            # add always creates active rows; mailcow keeps only 0/1 meaningful (Postfix: 1 = active).
+            await client.edit_policy(row.id, active=0)
+            row = await client.get_policy(row.id) or row
+    except MailcowRejected as exc:
+        # mailcow's add refuses some dests its edit form accepted (e.g. `.sub.example`): say so, go on.
+        log.error("override %s: could not restore the replaced row %s: %s", job.id, snapshot, describe(exc))
+        return {"restore_failed": snapshot, "reason": describe(exc)}
+    except (MailcowError, ValueError) as exc:
+        if isinstance(exc, ValueError):
+            return {"restore_failed": snapshot, "reason": str(exc)}
+        await ctx.retry_later(job, "remove", exc)
+        return None
+    return {"restored": row_dict(row)}
+
+
+def _record_restoring(engine: Engine, job: Job, owner: str) -> bool:
+    with transaction(engine) as session:
+        override = store.owned(session, job.id, owner, S.removing)
+        if override is None:
+            store.drop_lease(session, job.id, owner)
+            return False
+        service.update_in_place(
+            session,
+            override,
+            actor="system",
+            action="override.conflict_restoring",
+            comment="our row is gone from mailcow; restoring the row it replaced",
+            changes={"conflict": {**(override.conflict or {}), "status": "restoring"}},
+        )
+        return True
+
+
+def _record_removed(engine: Engine, removed: list[tuple[Job, list[int], dict[str, Any]]], owner: str) -> list[bool]:
+    with transaction(engine) as session:
+        return [_removed_in(session, job, owner, deleted, restored) for job, deleted, restored in removed]
+
+
+def _removed_in(session: Session, job: Job, owner: str, deleted: list[int], restored: dict[str, Any]) -> bool:
+    override = store.owned(session, job.id, owner, S.removing)
+    if override is None:
+        store.drop_lease(session, job.id, owner)
+        return False
+    reason = override.end_reason or "expired"
+    end = service.END_STATE.get(reason, S.revoked)
+    changes: dict[str, Any] = {**RELEASED, "next_attempt_at": None, "last_error": None}
+    if restored and override.conflict:
+        status = "restored" if "restored" in restored else "not_restored"
+        changes["conflict"] = {**override.conflict, "status": status, **restored}
+    what = f"deleted row(s) {deleted} from mailcow" if deleted else "no row of ours was left in mailcow"
+    service.transition(
+        session,
+        override,
+        end,
+        actor="system",
+        action="override.removed",
+        comment=f"{what} ({reason})",
+        changes=changes,
+        audit_extra={"deleted_ids": deleted, **restored, "worker": owner},
+    )
+    return True

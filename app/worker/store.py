@@ -1,0 +1,270 @@
+"""The worker's database side: claim due overrides, record outcomes, release and back off.
+
+A claim is a short committed transaction that leases rows to one worker (`lease_owner`,
+`lease_until`); on PostgreSQL the due rows are read with `FOR UPDATE SKIP LOCKED`, so two workers
+never claim the same row, and on SQLite `BEGIN IMMEDIATE` serialises the claims. A claim does not bump
+the override's version (its ETag stays valid); it moves `next_attempt_at` to the lease's end, so a
+worker killed mid-job leaves a row that becomes due again when its lease runs out.
+
+Every outcome is recorded in a second short transaction (a batch's successes together) that first
+re-reads each row under a lock and checks that it is still in the expected state AND still leased by
+this worker; then the state machine in `app.overrides.service` compare-and-sets it and queues the
+audit entry in the same transaction. If a human acted meanwhile (a cancel turns `approved` into
+`removing`), the record is skipped and the lease dropped: the remove job cleans up whatever the
+interrupted job left in mailcow.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, func, literal, or_, update
+from sqlmodel import Session, col, select
+
+from app.audit.models import AuditEvent
+from app.audit.service import record
+from app.core.config import Settings
+from app.core.db import UTCDateTime, transaction, utcnow
+from app.overrides import service
+from app.overrides.models import Override, OverrideState
+from app.targets.models import MailcowTarget
+
+S = OverrideState
+
+RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed override, copied out of the claim's transaction."""
+
+    id: int
+    state: OverrideState
+    target: str
+    destination: str
+    policy: str
+    parameters: str
+    mailcow_id: int | None
+    attempts: int
+    conflict: dict[str, Any] | None
+    end_reason: str | None
+    first_attempt: bool  # apply: no earlier attempt can have added a row
+    due_at: datetime | None
+
+    @property
+    def conflict_status(self) -> str | None:
+        return str(self.conflict.get("status")) if self.conflict else None
+
+
+def backoff(settings: Settings, attempts: int) -> float:
+    """Exponential, capped, with ±20 % jitter so that workers do not retry in lockstep."""
+    base = min(settings.retry_max_seconds, settings.retry_initial_seconds * 2.0 ** min(attempts, 20))
+    return float(base * random.uniform(0.8, 1.2))  # noqa: S311 (jitter, not crypto)
+
+
+def claim(
+    engine: Engine,
+    state: OverrideState,
+    owner: str,
+    *,
+    lease_seconds: float,
+    limit: int,
+    exclude_targets: set[str] | frozenset[str] = frozenset(),
+) -> list[Job]:
+    """Lease up to `limit` due overrides in `state` (approved → apply, removing → remove)."""
+    with transaction(engine) as session:
+        now = utcnow()
+        lease_until = now + timedelta(seconds=lease_seconds)
+        query = (
+            select(Override)
+            .where(col(Override.state) == state)
+            .where(col(Override.next_attempt_at).is_not(None), col(Override.next_attempt_at) <= now)
+            .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
+        )
+        if exclude_targets:
+            query = query.where(col(Override.target).not_in(sorted(exclude_targets)))
+        query = query.order_by(col(Override.next_attempt_at), col(Override.id)).limit(limit)
+        rows = session.exec(query.with_for_update(skip_locked=True)).all()
+        if not rows:
+            return []
+        values: dict[str, Any] = {"lease_owner": owner, "lease_until": lease_until, "next_attempt_at": lease_until}
+        if state == S.approved:
+            values["apply_started_at"] = func.coalesce(col(Override.apply_started_at), literal(now, UTCDateTime()))
+        # The rows are locked (PostgreSQL) or the database is (SQLite): one statement leases them all.
+        session.execute(
+            update(Override)
+            .where(col(Override.id).in_([row.id for row in rows]), col(Override.state) == state)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return [
+            Job(
+                id=row.id or 0,
+                state=state,
+                target=row.target,
+                destination=row.destination,
+                policy=row.policy,
+                parameters=row.parameters,
+                mailcow_id=row.mailcow_id,
+                attempts=row.attempts,
+                conflict=row.conflict,
+                end_reason=row.end_reason,
+                first_attempt=row.apply_started_at is None,
+                due_at=row.next_attempt_at,
+            )
+            for row in rows
+        ]
+
+
+def owned(session: Session, override_id: int, owner: str, state: OverrideState) -> Override | None:
+    """The override, locked, if it is still in `state` and leased by `owner`; else None."""
+    override = session.exec(select(Override).where(Override.id == override_id).with_for_update()).first()
+    if override is None or override.state != state or override.lease_owner != owner:
+        return None
+    return override
+
+
+def drop_lease(session: Session, override_id: int, owner: str) -> None:
+    session.execute(
+        update(Override)
+        .where(col(Override.id) == override_id, col(Override.lease_owner) == owner)
+        .values(**RELEASED)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def release(engine: Engine, settings: Settings, job: Job, owner: str, error: str, delay: float | None = None) -> float:
+    """The attempt failed: drop the lease, count it and schedule the next one. Returns the delay."""
+    with transaction(engine) as session:
+        override = owned(session, job.id, owner, job.state)
+        if override is None:
+            drop_lease(session, job.id, owner)
+            return 0.0
+        attempts = override.attempts + 1
+        wait = backoff(settings, attempts - 1) if delay is None else delay
+        now = utcnow()
+        session.execute(
+            update(Override)
+            .where(col(Override.id) == job.id, col(Override.lease_owner) == owner)
+            .values(
+                **RELEASED,
+                attempts=attempts,
+                next_attempt_at=now + timedelta(seconds=wait),
+                last_error=error[:1000],
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if service.is_overdue(override, now) and not _recorded(session, job.id, "override.removal_overdue"):
+            # Once, so that the alarm reaches the trail (and the notification sinks) without flooding them.
+            record(
+                session,
+                actor="system",
+                action="override.removal_overdue",
+                override_id=job.id,
+                after={"state": override.state.value, "removal_deadline": override.removal_deadline},
+                comment=f"still not removed from mailcow: {error[:300]}",
+            )
+        return wait
+
+
+def _recorded(session: Session, override_id: int, action: str) -> bool:
+    found = session.exec(
+        select(AuditEvent.seq).where(AuditEvent.override_id == override_id, AuditEvent.action == action).limit(1)
+    ).first()
+    return found is not None
+
+
+def claim_active(engine: Engine, override_id: int, owner: str, lease_seconds: float) -> bool:
+    """Lease an active override for a reconcile repair (so that a removal waits for it)."""
+    with transaction(engine) as session:
+        now = utcnow()
+        result = session.execute(
+            update(Override)
+            .where(col(Override.id) == override_id, col(Override.state) == S.active)
+            .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
+            .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def release_active(engine: Engine, override_id: int, owner: str) -> None:
+    with transaction(engine) as session:
+        drop_lease(session, override_id, owner)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time-driven transitions (no mailcow call involved)
+
+
+def expire_due(engine: Engine, settings: Settings, limit: int) -> list[float]:
+    """Active overrides whose time is up start their removal. Returns each one's lateness in seconds."""
+    with transaction(engine) as session:
+        now = utcnow()
+        rows = session.exec(
+            select(Override)
+            .where(col(Override.state) == S.active, col(Override.expires_at) <= now)
+            .order_by(col(Override.expires_at))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        late = []
+        for override in rows:
+            late.append((now - override.expires_at).total_seconds() if override.expires_at else 0.0)
+            service.begin_removal(
+                session,
+                override,
+                "expired",
+                actor="system",
+                via=None,
+                comment="the override's duration is over",
+                settings=settings,
+            )
+        return late
+
+
+def lapse_due(engine: Engine, limit: int) -> int:
+    """Requests nobody decided on within the review window lapse."""
+    with transaction(engine) as session:
+        now = utcnow()
+        rows = session.exec(
+            select(Override)
+            .where(col(Override.state) == S.pending, col(Override.review_deadline) <= now)
+            .order_by(col(Override.review_deadline))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for override in rows:
+            service.lapse(session, override)
+        return len(rows)
+
+
+def next_due(engine: Engine, targets: list[str], paused: set[str]) -> datetime | None:
+    """The earliest time any job becomes due (the worker sleeps until then, or its poll interval)."""
+    with transaction(engine) as session:
+        attempts = select(func.min(Override.next_attempt_at)).where(col(Override.state).in_([S.approved, S.removing]))
+        if paused:
+            attempts = attempts.where(col(Override.target).not_in(sorted(paused)))
+        candidates = [
+            session.exec(attempts).one(),
+            session.exec(select(func.min(Override.expires_at)).where(col(Override.state) == S.active)).one(),
+            session.exec(select(func.min(Override.review_deadline)).where(col(Override.state) == S.pending)).one(),
+        ]
+        live = [name for name in targets if name not in paused]
+        if live:
+            candidates.append(
+                session.exec(
+                    select(func.min(MailcowTarget.reconcile_due_at)).where(col(MailcowTarget.name).in_(live))
+                ).one()
+            )
+        if paused:
+            candidates.append(
+                session.exec(
+                    select(func.min(MailcowTarget.paused_until)).where(col(MailcowTarget.name).in_(sorted(paused)))
+                ).one()
+            )
+        due = [value for value in candidates if isinstance(value, datetime)]
+        return min(due) if due else None

@@ -1,0 +1,216 @@
+"""Real process kills and outages: `python -m app worker` as a subprocess against the stand-in (served
+over HTTP by the test process) and a file / PostgreSQL database.
+
+The worker SIGKILLs itself at a named point (`TLSO_WORKER_CRASH_AT`), a fresh one is started, and in the
+end there must be exactly one mailcow row per live override, none for ended ones, no conflict mistaken
+for our own row, and a valid audit chain.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+
+from app.core.config import Settings
+from app.core.db import make_engine
+from app.core.migrations import upgrade
+from app.mailcow.standin import MailcowStandin
+from app.overrides.models import OverrideState
+from tests.conftest import PG_ADMIN_URL
+from tests.worker_fixtures import *  # noqa: F403  (standin, standin_app, served_standin, worker_processes)
+from tests.worker_fixtures import (
+    ServedStandin,
+    WorkerProcess,
+    approved,
+    assert_chain_valid,
+    audit_actions,
+    audit_after,
+    expire_now,
+    fault,
+    load,
+    mailcow_rows,
+    seed_approved,
+    states,
+    wait_for,
+    worker_env,
+    worker_settings,
+)
+
+S = OverrideState
+Auth = Callable[..., dict[str, str]]
+
+# The points where a kill leaves mailcow and the database disagreeing (a row in one, not the other). Each
+# backend kills real processes at one apply and one removal point (a process start costs ~1.5 s); every
+# point of app/worker/faults.py is also killed in-process, on each path, in tests/test_worker.py.
+KILL_POINTS = {
+    "sqlite": ("after_add", "before_record_removal"),
+    "postgres": ("before_record_apply", "after_delete"),
+}
+
+
+@pytest.fixture
+def settings(served_standin: ServedStandin) -> Settings:
+    return worker_settings(mailcow_url=served_standin.url)
+
+
+class Workers:
+    def __init__(self, database_url: str, url: str, log_dir: Path, started: list[WorkerProcess]) -> None:
+        self.database_url, self.url, self.log_dir, self.started = database_url, url, log_dir, started
+
+    def start(self, **env: str) -> WorkerProcess:
+        process = WorkerProcess(
+            worker_env(self.database_url, self.url, TLSO_WORKER_LEASE_SECONDS="0.5", **env), self.log_dir
+        )
+        self.started.append(process)
+        return process
+
+    def killed_at(self, point: str) -> None:
+        self.start(TLSO_WORKER_CRASH_AT=point).wait_killed()
+
+
+@pytest.fixture
+def workers(
+    database_url: str, served_standin: ServedStandin, tmp_path: Path, worker_processes: list[WorkerProcess]
+) -> Workers:
+    return Workers(database_url, served_standin.url, tmp_path, worker_processes)
+
+
+def all_in(engine: Engine, ids: list[int], state: OverrideState) -> Callable[[], bool]:
+    return lambda: set(states(engine, ids).values()) == {state}
+
+
+def assert_one_row_each(engine: Engine, standin: MailcowStandin, ids: list[int]) -> None:
+    rows = mailcow_rows(standin)
+    assert len(rows) == len(ids)
+    for override_id in ids:
+        override = load(engine, override_id)
+        assert override.state == S.active and override.conflict is None
+        assert rows[override.destination]["id"] == override.mailcow_id
+        assert rows[override.destination]["active"] == 1
+
+
+def test_killed_at_every_dangerous_point_nothing_lost_nothing_doubled(
+    client: TestClient, auth: Auth, engine: Engine, standin: MailcowStandin, workers: Workers, backend: str
+) -> None:
+    apply_point, remove_point = KILL_POINTS[backend]
+    ids = [approved(client, auth, f"a{n}.example") for n in range(3)]
+    workers.killed_at(apply_point)
+    assert standin.rows(), "the kill came after mailcow added a row that nothing recorded"
+    assert set(states(engine, ids).values()) == {S.approved}
+    survivor = workers.start()
+    wait_for(all_in(engine, ids, S.active), 20, "every override applied", survivor)
+    survivor.stop()
+    assert_one_row_each(engine, standin, ids)
+    adopted = [after["adopted"] for i in ids for after in audit_after(engine, i, "override.applied")]
+    assert len(adopted) == len(ids) and any(adopted)  # each applied once; the orphaned adds were adopted
+
+    expire_now(engine, *ids)
+    workers.killed_at(remove_point)
+    assert len(standin.rows()) < len(ids), "the kill came after mailcow deleted rows that nothing recorded"
+    assert set(states(engine, ids).values()) == {S.removing}
+    survivor = workers.start()
+    wait_for(all_in(engine, ids, S.expired), 20, "every override removed", survivor)
+    survivor.stop()
+    assert standin.rows() == []
+    for override_id in ids:
+        actions = audit_actions(engine, override_id)
+        assert actions.count("override.applied") == 1 and actions.count("override.removed") == 1
+    assert_chain_valid(engine)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_mailcow_500s_empty_bodies_and_an_outage_are_waited_out(
+    client: TestClient,
+    auth: Auth,
+    engine: Engine,
+    standin: MailcowStandin,
+    served_standin: ServedStandin,
+    workers: Workers,
+) -> None:
+    first = [approved(client, auth, f"a{n}.example") for n in range(3)]
+    fault(standin, "add", "http500", count=4)
+    fault(standin, "add", "empty", count=2)
+    fault(standin, "get", "empty", count=1)
+    fault(standin, "add", "drop_after_commit", count=1)
+    worker = workers.start()
+    wait_for(all_in(engine, first, S.active), 20, "applied despite 500s and empty bodies", worker)
+    assert_one_row_each(engine, standin, first)
+
+    served_standin.stop()  # mailcow unreachable
+    second = [approved(client, auth, f"b{n}.example") for n in range(2)]
+    expire_now(engine, *first)
+    time.sleep(0.6)  # several failed attempts
+    assert set(states(engine, first).values()) == {S.removing}
+    assert set(states(engine, second).values()) == {S.approved}
+    assert "unavailable" in (load(engine, second[0]).last_error or "")
+    served_standin.start()
+    wait_for(all_in(engine, first, S.expired), 20, "removed after the outage", worker)
+    wait_for(all_in(engine, second, S.active), 20, "applied after the outage", worker)
+    assert sorted(mailcow_rows(standin)) == ["b0.example", "b1.example"]
+    assert_chain_valid(engine)
+
+
+@pytest.fixture
+def restartable_database() -> Iterator[str]:
+    """A PostgreSQL database of its own, built here: conftest's admin connections would not survive the restart."""
+    name = f"tlso_restart_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = str(sa.make_url(PG_ADMIN_URL).set(database=name))
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.mark.skipif(
+    os.environ.get("TLSO_TEST_PG_RESTART") != "1",
+    reason="restarts the PostgreSQL server (disturbs other tests): set TLSO_TEST_PG_RESTART=1",
+)
+def test_a_database_restart_is_waited_out(
+    restartable_database: str,
+    standin: MailcowStandin,
+    served_standin: ServedStandin,
+    worker_processes: list[WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    engine = make_engine(restartable_database)
+    try:
+        ids = seed_approved(engine, 30)
+        workers = Workers(restartable_database, served_standin.url, tmp_path, worker_processes)
+        worker = workers.start(TLSO_WORKER_BATCH_SIZE="3")
+        wait_for(lambda: S.active in states(engine, ids).values(), 20, "the first applies", worker)
+        _restart_postgres()  # mid-way: some applied, some in flight, some waiting
+        wait_for(all_in(engine, ids, S.active), 60, "applied across a database restart", worker)
+        assert_one_row_each(engine, standin, ids)
+        expire_now(engine, *ids)
+        wait_for(lambda: S.expired in states(engine, ids).values(), 20, "the first removals", worker)
+        _restart_postgres()
+        wait_for(all_in(engine, ids, S.expired), 60, "removed across a database restart", worker)
+        assert standin.rows() == []
+        assert_chain_valid(engine)
+    finally:
+        engine.dispose()
+
+
+def _restart_postgres() -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
