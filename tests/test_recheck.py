@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.overrides import service
 from app.overrides.models import Override, OverrideState
+from app.worker.loop import Worker
 from app.worker.recheck import recheck_due
 from tests.conftest import Headers, make_settings
 from tests.lab.lab import Lab
@@ -32,6 +34,7 @@ def settings(dane_lab: Lab) -> Settings:
         diagnosis_timeout_seconds=3.0,
         recheck_interval_seconds=0,
         remediation_checks=2,
+        remediation="notify",
     )
 
 
@@ -110,3 +113,34 @@ async def test_not_due_overrides_are_not_rechecked(
     hourly = settings.model_copy(update={"recheck_interval_seconds": 3600})
     assert await recheck_due(engine, hourly) == 1
     assert await recheck_due(engine, hourly) == 0
+
+
+async def test_next_hop_destinations_rotate_instead_of_blocking_the_watch(
+    client: TestClient, auth: Callable[..., Headers], engine: Engine, settings: Settings
+) -> None:
+    hop = _active(client, auth, engine, "[mx.good.example.test]:25")
+    domain = _active(client, auth, engine, "good.example.test")
+    assert await recheck_due(engine, settings, limit=1) == 0  # the next-hop entry is taken and set aside
+    assert await recheck_due(engine, settings, limit=1) == 1  # ... so the domain gets its turn
+    with Session(engine) as session:
+        assert session.get(Override, hop).clean_checks == 0  # type: ignore[union-attr]
+        assert session.get(Override, domain).clean_checks == 1  # type: ignore[union-attr]
+
+
+async def test_the_worker_runs_the_watch_beside_its_loop(
+    client: TestClient, auth: Callable[..., Headers], engine: Engine, settings: Settings
+) -> None:
+    override_id = _active(client, auth, engine, "good.example.test")
+    worker = Worker(engine, settings.model_copy(update={"remediation": "end"}), owner="w1")
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        for _ in range(100):
+            if "recipient.fixed" in await asyncio.to_thread(_actions, engine, override_id):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+        await worker.aclose()
+    assert _actions(engine, override_id)[-2:] == ["recipient.fixed", "override.remediated"]

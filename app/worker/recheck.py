@@ -9,6 +9,7 @@ early as `remediated`. A later failure starts the count again. Bookkeeping (`cle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -115,9 +116,11 @@ async def recheck_due(engine: Engine, settings: Settings, run: Diagnose | None =
 
     checked = 0
     for override_id, destination, seen in await asyncio.to_thread(_due, engine, settings, limit):
+        if not await asyncio.to_thread(_claim, engine, override_id, seen):
+            continue  # another worker has it
         domain = mx_domain_of(destination)
-        if domain is None or not await asyncio.to_thread(_claim, engine, override_id, seen):
-            continue
+        if domain is None:
+            continue  # a next-hop or parent-domain entry: no single recipient domain to diagnose
         try:
             diagnosis = await run(domain)
         except Exception as exc:  # one bad domain must not stop the watch of the others
@@ -127,3 +130,21 @@ async def recheck_due(engine: Engine, settings: Settings, run: Diagnose | None =
         log.info("recheck of override %s (%s): %s", override_id, domain, outcome)
         checked += 1
     return checked
+
+
+async def watch(engine: Engine, settings: Settings, stop: asyncio.Event, run: Diagnose | None = None) -> None:
+    """The worker's remediation task: recheck what is due, then wait (at most a minute) and look again.
+
+    It runs beside the apply/remove loop, so a slow diagnosis never delays an approval or a removal.
+    """
+    limit = 20
+    pause = min(settings.recheck_interval_seconds, 60.0)
+    while not stop.is_set():
+        try:
+            busy = await recheck_due(engine, settings, run, limit=limit) == limit
+        except Exception:  # the database is down: wait it out like the main loop does
+            log.exception("remediation watch failed; trying again later")
+            busy = False
+        if not busy:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(pause, 1.0))
