@@ -129,6 +129,7 @@ class Workers:
                 "TLSO_LOG_LEVEL": "WARNING",
                 "TLSO_WORKER_POLL_SECONDS": "0.5",  # dev mode's interval
                 "TLSO_RECONCILE_INTERVAL_SECONDS": "3600",
+                "TLSO_REMEDIATION": "off",  # the remediation watch would diagnose the made-up domains
                 **env,
             }
         )
