@@ -53,3 +53,27 @@ def test_readyz_database_unreachable(subtests: Any) -> None:
             assert response.json()["detail"] == "The database is unreachable."  # no internals leak
             assert client.get("/healthz").status_code == 200  # alive, just not ready
         engine.dispose()
+
+
+def test_metrics_need_an_admin_or_auditor_token(client: Any, auth: Any, subtests: Any) -> None:
+    for who, headers, status in [
+        ("no token", {}, 401),
+        ("requester", auth("alice", "requester"), 403),
+        ("approver", auth("bob", "approver"), 403),
+        ("auditor", auth("carol", "auditor"), 200),
+        ("admin", auth("root", "admin"), 200),
+    ]:
+        with subtests.test(who=who):
+            response = client.get("/metrics", headers=headers)
+            assert response.status_code == status, response.text
+            if status == 200:
+                assert "tlso_database_up 1.0" in response.text
+            else:
+                assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_metrics_can_be_opened_for_a_private_scraper(engine: Engine, idp: Any) -> None:
+    app = create_app(make_settings(metrics_public=True), engine=engine, dev_idp=idp)
+    with TestClient(app) as client:
+        response = client.get("/metrics")
+    assert response.status_code == 200 and "tlso_overrides" in response.text

@@ -612,7 +612,7 @@ async def test_metrics_show_states_calls_and_reconcile(
 ) -> None:
     approved(client, auth, "example.org")
     await worker.tick()
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=auth("carol", "auditor")).text
     assert 'tlso_overrides{state="active"} 1.0' in text
     assert 'tlso_mailcow_calls_total{op="add",outcome="ok",target="default"}' in text
     assert "tlso_mailcow_call_seconds_bucket" in text

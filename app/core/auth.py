@@ -171,12 +171,12 @@ def oauth2_scheme(settings: Settings) -> OAuth2AuthorizationCodeBearer:
     )
 
 
-_bearer = HTTPBearer(scheme_name="bearer", auto_error=False, description="Paste an access token.")
+bearer_scheme = HTTPBearer(scheme_name="bearer", auto_error=False, description="Paste an access token.")
 
 
 async def current_principal(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthenticated("A bearer token is required.")

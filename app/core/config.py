@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=8, ge=1, le=64)  # parallel mailcow calls per target
     worker_id: str = Field(default="", max_length=60)  # lease owner name; default host:pid:random
     worker_metrics_port: int | None = None  # a standalone worker serves /metrics here (else: multiprocess dir)
+    worker_metrics_host: str = "127.0.0.1"  # ... on this address (plain HTTP, no authentication)
+    metrics_public: bool = False  # /metrics without a token (a scraper on a private network)
     mailcow_attempts: int = Field(default=3, ge=1, le=10)  # HTTP attempts per mailcow call (5xx, timeouts)
     mailcow_retry_backoff_seconds: float = 0.2  # first pause between those attempts (doubling, at most 10x)
     # After a 401/403 the target is not called again for this long (fail2ban bans after 10 in 10 min).

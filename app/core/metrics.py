@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -31,7 +32,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
+from app.core.auth import bearer_scheme, current_principal
 from app.core.db import utcnow
+from app.core.errors import Forbidden, problem_responses
 
 log = logging.getLogger("app.metrics")
 
@@ -167,6 +170,18 @@ def render(engine: Engine) -> bytes:
     return generate_latest(registry_for(engine))
 
 
+async def _scraper(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+) -> None:
+    """A scrape needs a token with the admin or auditor role (Prometheus: `oauth2` client credentials),
+    unless `TLSO_METRICS_PUBLIC=true` opens it for a scraper on a private network."""
+    if request.app.state.settings.metrics_public:
+        return
+    principal = await current_principal(request, credentials)
+    if not principal.has("admin", "auditor"):
+        raise Forbidden("Metrics need one of the roles: admin, auditor.")
+
+
 def metrics_router() -> APIRouter:
     router = APIRouter(tags=["health"])
 
@@ -174,15 +189,21 @@ def metrics_router() -> APIRouter:
         "/metrics",
         summary="Prometheus metrics",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+        dependencies=[Depends(_scraper)],
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+            **problem_responses(401, 403),
+        },
     )
     def metrics(request: Request) -> Response:
-        """Overrides by state, overdue removals, conflicts, drift, mailcow calls, worker lag, reconcile times."""
+        """Overrides by state, overdue removals, conflicts, drift, mailcow calls, worker lag, reconcile times.
+        Needs the admin or auditor role unless `TLSO_METRICS_PUBLIC=true`."""
         return Response(render(request.app.state.engine), media_type=CONTENT_TYPE_LATEST)
 
     return router
 
 
-def serve_worker_metrics(engine: Engine, port: int, host: str = "0.0.0.0") -> Any:  # noqa: S104 (scraped)
-    """A standalone worker's own `/metrics` (when it shares no multiprocess directory with the API)."""
+def serve_worker_metrics(engine: Engine, port: int, host: str) -> Any:
+    """A standalone worker's own `/metrics` (when it shares no multiprocess directory with the API).
+    Plain HTTP without authentication: bind it to an address only the scraper reaches."""
     return start_http_server(port, addr=host, registry=registry_for(engine))
