@@ -46,6 +46,7 @@ from tests.worker_fixtures import (
     load,
     mailcow_rows,
     reconcile_now,
+    scrape,
     set_columns,
     settle,
     worker_settings,
@@ -328,11 +329,11 @@ async def test_removal_is_retried_until_done_and_turns_overdue(
     overdue = client.get("/v1/overrides", params={"overdue": "true"}, headers=auth(*BOB)).json()["items"]
     assert [item["id"] for item in overdue] == [override_id]
     assert audit_actions(engine, override_id).count("override.removal_overdue") == 1  # once, not per attempt
-    assert "tlso_overrides_overdue 1.0" in client.get("/metrics").text
+    assert "tlso_overrides_overdue 1.0" in scrape(client, auth)
     standin.clear_faults()
     await worker.tick()
     assert load(engine, override_id).state == S.expired and standin.rows() == []
-    assert "tlso_overrides_overdue 0.0" in client.get("/metrics").text
+    assert "tlso_overrides_overdue 0.0" in scrape(client, auth)
 
 
 @SQLITE_ONLY
@@ -483,7 +484,7 @@ async def test_a_rejected_key_pauses_the_target_instead_of_looping(
     with transaction(engine) as session:
         target = session.get(MailcowTarget, "default")
         assert target is not None and target.paused_until is not None and target.paused_until > utcnow()
-    assert 'tlso_target_paused{target="default"} 1.0' in client.get("/metrics").text
+    assert 'tlso_target_paused{target="default"} 1.0' in scrape(client, auth)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,7 +517,7 @@ async def test_reconcile_reports_drift_once_and_leaves_it_alone(
     await worker.tick()
     assert load(engine, edited).drift is None
     assert audit_actions(engine, edited)[-1] == "override.drift_resolved"
-    assert 'tlso_overrides_drift{target="default"} 1.0' in client.get("/metrics").text
+    assert 'tlso_overrides_drift{target="default"} 1.0' in scrape(client, auth)
 
 
 @SQLITE_ONLY
@@ -606,13 +607,45 @@ def test_claims_are_exclusive_until_the_lease_runs_out(client: TestClient, auth:
     assert load(engine, ids[0]).version == version  # a claim is bookkeeping: the ETag stays valid
 
 
+class SlowTransport(SwitchableTransport):
+    """A mailcow that takes `delay` seconds to answer each call."""
+
+    delay = 0.0
+
+    async def handle_async_request(self, request: Any) -> Any:
+        await asyncio.sleep(self.delay)
+        return await super().handle_async_request(request)
+
+
+async def test_leases_are_renewed_while_mailcow_is_slow(
+    client: TestClient, auth: Auth, engine: Engine, settings: Settings, standin_app: Any
+) -> None:
+    override_id = approved(client, auth, "example.org")
+    slow = SlowTransport(standin_app)
+    slow.delay = 0.4  # list, add, list: about 1.2 s, four times the lease
+    worker = Worker(
+        engine, settings.model_copy(update={"worker_lease_seconds": 0.3}), owner="w1", transports={"default": slow}
+    )
+    try:
+        ticking = asyncio.create_task(worker.tick())
+        stolen = []
+        while not ticking.done():
+            await asyncio.sleep(0.1)
+            stolen += await asyncio.to_thread(store.claim, engine, S.approved, "w2", lease_seconds=30, limit=10)
+        await ticking
+    finally:
+        await worker.aclose()
+    assert stolen == []
+    assert load(engine, override_id).state == S.active
+
+
 @SQLITE_ONLY
 async def test_metrics_show_states_calls_and_reconcile(
     client: TestClient, auth: Auth, engine: Engine, worker: Worker
 ) -> None:
     approved(client, auth, "example.org")
     await worker.tick()
-    text = client.get("/metrics", headers=auth("carol", "auditor")).text
+    text = scrape(client, auth)
     assert 'tlso_overrides{state="active"} 1.0' in text
     assert 'tlso_mailcow_calls_total{op="add",outcome="ok",target="default"}' in text
     assert "tlso_mailcow_call_seconds_bucket" in text

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 
@@ -381,3 +382,10 @@ def served_standin(standin_app: Starlette) -> Iterator[ServedStandin]:
     served.start()
     yield served
     served.stop()
+
+
+def scrape(client: TestClient, auth: Callable[..., dict[str, str]]) -> str:
+    """`/metrics` as Prometheus sees it (with an auditor's token)."""
+    response = client.get("/metrics", headers=auth("prometheus", "auditor"))
+    assert response.status_code == 200, response.text
+    return response.text

@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -122,7 +123,8 @@ class Worker:
             work[job.target][0].append(job)
         for job in applies:
             work[job.target][1].append(job)
-        await asyncio.gather(*(self._run_target(name, rem, app) for name, (rem, app) in work.items()))
+        async with self._renewing([job.id for job in removals + applies]):
+            await asyncio.gather(*(self._run_target(name, rem, app) for name, (rem, app) in work.items()))
 
         reconcilable = [name for name in self.targets if name not in paused and name not in ctx.auth_failed]
         reconciling = await ctx.db(claim_reconcile, self.engine, reconcilable, self.owner, timedelta(seconds=lease))
@@ -133,6 +135,28 @@ class Worker:
         next_due = await ctx.db(store.next_due, self.engine, list(self.targets), paused | ctx.auth_failed)
         did_work = bool(lapsed or late or removals or applies or reconciling or delivered)
         return TickResult(did_work, next_due)
+
+    @contextlib.asynccontextmanager
+    async def _renewing(self, override_ids: list[int]) -> AsyncIterator[None]:
+        """Renew the leases of the claimed jobs every third of a lease until they are done."""
+        lease = self.settings.worker_lease_seconds
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(lease / 3)
+                try:
+                    await self.ctx.db(store.renew, self.engine, override_ids, self.owner, lease)
+                except Exception as exc:  # the database is away: the lease may lapse, the record checks it
+                    log.warning("renewing %d leases failed: %s", len(override_ids), exc)
+
+        task = asyncio.create_task(heartbeat()) if override_ids else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _paused(self) -> list[str]:
         with Session(self.engine) as session:

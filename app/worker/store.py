@@ -119,6 +119,22 @@ def claim(
         ]
 
 
+def renew(engine: Engine, override_ids: list[int], owner: str, lease_seconds: float) -> int:
+    """Extend this worker's leases on jobs still in flight (a slow mailcow must not let another worker
+    take them over mid-call). Rows already recorded or released are not ours any more and stay as they are."""
+    if not override_ids:
+        return 0
+    with transaction(engine) as session:
+        lease_until = utcnow() + timedelta(seconds=lease_seconds)
+        result = session.execute(
+            update(Override)
+            .where(col(Override.id).in_(override_ids), col(Override.lease_owner) == owner)
+            .values(lease_until=lease_until, next_attempt_at=lease_until)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def owned(session: Session, override_id: int, owner: str, state: OverrideState) -> Override | None:
     """The override, locked, if it is still in `state` and leased by `owner`; else None."""
     override = session.exec(select(Override).where(Override.id == override_id).with_for_update()).first()
