@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +23,7 @@ from app.core.db import make_engine
 from app.core.devidp import DEV_AUDIENCE, DEV_ROLE_MAP, DevIdentityProvider, DevTokenRequest
 from app.core.migrations import upgrade
 from app.main import create_app
+from tests.helpers import LiveServer
 
 # The DNSSEC/SMTP lab (`dane_lab`) and the real OpenID provider (`oidc_provider`) are session fixtures.
 pytest_plugins = ["tests.lab.fixtures", "tests.oidc_provider"]
@@ -194,40 +192,6 @@ def make_override(client: TestClient, auth: Callable[..., Headers]) -> Callable[
         return data
 
     return make
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class LiveServer:
-    """The app under a real uvicorn server on a loopback port, in a thread."""
-
-    def __init__(self, app: FastAPI) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", log_config=None)
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 
 from app.mailcow.client import MailcowClient
 from app.mailcow.standin import MailcowStandin, StandinKey, create_standin_app
+from tests.helpers import LiveServer, free_port  # noqa: F401  (free_port: re-exported for the tests)
 
 KEY = "ABCDEF-012345-6789AB-CDEF01-234567"
 RO_KEY = "FEDCBA-012345-6789AB-CDEF01-234567"
@@ -64,37 +60,5 @@ def mailcow_client(app: Starlette, key: str = KEY, **kwargs: Any) -> MailcowClie
 @contextmanager
 def served(app: Starlette) -> Iterator[str]:
     """Run `app` under a real uvicorn on a free loopback port in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        lifespan="off",
-        ws="none",
-        http="h11",
-        loop="asyncio",
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    with LiveServer(app, lifespan="off") as server:
+        yield server.url

@@ -31,6 +31,7 @@ from app.overrides import service
 from app.overrides.models import Override, OverrideState
 from app.worker.loop import Worker
 from tests.conftest import make_settings
+from tests.helpers import LiveServer
 from tests.mailcow_fixtures import BASE, KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,51 +330,12 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-class ServedStandin:
-    """The stand-in under a real uvicorn on a loopback port, in a thread; stop() and start() again on the
-    same port (the rows survive: they live in the app) to make mailcow unreachable for a while."""
+class ServedStandin(LiveServer):
+    """The stand-in over real HTTP; stop() and start() again on the same port (the rows survive: they
+    live in the app) make mailcow unreachable for a while."""
 
     def __init__(self, app: Starlette) -> None:
-        import socket
-
-        self.app = app
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port: int = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server: Any = None
-        self._thread: Any = None
-        self._sock: Any = None
-
-    def start(self) -> None:
-        import socket
-        import threading
-
-        import uvicorn
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        config = uvicorn.Config(
-            self.app, log_level="warning", lifespan="off", ws="none", http="h11", timeout_graceful_shutdown=1
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 5
-        while not server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        self._server, self._thread, self._sock = server, thread, sock
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.should_exit = True
-        self._thread.join(5)
-        self._sock.close()
-        self._server = None
+        super().__init__(app, lifespan="off")
 
 
 @pytest.fixture
