@@ -52,11 +52,8 @@ def adoptable(row: PolicyRow, job: Job) -> bool:
 async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -> None:
     """Apply claimed overrides of one target."""
     crash_point("after_claim")
-    try:
-        before = PolicyMap(await client.list_policies())
-    except MailcowError as exc:
-        for job in jobs:
-            await ctx.retry_later(job, "apply", exc)
+    before = await ctx.read_map(client, jobs, "apply")
+    if before is None:
         return
     to_add: list[Job] = []
     applied: list[Applied] = []

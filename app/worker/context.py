@@ -12,8 +12,8 @@ from sqlalchemy import Engine
 
 from app.core.config import Settings
 from app.core.metrics import WORKER_JOBS
-from app.mailcow.client import MailcowAuthError, MailcowError
-from app.targets.service import pause_target
+from app.mailcow.client import MailcowAuthError, MailcowClient, MailcowError
+from app.targets.service import PolicyMap, pause_target
 from app.worker import store
 from app.worker.store import Job
 
@@ -44,6 +44,15 @@ class JobContext:
                 return await call
 
         return list(await asyncio.gather(*(bounded(call) for call in calls)))
+
+    async def read_map(self, client: MailcowClient, jobs: list[Job], job_kind: str) -> PolicyMap | None:
+        """The target's TLS policy map now; if mailcow cannot say, every job is retried later (None)."""
+        try:
+            return PolicyMap(await client.list_policies())
+        except MailcowError as exc:
+            for job in jobs:
+                await self.retry_later(job, job_kind, exc)
+            return None
 
     async def retry_later(self, job: Job, job_kind: str, error: BaseException | str) -> None:
         """The attempt failed and will be retried: back off (long after an authentication failure)."""

@@ -75,11 +75,8 @@ def leftovers(job: Job, plan: Plan, current: PolicyMap) -> list[int]:
 async def remove_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -> None:
     """Remove claimed overrides of one target."""
     crash_point("after_remove_claim")
-    try:
-        before = PolicyMap(await client.list_policies())
-    except MailcowError as exc:
-        for job in jobs:
-            await ctx.retry_later(job, "remove", exc)
+    before = await ctx.read_map(client, jobs, "remove")
+    if before is None:
         return
     plans = {job.id: plan_removal(job, before) for job in jobs}
     delete_ids = sorted(set().union(*(plan.ids for plan in plans.values())))
