@@ -808,3 +808,12 @@ async def test_a_kill_after_a_reapply_is_recovered(
     [row] = standin.rows()
     assert override.mailcow_id == row["id"] and override.drift is None  # the orphaned re-add became ours
     assert audit_actions(engine, override_id)[-2:] == ["override.drift", "override.drift"]  # missing, recreated
+
+
+def test_the_crash_hook_is_refused_in_production(engine: Engine, monkeypatch: Any) -> None:
+    from app.worker.faults import CRASH_ENV
+    from app.worker.loop import run_worker
+
+    monkeypatch.setenv(CRASH_ENV, "after_add")
+    with pytest.raises(SystemExit, match="refused with TLSO_ENV=production"):
+        run_worker(engine, worker_settings(env="production", oidc_issuer="https://idp.example.net/realms/mail"))
