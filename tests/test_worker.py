@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
@@ -637,6 +638,30 @@ async def test_leases_are_renewed_while_mailcow_is_slow(
         await worker.aclose()
     assert stolen == []
     assert load(engine, override_id).state == S.active
+
+
+async def test_the_reconcile_lease_is_renewed_while_mailcow_is_slow(
+    engine: Engine, settings: Settings, standin_app: Any
+) -> None:
+    from app.targets.service import claim_reconcile
+
+    slow = SlowTransport(standin_app)
+    slow.delay = 1.2  # one list call, four times the lease
+    quick = settings.model_copy(update={"worker_lease_seconds": 0.3})
+    worker = Worker(engine, quick, owner="w1", transports={"default": slow})
+    try:
+        ticking = asyncio.create_task(worker.tick())
+        stolen: list[str] = []
+        while not ticking.done():
+            await asyncio.sleep(0.1)
+            stolen += await asyncio.to_thread(claim_reconcile, engine, ["default"], "w2", timedelta(seconds=30))
+        await ticking
+    finally:
+        await worker.aclose()
+    assert stolen == []
+    with Session(engine) as session:
+        target = session.get(MailcowTarget, "default")
+        assert target is not None and target.last_reconcile_at is not None and target.lease_owner is None
 
 
 @SQLITE_ONLY

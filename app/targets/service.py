@@ -244,6 +244,17 @@ def claim_reconcile(engine: Engine, names: Sequence[str], owner: str, lease: tim
     return claimed
 
 
+def renew_reconcile(engine: Engine, names: Sequence[str], owner: str, lease: timedelta) -> None:
+    """Extend this worker's reconcile leases while the pass is still running."""
+    with transaction(engine) as session:
+        session.execute(
+            update(MailcowTarget)
+            .where(col(MailcowTarget.name).in_(list(names)), col(MailcowTarget.lease_owner) == owner)
+            .values(lease_until=utcnow() + lease)
+            .execution_options(synchronize_session=False)
+        )
+
+
 def finish_reconcile(
     engine: Engine,
     name: str,

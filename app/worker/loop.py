@@ -18,9 +18,10 @@ import signal
 import socket
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 from sqlalchemy import Engine
@@ -34,7 +35,7 @@ from app.mailcow.client import MailcowClient
 from app.mailcow.targets import Target, TargetNotConfigured, configured_targets
 from app.notify.service import deliver, sinks_from
 from app.overrides.models import OverrideState
-from app.targets.service import claim_reconcile, ensure_targets, paused_targets
+from app.targets.service import claim_reconcile, ensure_targets, paused_targets, renew_reconcile
 from app.worker import store
 from app.worker.apply import apply_batch
 from app.worker.context import JobContext
@@ -123,13 +124,15 @@ class Worker:
             work[job.target][0].append(job)
         for job in applies:
             work[job.target][1].append(job)
-        async with self._renewing([job.id for job in removals + applies]):
+        claimed = [job.id for job in removals + applies]
+        async with self._renewing(store.renew, claimed, lease):
             await asyncio.gather(*(self._run_target(name, rem, app) for name, (rem, app) in work.items()))
 
         reconcilable = [name for name in self.targets if name not in paused and name not in ctx.auth_failed]
         reconciling = await ctx.db(claim_reconcile, self.engine, reconcilable, self.owner, timedelta(seconds=lease))
-        for name in reconciling:
-            await reconcile_target(ctx, self.client(name), name)
+        async with self._renewing(renew_reconcile, reconciling, timedelta(seconds=lease)):
+            for name in reconciling:
+                await reconcile_target(ctx, self.client(name), name)
 
         delivered = await self._deliver()
         next_due = await ctx.db(store.next_due, self.engine, list(self.targets), paused | ctx.auth_failed)
@@ -137,19 +140,22 @@ class Worker:
         return TickResult(did_work, next_due)
 
     @contextlib.asynccontextmanager
-    async def _renewing(self, override_ids: list[int]) -> AsyncIterator[None]:
-        """Renew the leases of the claimed jobs every third of a lease until they are done."""
-        lease = self.settings.worker_lease_seconds
+    async def _renewing(
+        self, renew: Callable[[Engine, list[Any], str, Any], object], keys: list[Any], lease: Any
+    ) -> AsyncIterator[None]:
+        """While the body runs, renew this worker's leases on `keys` every third of a lease, so that a
+        slow mailcow does not let another worker take the same jobs (or target) over mid-call."""
+        period = self.settings.worker_lease_seconds / 3
 
         async def heartbeat() -> None:
             while True:
-                await asyncio.sleep(lease / 3)
+                await asyncio.sleep(period)
                 try:
-                    await self.ctx.db(store.renew, self.engine, override_ids, self.owner, lease)
+                    await self.ctx.db(renew, self.engine, keys, self.owner, lease)
                 except Exception as exc:  # the database is away: the lease may lapse, the record checks it
-                    log.warning("renewing %d leases failed: %s", len(override_ids), exc)
+                    log.warning("renewing %d leases failed: %s", len(keys), exc)
 
-        task = asyncio.create_task(heartbeat()) if override_ids else None
+        task = asyncio.create_task(heartbeat()) if keys else None
         try:
             yield
         finally:
