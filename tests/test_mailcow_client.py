@@ -278,7 +278,7 @@ async def test_generic_answers() -> None:
         with pytest.raises(MailcowProtocolError, match="no attributes"):
             await client.add_policy("a.example", "may")
     async with mocked(answer('{"type":"error","msg":"Cannot add item"}')) as client:
-        with pytest.raises(MailcowRejected, match="Cannot add item"):
+        with pytest.raises(MailcowAuthError, match="Cannot add item"):  # the key never arrived: pause
             await client.add_policy("a.example", "may")
     async with mocked(answer('{"type":"success","msg":"Task completed"}')) as client:
         with pytest.raises(MailcowProtocolError, match="did not confirm"):

@@ -24,7 +24,7 @@ ALLOWED: dict[OverrideState, set[OverrideState]] = {
     S.pending: {S.approved, S.rejected, S.cancelled, S.lapsed},
     S.approved: {S.active, S.failed, S.cancelled, S.revoked, S.removing},
     S.active: {S.removing},
-    S.removing: {S.expired, S.revoked, S.remediated, S.cancelled},
+    S.removing: {S.expired, S.revoked, S.remediated, S.cancelled, S.failed},  # failed: after restoring a replaced row
     **{state: set() for state in TERMINAL_STATES},
 }
 

@@ -22,7 +22,7 @@ from sqlmodel import Session
 
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
-from app.mailcow.standin import MailcowStandin
+from app.mailcow.standin import Fault, MailcowStandin
 from app.overrides.models import Override, OverrideState
 from app.targets.models import MailcowTarget
 from app.worker import apply as apply_module
@@ -35,6 +35,7 @@ from tests.worker_fixtures import (
     BOB,
     COMMENT,
     ROOT_ADMIN,
+    ServedStandin,
     SwitchableTransport,
     approved,
     assert_chain_valid,
@@ -99,6 +100,7 @@ async def test_a_row_added_before_a_crash_is_adopted_not_duplicated(
     # A worker claimed it, added the row, and died before recording anything.
     [job] = store.claim(engine, S.approved, "dead-worker", lease_seconds=30, limit=5)
     assert job.first_attempt
+    assert store.mark_add_sent(engine, [override_id], "dead-worker", S.approved) == [override_id]
     standin.seed_row("example.org", "encrypt", "")
     await worker.tick()
     assert load(engine, override_id).state == S.approved  # the dead worker's lease still holds
@@ -602,9 +604,12 @@ def test_claims_are_exclusive_until_the_lease_runs_out(client: TestClient, auth:
     second = store.claim(engine, S.approved, "w2", lease_seconds=30, limit=3)
     assert [job.id for job in first] == ids[:3] and [job.id for job in second] == ids[3:]
     assert store.claim(engine, S.approved, "w3", lease_seconds=30, limit=10) == []
+    assert store.mark_add_sent(engine, [ids[0]], "w1", S.approved) == [ids[0]]
+    assert store.mark_add_sent(engine, [ids[1]], "w2", S.approved) == []  # not w2's: nothing sent
     expire_lease(engine, ids[0])
-    [again] = store.claim(engine, S.approved, "w3", lease_seconds=30, limit=10)
-    assert again.id == ids[0] and not again.first_attempt
+    expire_lease(engine, ids[1])
+    again = store.claim(engine, S.approved, "w3", lease_seconds=30, limit=10)
+    assert [(job.id, job.first_attempt) for job in again] == [(ids[0], False), (ids[1], True)]
     assert load(engine, ids[0]).version == version  # a claim is bookkeeping: the ETag stays valid
 
 
@@ -842,3 +847,113 @@ def test_the_crash_hook_is_refused_in_production(engine: Engine, monkeypatch: An
     monkeypatch.setenv(CRASH_ENV, "after_add")
     with pytest.raises(SystemExit, match="refused with TLSO_ENV=production"):
         run_worker(engine, worker_settings(env="production", oidc_issuer="https://idp.example.net/realms/mail"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# edge cases: a replaced row that must come back, a late add, a human's identical row
+
+
+def _replace(client: TestClient, auth: Auth, override_id: int) -> None:
+    decided = client.post(
+        f"/v1/overrides/{override_id}/resolve-conflict",
+        json={**COMMENT, "action": "replace"},
+        headers=auth(*ROOT_ADMIN),
+    )
+    assert decided.status_code == 200, decided.text
+
+
+@SQLITE_ONLY
+async def test_an_apply_that_fails_after_replacing_puts_the_foreign_row_back(
+    client: TestClient, auth: Auth, engine: Engine, transport: SwitchableTransport, standin: MailcowStandin
+) -> None:
+    # mailcow's edit form stores `.sub.example.org`, its add refuses it: our add fails for good.
+    settings = worker_settings(mailcow_supports_subdomain_dest=True)
+    client.app.state.settings = settings  # type: ignore[attr-defined]
+    standin.seed_row(".sub.example.org", "may", "")
+    override_id = approved(client, auth, ".sub.example.org")
+    worker = Worker(engine, settings, owner="w1", transports={"default": transport})
+    try:
+        await worker.tick()
+        _replace(client, auth, override_id)
+        await settle(worker, 4)
+    finally:
+        await worker.aclose()
+    override = load(engine, override_id)
+    assert (override.state, override.end_reason) == (S.failed, "apply_failed")
+    assert override.conflict and override.conflict["status"] in ("restored", "not_restored")
+    # mailcow's add refuses the dest its edit form stored, so the restore is reported, not faked
+    assert ("restored" in override.conflict) or ("restore_failed" in override.conflict)
+    assert "override.removed" in audit_actions(engine, override_id)
+
+
+@SQLITE_ONLY
+async def test_an_inactive_original_comes_back_inactive_even_when_the_edit_fails_once(
+    client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin
+) -> None:
+    standin.seed_row("example.org", "may", "", active=0)
+    override_id = approved(client, auth, "example.org")
+    await worker.tick()
+    _replace(client, auth, override_id)
+    await worker.tick()
+    assert load(engine, override_id).state == S.active
+    expire_now(engine, override_id)
+    fault(standin, "edit", "http500", count=10)  # re-added active; setting it inactive fails
+    await worker.tick()
+    assert load(engine, override_id).state == S.removing
+    standin.clear_faults()
+    await settle(worker)
+    override = load(engine, override_id)
+    assert override.state == S.expired and override.conflict and override.conflict["status"] == "restored"
+    row = mailcow_rows(standin)["example.org"]
+    assert (row["policy"], row["active"]) == ("may", 0)
+
+
+@SQLITE_ONLY
+async def test_a_human_row_identical_to_ours_is_a_conflict_when_we_never_sent_an_add(
+    client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin
+) -> None:
+    override_id = approved(client, auth, "example.org")
+    fault(standin, "get", "http500", count=10)  # the first attempt cannot read the map: nothing is sent
+    await worker.tick()
+    standin.clear_faults()
+    standin.seed_row("example.org", "encrypt", "")  # a human adds the very same row meanwhile
+    await worker.tick()
+    override = load(engine, override_id)
+    assert override.state == S.approved and override.conflict and override.conflict["status"] == "open"
+    assert calls(standin, "add") == []
+    expire_now(engine, override_id)
+    revoked = client.post(f"/v1/overrides/{override_id}/revoke", json=COMMENT, headers=auth(*ROOT_ADMIN))
+    assert revoked.status_code == 200, revoked.text
+    await settle(worker)
+    assert [(r["dest"], r["policy"]) for r in standin.rows()] == [("example.org", "encrypt")]  # never touched
+
+
+@SQLITE_ONLY
+async def test_an_add_that_lands_after_a_cancel_is_removed_not_orphaned(
+    client: TestClient, auth: Auth, engine: Engine, standin: MailcowStandin, served_standin: ServedStandin
+) -> None:
+    settings = worker_settings(
+        mailcow_url=served_standin.url,
+        mailcow_timeout_seconds=0.3,
+        mailcow_attempts=1,
+        mailcow_add_settle_seconds=3.0,
+    )
+    client.app.state.settings = settings  # type: ignore[attr-defined]
+    override_id = approved(client, auth, "example.org")
+    standin.add_fault(Fault(op="add", mode="timeout", count=1, delay=1.5))  # committed 1.5 s later
+    worker = Worker(engine, settings, owner="w1")
+    try:
+        await worker.tick()  # the add times out on our side
+        assert load(engine, override_id).state == S.approved
+        cancelled = client.post(f"/v1/overrides/{override_id}/cancel", json=COMMENT, headers=auth("alice", "requester"))
+        assert cancelled.json()["state"] == "removing", cancelled.text
+        await worker.tick()  # nothing in the map yet, but the add may still land: wait
+        assert load(engine, override_id).state == S.removing
+        await asyncio.sleep(2.0)  # ... it lands
+        assert len(standin.rows()) == 1
+        set_columns(engine, override_id, next_attempt_at=utcnow())
+        await worker.tick()
+    finally:
+        await worker.aclose()
+    assert load(engine, override_id).state == S.cancelled
+    assert standin.rows() == []

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     mailcow_retry_backoff_seconds: float = 0.2  # first pause between those attempts (doubling, at most 10x)
     # After a 401/403 the target is not called again for this long (fail2ban bans after 10 in 10 min).
     mailcow_auth_backoff_seconds: float = 900.0
+    # An add whose answer was lost (a timeout) may still be committed by mailcow this long after it was
+    # sent; a removal that finds nothing of ours waits that long before it records the end.
+    mailcow_add_settle_seconds: float = Field(default=60.0, ge=0)
 
     # diagnosis
     dns_resolver: str | None = None

@@ -543,7 +543,13 @@ class MailcowClient:
         else:
             human = text
         if raw_key is None and text == "Cannot add item":
-            human = "Cannot add item (mailcow did not treat the call as admin)"
+            # The add branch answers this when the caller is not admin: the key did not arrive (a proxy
+            # dropping X-API-Key). An authentication problem, so the target pauses instead of hammering on.
+            return MailcowAuthError(
+                f"{op}: Cannot add item (mailcow did not treat the call as admin: was the X-API-Key header dropped?)",
+                target=self.name,
+                op=op,
+            )
         return MailcowRejected(
             f"{op}: {self._redact(human)}", msg_key=key, args=args, raw_msg_key=raw_key, retried=attempts > 1
         )

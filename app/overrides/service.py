@@ -45,12 +45,20 @@ TRANSITIONS: dict[OverrideState, frozenset[OverrideState]] = {
     S.pending: frozenset({S.approved, S.rejected, S.cancelled, S.lapsed}),
     S.approved: frozenset({S.active, S.failed, S.cancelled, S.revoked, S.removing}),
     S.active: frozenset({S.removing}),
-    S.removing: frozenset({S.expired, S.revoked, S.remediated, S.cancelled}),
+    # `failed` from `removing`: an apply that failed for good after an admin let it replace a foreign
+    # row; the removal puts that row back first.
+    S.removing: frozenset({S.expired, S.revoked, S.remediated, S.cancelled, S.failed}),
     **{state: frozenset() for state in TERMINAL_STATES},
 }
 
 # Why an override is being removed → the terminal state once mailcow is clean.
-END_STATE = {"expired": S.expired, "revoked": S.revoked, "remediated": S.remediated, "cancelled": S.cancelled}
+END_STATE = {
+    "expired": S.expired,
+    "revoked": S.revoked,
+    "remediated": S.remediated,
+    "cancelled": S.cancelled,
+    "apply_failed": S.failed,
+}
 
 
 def snapshot(override: Override) -> dict[str, Any]:

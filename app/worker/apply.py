@@ -18,12 +18,14 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.core.errors import AppError
 from app.core.metrics import WORKER_JOBS
 from app.mailcow.client import (
     MailcowAuthError,
     MailcowClient,
+    MailcowEmptyResponse,
     MailcowError,
     MailcowProtocolError,
     MailcowRejected,
@@ -69,6 +71,9 @@ async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -
             applied.append(Applied(job, existing.id, adopted=True))
         else:
             await _conflict(ctx, job, existing)
+    if to_add:
+        sending = set(await ctx.db(store.mark_add_sent, ctx.engine, [job.id for job in to_add], ctx.owner, S.approved))
+        to_add = [job for job in to_add if job.id in sending]  # the others were cancelled meanwhile
     if not to_add:
         await _record_all(ctx, applied)
         return
@@ -138,6 +143,9 @@ def _entry_exists(error: BaseException) -> bool:
 
 
 async def _add_failed(ctx: JobContext, job: Job, error: BaseException) -> None:
+    if isinstance(error, ValueError | MailcowRejected | MailcowAuthError | MailcowEmptyResponse):
+        # mailcow answered "not added" (or the call never left): no row of this add can appear later.
+        await ctx.db(store.clear_add_sent, ctx.engine, job.id, ctx.owner)
     permanent = isinstance(error, ValueError) or (
         isinstance(error, MailcowRejected) and error.msg_key in PERMANENT_REJECTIONS
     )
@@ -206,7 +214,7 @@ async def _conflict(ctx: JobContext, job: Job, row: PolicyRow) -> None:
 
 
 async def _failed(ctx: JobContext, job: Job, reason: str) -> None:
-    await ctx.db(_record_failed, ctx.engine, job, ctx.owner, reason)
+    await ctx.db(_record_failed, ctx.engine, ctx.settings, job, ctx.owner, reason)
     WORKER_JOBS.labels("apply", "failed").inc()
     log.error("override %s could not be applied to %s: %s", job.id, job.target, reason)
 
@@ -235,6 +243,7 @@ def _applied_in(session: Session, job: Job, owner: str, row_id: int, adopted: bo
             "applied_at": now,
             "expires_at": now + timedelta(seconds=override.duration_seconds),
             "mailcow_id": row_id,
+            "add_sent_at": None,  # the add's outcome is known now
             "next_attempt_at": None,
             "attempts": 0,
             "last_error": None,
@@ -291,10 +300,24 @@ def _record_replaced(engine: Engine, job: Job, owner: str, snapshot: dict[str, A
         return True
 
 
-def _record_failed(engine: Engine, job: Job, owner: str, reason: str) -> None:
+def _record_failed(engine: Engine, settings: Settings, job: Job, owner: str, reason: str) -> None:
     with transaction(engine) as session:
         override = store.owned(session, job.id, owner, S.approved)
         if override is None:
+            store.drop_lease(session, job.id, owner)
+            return
+        if (override.conflict or {}).get("status") in ("replace", "replaced"):
+            # We may have deleted the foreign row an admin let us replace: the removal restores it, then
+            # the override ends as `failed`.
+            service.begin_removal(
+                session,
+                override,
+                "apply_failed",
+                actor="system",
+                via=None,
+                comment=f"mailcow refused the row: {reason}; restoring the row it was to replace",
+                settings=settings,
+            )
             store.drop_lease(session, job.id, owner)
             return
         service.transition(

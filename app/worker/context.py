@@ -54,10 +54,11 @@ class JobContext:
                 await self.retry_later(job, job_kind, exc)
             return None
 
-    async def retry_later(self, job: Job, job_kind: str, error: BaseException | str) -> None:
+    async def retry_later(
+        self, job: Job, job_kind: str, error: BaseException | str, delay: float | None = None
+    ) -> None:
         """The attempt failed and will be retried: back off (long after an authentication failure)."""
         text = error if isinstance(error, str) else describe(error)
-        delay: float | None = None
         if isinstance(error, MailcowAuthError):
             delay = self.settings.mailcow_auth_backoff_seconds
             await self.pause(job.target, text)

@@ -126,7 +126,16 @@ class Worker:
             work[job.target][1].append(job)
         claimed = [job.id for job in removals + applies]
         async with self._renewing(store.renew, claimed, lease):
-            await asyncio.gather(*(self._run_target(name, rem, app) for name, (rem, app) in work.items()))
+            # Every target's jobs run to their end even if one target's fail (their leases are renewed
+            # meanwhile); the first failure is raised afterwards.
+            outcomes = await asyncio.gather(
+                *(self._run_target(name, rem, app) for name, (rem, app) in work.items()), return_exceptions=True
+            )
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        for failure in failures[1:]:
+            log.error("worker jobs failed as well: %r", failure)
+        if failures:
+            raise failures[0]
 
         reconcilable = [name for name in self.targets if name not in paused and name not in ctx.auth_failed]
         reconciling = await ctx.db(claim_reconcile, self.engine, reconcilable, self.owner, timedelta(seconds=lease))

@@ -114,6 +114,8 @@ async def _reapply(ctx: JobContext, client: MailcowClient, target: str, wanted: 
     try:
         row: PolicyRow | None
         if drift["kind"] == "missing":
+            if not await ctx.db(store.mark_add_sent, ctx.engine, [wanted.id], ctx.owner, S.active):
+                return  # ended meanwhile; its removal is due
             await client.add_policy(wanted.destination, wanted.policy, wanted.parameters)
             crash_point("after_reapply")
             row = await client.find_policy(wanted.destination)
@@ -172,6 +174,7 @@ def _record(
         changes: dict[str, Any] = {"drift": drift}
         if mailcow_id is not None:
             changes["mailcow_id"] = mailcow_id
+            changes["add_sent_at"] = None  # the re-apply's outcome is known now
         if owner is not None:
             changes.update(store.RELEASED)
         service.update_in_place(

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from app.core.db import transaction
+from app.core.db import transaction, utcnow
 from app.core.errors import AppError
 from app.core.metrics import WORKER_JOBS
 from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected
@@ -63,6 +64,19 @@ def plan_removal(job: Job, current: PolicyMap) -> Plan:
     return Plan(frozenset(ids), True, snapshot if status == "replaced" else None)
 
 
+def _settle(ctx: JobContext) -> timedelta:
+    return timedelta(seconds=ctx.settings.mailcow_add_settle_seconds)
+
+
+def _add_may_still_land(ctx: JobContext, job: Job, plan: Plan) -> bool:
+    """Nothing of ours is in the map, but an add went out recently and its answer never came back (the
+    override was cancelled or revoked before the apply was recorded, or a re-apply failed): mailcow may
+    still commit it. Recording the end now would leave that row behind, active, owned by nobody."""
+    return (
+        not plan.ids and plan.check_dest and job.add_sent_at is not None and utcnow() - job.add_sent_at < _settle(ctx)
+    )
+
+
 def leftovers(job: Job, plan: Plan, current: PolicyMap) -> list[int]:
     """Our rows still in the map (after the delete)."""
     left = {row_id for row_id in plan.ids if row_id in current.by_id}
@@ -79,6 +93,11 @@ async def remove_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) 
     if before is None:
         return
     plans = {job.id: plan_removal(job, before) for job in jobs}
+    settling = [job for job in jobs if _add_may_still_land(ctx, job, plans[job.id])]
+    for job in settling:
+        wait = (job.add_sent_at + _settle(ctx) - utcnow()).total_seconds() if job.add_sent_at else 0.0
+        await ctx.retry_later(job, "remove", "an add sent moments ago may still land in mailcow", delay=max(wait, 0.1))
+    jobs = [job for job in jobs if job not in settling]
     delete_ids = sorted(set().union(*(plan.ids for plan in plans.values())))
     after = before
     if delete_ids:
@@ -126,21 +145,25 @@ async def _restore(
     dest, policy, parameters = str(snapshot["dest"]), str(snapshot["policy"]), str(snapshot.get("parameters", ""))
     active = int(snapshot.get("active", 1))
     at_dest = current.at(dest)
-    if at_dest is not None:
-        if is_our_content(at_dest, dest, policy, parameters):
-            return {"restored": row_dict(at_dest)}  # an earlier attempt restored it already
+    if at_dest is not None and not is_our_content(at_dest, dest, policy, parameters):
         return {"restore_skipped": row_dict(at_dest), "reason": "another row holds the destination now"}
     try:
-        await client.add_policy(dest, policy, parameters)
-        crash_point("after_restore")
-        row = await client.find_policy(dest)
+        row = at_dest  # an earlier attempt re-added it already (perhaps not its `active` flag yet)
+        if row is None:
+            await client.add_policy(dest, policy, parameters)
+            crash_point("after_restore")
+            row = await client.find_policy(dest)
         if row is None:
             await ctx.retry_later(job, "remove", f"the restored row for {dest} is not in the map")
             return None
-        if active != 1 and row.active == 1:
-            # add always creates active rows; mailcow keeps only 0/1 meaningful (Postfix: 1 = active).
-            await client.edit_policy(row.id, active=0)
-            row = await client.get_policy(row.id) or row
+        if (active == 1) != (row.active == 1):
+            # add always creates active rows; an inactive original must come back inactive (Postfix
+            # ignores it), or its policy would start applying to mail.
+            await client.edit_policy(row.id, active=1 if active == 1 else 0)
+            row = await client.get_policy(row.id)
+            if row is None or (active == 1) != (row.active == 1):
+                await ctx.retry_later(job, "remove", f"the restored row for {dest} does not read back as it was")
+                return None
     except MailcowRejected as exc:
         # mailcow's add refuses some dests its edit form accepted (e.g. `.sub.example`): say so, go on.
         log.error("override %s: could not restore the replaced row %s: %s", job.id, snapshot, describe(exc))

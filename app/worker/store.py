@@ -51,8 +51,9 @@ class Job:
     attempts: int
     conflict: dict[str, Any] | None
     end_reason: str | None
-    first_attempt: bool  # apply: no earlier attempt can have added a row
+    first_attempt: bool  # no add is outstanding for it, so no row in mailcow can be an unrecorded one of ours
     due_at: datetime | None
+    add_sent_at: datetime | None = None  # an add sent whose outcome is not recorded; it may land late
 
     @property
     def conflict_status(self) -> str | None:
@@ -112,8 +113,9 @@ def claim(
                 attempts=row.attempts,
                 conflict=row.conflict,
                 end_reason=row.end_reason,
-                first_attempt=row.apply_started_at is None,
+                first_attempt=row.add_sent_at is None,
                 due_at=row.next_attempt_at,
+                add_sent_at=row.add_sent_at,
             )
             for row in rows
         ]
@@ -144,11 +146,53 @@ def owned(session: Session, override_id: int, owner: str, state: OverrideState) 
 
 
 def drop_lease(session: Session, override_id: int, owner: str) -> None:
+    """Let go of an override whose state changed under us (a cancel, a revoke): whatever job it needs
+    now is due at once, not when our lease would have run out."""
     session.execute(
         update(Override)
         .where(col(Override.id) == override_id, col(Override.lease_owner) == owner)
-        .values(**RELEASED)
+        .values(**RELEASED, next_attempt_at=utcnow())
         .execution_options(synchronize_session=False)
+    )
+
+
+def mark_add_sent(engine: Engine, override_ids: list[int], owner: str, state: OverrideState) -> list[int]:
+    """Record, before the adds go out, that they are about to: from now on a row with our content at
+    the destination may be ours (and may still appear late). Returns the ids still ours to add for;
+    an override cancelled meanwhile is left alone (its removal is due at once)."""
+    with transaction(engine) as session:
+        ours = [override.id or 0 for override in _still_ours(session, override_ids, owner, state)]
+        if ours:
+            session.execute(
+                update(Override)
+                .where(col(Override.id).in_(ours))
+                .values(add_sent_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+        for override_id in set(override_ids) - set(ours):
+            drop_lease(session, override_id, owner)
+        return ours
+
+
+def clear_add_sent(engine: Engine, override_id: int, owner: str) -> None:
+    """mailcow answered the add with a refusal: nothing of it can land later."""
+    with transaction(engine) as session:
+        session.execute(
+            update(Override)
+            .where(col(Override.id) == override_id, col(Override.lease_owner) == owner)
+            .values(add_sent_at=None)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _still_ours(session: Session, override_ids: list[int], owner: str, state: OverrideState) -> list[Override]:
+    return list(
+        session.exec(
+            select(Override)
+            .where(col(Override.id).in_(override_ids))
+            .where(col(Override.state) == state, col(Override.lease_owner) == owner)
+            .with_for_update()
+        ).all()
     )
 
 
