@@ -7,7 +7,7 @@ import ipaddress
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,18 @@ def dev_settings(host: str, port: int) -> Settings:
     )
 
 
+def _dev_refusal(environ: Mapping[str, str]) -> str | None:
+    """Dev mode mints tokens for anyone on this host: it must never run against production data.
+    Only its own SQLite file is allowed; a real mailcow (TLSO_MAILCOW_URL) may be tried, with a warning."""
+    env = environ.get("TLSO_ENV", "dev")
+    if env != "dev":
+        return f"TLSO_ENV={env} (dev mode needs TLSO_ENV unset or dev)"
+    url = environ.get("TLSO_DATABASE_URL")
+    if url and not url.startswith("sqlite:"):
+        return "TLSO_DATABASE_URL is not a SQLite file (dev mode never touches a shared database)"
+    return None
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         print(
@@ -180,8 +192,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if os.environ.get("TLSO_ENV", "dev") == "production":
-        print("refusing to start dev mode with TLSO_ENV=production", file=sys.stderr)
+    refusal = _dev_refusal(os.environ)
+    if refusal:
+        print(f"refusing to start dev mode: {refusal}", file=sys.stderr)
         return 2
     import uvicorn
 
@@ -197,6 +210,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
     stop_standin = None
     if not settings.mailcow_url:
         settings, stop_standin = _start_dev_standin(settings, args.host)
+    else:
+        print(
+            f"WARNING: dev mode will change the TLS policy map of the real mailcow at {settings.mailcow_url}; "
+            "anyone on this host can get an admin token from /dev/token",
+            file=sys.stderr,
+        )
     settings = _dev_worker_timing(settings, standin=stop_standin is not None)
     engine = make_engine(settings.database_url)
     upgrade(engine)

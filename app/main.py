@@ -49,6 +49,8 @@ def create_app(
     dev_idp: DevIdentityProvider | None = None,
     oidc_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
+    if dev_idp is not None and settings.env == "production":
+        raise RuntimeError("the dev identity provider mints tokens for anyone: never with TLSO_ENV=production")
     engine = engine or make_engine(settings.database_url)
     scheme = oauth2_scheme(settings)
 
