@@ -279,3 +279,27 @@ def test_on_behalf_of_must_name_a_user(client: Any, auth: Any, subtests: Any) ->
             headers = auth("bot", "integration", client_id="ticketing")
             headers["X-On-Behalf-Of"] = value
             assert_problem(client.get("/v1/overrides", headers=headers), 422, field="header.X-On-Behalf-Of")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_system_is_not_a_name_anyone_can_take(client: Any, auth: Any, idp: Any) -> None:
+    headers = auth("bot", "integration", client_id="ticketing", on_behalf_of="System")
+    assert_problem(client.get("/v1/overrides", headers=headers), 422, field="header.X-On-Behalf-Of")
+    assert_problem(client.get("/v1/overrides", headers=auth("system", "admin")), 401)
+
+
+def test_an_integration_cannot_make_up_a_quorum_or_an_alias(
+    client: Any, make_override: Any, auth: Any, engine: Engine
+) -> None:
+    bot_for = lambda user: auth("bot", "integration", client_id="slackbot", on_behalf_of=user)  # noqa: E731
+    two = make_override("alice", policy="none")  # `none` needs two approvals
+    assert act(client, two["id"], "approve", bot_for("ghost-1")).status_code == 200
+    assert_problem(act(client, two["id"], "approve", bot_for("ghost-2")), 403)  # not the bot's second word
+    done = act(client, two["id"], "approve", auth("carol", "approver"))  # a reviewer acting directly
+    assert done.status_code == 200 and done.json()["state"] == "approved"
+
+    one = make_override("alice", destination="example.net")
+    assert_problem(act(client, one["id"], "approve", bot_for("Alice")), 403)  # alice's own, by another spelling
+    assert_problem(act(client, one["id"], "approve", bot_for(" ALICE ")), 403)
+    refusals = [e for e in events(client, one["id"], auth("erin", "auditor")) if e["action"] == "auth.refused"]
+    assert len(refusals) == 2 and all(e["actor"] == "alice" for e in refusals)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -132,6 +133,16 @@ def roles_from_claims(claims: dict[str, Any], settings: Settings) -> frozenset[R
     return frozenset(roles)
 
 
+RESERVED_ACTORS = frozenset({"system"})
+
+
+def same_person(a: str | None, b: str | None) -> bool:
+    """Whether two recorded actors are the same human (case and Unicode form do not matter)."""
+    if a is None or b is None:
+        return False
+    return unicodedata.normalize("NFKC", a).casefold() == unicodedata.normalize("NFKC", b).casefold()
+
+
 def principal_from_claims(
     claims: dict[str, Any], settings: Settings, on_behalf_of: str | None, on_behalf_name: str | None
 ) -> Principal:
@@ -139,6 +150,8 @@ def principal_from_claims(
     sub = str(claims["sub"])
     if not sub or len(sub) > 200:
         raise Unauthenticated("The token's subject is empty or longer than 200 characters.")
+    if sub.casefold() in RESERVED_ACTORS:
+        raise Unauthenticated(f"The subject '{sub}' is reserved for tlsoverride itself.")
     client_id = str(claims.get("client_id") or claims.get("azp") or "") or None
     client_id = client_id[:200] if client_id else None
     name = str(claims.get("name") or claims.get("preferred_username") or sub)[:200]
@@ -146,9 +159,13 @@ def principal_from_claims(
         return Principal(actor=sub, name=name, roles=roles, client_id=client_id)
     if "integration" not in roles:
         raise Forbidden(f"Only integrations may send {ON_BEHALF_OF}.")
-    user = on_behalf_of.strip()
+    # People are compared case-insensitively (an alias "Alice" must not approve alice's request), so the
+    # name an integration gives is stored in its normal form; `system` is the worker's name, never a user's.
+    user = unicodedata.normalize("NFKC", on_behalf_of).strip().casefold()
     if not user or len(user) > 200 or not user.isprintable():
         raise InvalidInput.on(f"header.{ON_BEHALF_OF}", "must name the user the integration acts for")
+    if user in RESERVED_ACTORS:
+        raise InvalidInput.on(f"header.{ON_BEHALF_OF}", f"'{user}' is reserved for tlsoverride itself")
     delegated = frozenset(settings.integration_delegated_roles)
     return Principal(
         actor=user,

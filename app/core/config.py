@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     oidc_swagger_client_id: str = "swagger-ui"
     oidc_swagger_scopes: str = "openid profile groups"
     integration_delegated_roles: Annotated[list[Role], NoDecode] = ["requester", "approver"]
+    # Approvals one integration may carry per request (and per extension round): it can name any user,
+    # so a quorum of two needs a second reviewer acting directly or through another integration.
+    integration_approvals_per_round: int = Field(default=1, ge=1)
 
     # Override rules
     default_target: str = "default"

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from app.audit.service import record, record_alone
-from app.core.auth import Principal
+from app.core.auth import Principal, same_person
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import (
@@ -196,7 +196,7 @@ def load(session: Session, override_id: int, *, for_update: bool = False) -> Ove
 
 
 def can_see(principal: Principal, override: Override) -> bool:
-    return principal.has("approver", "admin", "auditor") or override.requested_by == principal.actor
+    return principal.has("approver", "admin", "auditor") or same_person(override.requested_by, principal.actor)
 
 
 @dataclass(frozen=True)
@@ -429,7 +429,7 @@ def list_overrides(
     """Newest first, stable under inserts: keyset pagination on the id."""
     query = select(Override)
     if not principal.has("approver", "admin", "auditor"):
-        query = query.where(Override.requested_by == principal.actor)
+        query = query.where(func.lower(Override.requested_by) == principal.actor.lower())
     if filters.state:
         query = query.where(col(Override.state).in_(list(filters.state)))
     if filters.destination:
@@ -478,13 +478,24 @@ def _vote(session: Session, ctx: ActionContext, override: Override, decision: st
     round_ = override.extension_round
     _require_reviewer(ctx, override, decision)
     asker = override.extension_requested_by if round_ else override.requested_by
-    if principal.actor in {override.requested_by, asker}:
+    if same_person(principal.actor, override.requested_by) or same_person(principal.actor, asker):
         raise refuse(ctx, override.id, decision, "Nobody may decide on their own request.")
-    already = session.exec(
-        select(Vote).where(Vote.override_id == override.id, Vote.round == round_, Vote.reviewer == principal.actor)
-    ).first()
+    votes = session.exec(select(Vote).where(Vote.override_id == override.id, Vote.round == round_)).all()
+    already = next((v for v in votes if same_person(v.reviewer, principal.actor)), None)
     if already is not None:
         raise Conflict(f"{principal.actor} already voted '{already.decision}' on this request.")
+    limit = ctx.settings.integration_approvals_per_round
+    if decision == "approve" and principal.via is not None:
+        through_it = sum(1 for v in votes if v.decision == "approve" and v.via == principal.via)
+        if through_it >= limit:
+            # An integration can name any user: its word alone must not make up a multi-approval quorum.
+            raise refuse(
+                ctx,
+                override.id,
+                decision,
+                f"{principal.via} already carried {through_it} approval(s) of this request; "
+                "the next one must come from another reviewer directly (or through another integration).",
+            )
     vote = Vote(
         override_id=override.id or 0,
         round=round_,
@@ -657,7 +668,7 @@ def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str)
     """The requester (or an admin) withdraws a request, or ends their own override early."""
     override = _load_for_action(session, ctx, override_id)
     principal = ctx.principal
-    if override.requested_by != principal.actor and not principal.has("admin"):
+    if not same_person(override.requested_by, principal.actor) and not principal.has("admin"):
         raise refuse(ctx, override.id, "cancel", "Only the requester or an admin may cancel an override.")
     if override.state == S.pending or (override.state == S.approved and override.apply_started_at is None):
         return transition(
@@ -717,7 +728,7 @@ def extend(session: Session, ctx: ActionContext, override_id: int, duration: tim
     """Ask for more time on an approved or active override; it needs approval like the request did."""
     override = _load_for_action(session, ctx, override_id)
     principal = ctx.principal
-    if override.requested_by != principal.actor and not principal.has("admin"):
+    if not same_person(override.requested_by, principal.actor) and not principal.has("admin"):
         raise refuse(ctx, override.id, "extend", "Only the requester or an admin may ask to extend an override.")
     if override.state not in {S.approved, S.active}:
         raise InvalidTransition(f"An override in state '{override.state}' cannot be extended.")
