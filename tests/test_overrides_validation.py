@@ -61,6 +61,7 @@ PARAMETERS_ACCEPTED = [
     ("encrypt", "protocols=>=TLSv1.2 ciphers=high", "protocols=>=TLSv1.2 ciphers=high"),
     ("encrypt", "protocols=>=TLSv1.2,ciphers=HIGH", "protocols=>=TLSv1.2 ciphers=high"),
     ("encrypt", "  protocols=!SSLv2:!SSLv3  ", "protocols=!SSLv2:!SSLv3"),
+    ("encrypt", "protocols=>=TLSv1.2:<=TLSv1.3", "protocols=>=TLSv1.2:<=TLSv1.3"),
     ("encrypt", "ciphers=high\tprotocols=>=TLSv1.2", "ciphers=high protocols=>=TLSv1.2"),
     ("may", "connection_reuse=YES", "connection_reuse=yes"),
     ("dane", "exclude=aNULL:eNULL", "exclude=aNULL:eNULL"),
@@ -87,6 +88,11 @@ PARAMETERS_REFUSED = [
     ("encrypt", "ciphers=high ciphers=medium"),
     ("encrypt", "ciphers=super"),
     ("encrypt", "protocols=TLSv9"),
+    ("encrypt", "protocols=>TLSv1.2"),  # Postfix knows >= and <=, not > or <: the policy would be invalid
+    ("encrypt", "protocols=<TLSv1.3"),
+    ("encrypt", "protocols=>=!TLSv1.2"),
+    ("encrypt", "ciphers=null"),  # no encryption at all
+    ("encrypt", "ciphers=export"),
     ("encrypt", "connection_reuse=maybe"),
     ("encrypt", "servername=not_a_host"),
     ("encrypt", "exclude=" + "A" * 248),  # 256 characters

@@ -26,8 +26,14 @@ __all__ = [
 
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_CIPHER_GRADES = {"export", "low", "medium", "high", "null"}
-_PROTOCOL = re.compile(r"^(?:[<>]=?)?!?(?:SSLv2|SSLv3|TLSv1|TLSv1\.1|TLSv1\.2|TLSv1\.3)$")
+_CIPHER_GRADES = {"low", "medium", "high"}
+# `null` (no encryption at all) and `export` (broken since the 1990s) are valid Postfix, but no DANE
+# workaround needs them: refused rather than passed to review as a harmless-looking parameter.
+_REFUSED_GRADES = {"null", "export"}
+# Postfix's tls_proto_mask_lims() knows exactly: `>=version`, `<=version`, `!name` and `name`; anything
+# else (`>TLSv1.2`, `>=!TLSv1.2`) makes the whole policy invalid and Postfix defers all mail.
+_PROTOCOL_NAME = r"(?:SSLv2|SSLv3|TLSv1|TLSv1\.1|TLSv1\.2|TLSv1\.3)"
+_PROTOCOL = re.compile(rf"^(?:[<>]={_PROTOCOL_NAME}|!?{_PROTOCOL_NAME})$")
 _CIPHER_NAME = re.compile(r"^!?[A-Za-z0-9+_.-]+$")
 _HEX_DIGEST = re.compile(r"^(?:[0-9A-Fa-f]{2}:?)+$")
 _DIGEST_BYTES = {16, 20, 28, 32, 48, 64}
@@ -167,6 +173,8 @@ _REFUSED = {
 
 def _check_value(name: str, value: str, policy: str, field: str) -> str:
     if name == "ciphers":
+        if value.lower() in _REFUSED_GRADES:
+            raise PolicyInputError(field, f"ciphers={value.lower()} gives up encryption; use medium or high")
         if value.lower() not in _CIPHER_GRADES:
             raise PolicyInputError(field, f"ciphers must be one of {sorted(_CIPHER_GRADES)}")
         return value.lower()
