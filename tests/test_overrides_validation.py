@@ -114,6 +114,8 @@ BODY_REFUSED: list[tuple[str, Any, str]] = [
     ("duration in words", {"duration": "three days"}, "body.duration"),
     ("duration as a number", {"duration": 86400}, "body.duration"),
     ("negative duration", {"duration": "-P1D"}, "body.duration"),
+    ("half a second", {"duration": "PT0.5S"}, "body.duration"),
+    ("a fraction of a second", {"duration": "PT90.25S"}, "body.duration"),
     ("upper-case policy", {"policy": "DANE"}, "body.policy"),
     ("unknown policy", {"policy": "tls"}, "body.policy"),
     ("short justification", {"justification": "broken"}, "body.justification"),
@@ -224,3 +226,45 @@ def test_action_body_and_path_errors(client: Any, engine: Engine, auth: Any, mak
         assert_problem(client.get("/v1/overrides/999", headers=headers), 404)
     with subtests.test(case="unknown route"):
         assert_problem(client.get("/v1/nothing-here", headers=headers), 404)
+
+
+def test_what_postgresql_would_refuse_is_a_422_not_a_500(
+    client: Any, engine: Engine, auth: Any, make_override: Any, subtests: Any
+) -> None:
+    """NUL characters and numbers beyond the id columns: refused by the API on both databases."""
+    override_id = make_override()["id"]
+    headers = auth("root", "admin")
+    big = 2**31
+    huge_cursor = "bzoxMTgwNTkxNjIwNzE3NDExMzAzNDI0"  # "o:1180591620717411303424" (2**70)
+    posts: list[tuple[str, Any, str]] = [
+        ("/v1/overrides", _body(justification=JUSTIFICATION + "\x00"), "body.justification"),
+        ("/v1/overrides", _body(ticket="OPS-1\x00"), "body.ticket"),
+        ("/v1/overrides", _body(ticket="OPS-1\nOPS-2"), "body.ticket"),
+        ("/v1/overrides", _body(target="default\x00"), "body.target"),
+        (f"/v1/overrides/{override_id}/approve", {"comment": "ok\x00"}, "body.comment"),
+        (f"/v1/overrides/{big}/approve", {"comment": "ok"}, "path.override_id"),
+    ]
+    for url, body, field in posts:
+        with subtests.test(url=url, field=field):
+            before = counts(engine)
+            assert_problem(client.post(url, json=body, headers=headers), 422, field=field)
+            assert counts(engine) == before
+    gets = [
+        (f"/v1/overrides/{big}", "path.override_id"),
+        (f"/v1/overrides/{big}/events", "path.override_id"),
+        ("/v1/overrides?ticket=a%00b", "query.ticket"),
+        ("/v1/overrides?destination=a%00b", "query.destination"),
+        (f"/v1/overrides?cursor={huge_cursor}", "query.cursor"),
+        (f"/v1/audit?override_id={2**70}", "query.override_id"),
+        ("/v1/audit?actor=a%00b", "query.actor"),
+        ("/v1/audit?cursor=YTo5OTk5OTk5OTk5OTk5OTk5OTk5OTk5", "query.cursor"),  # "a:9999999999999999999999"
+    ]
+    for url, field in gets:
+        with subtests.test(url=url):
+            assert_problem(client.get(url, headers=headers), 422, field=field)
+    multi_line = client.post(
+        f"/v1/overrides/{override_id}/reject",
+        json={"comment": "Not yet:\n- ticket missing\n- no diagnosis"},
+        headers=headers,
+    )
+    assert multi_line.status_code == 200, multi_line.text  # line breaks are fine in free text

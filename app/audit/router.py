@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
@@ -14,7 +13,8 @@ from app.audit.models import AuditEvent
 from app.audit.service import VerifyResult, as_dict, iter_events, to_csv_rows, to_jsonl, verify_chain
 from app.core.auth import Principal, require
 from app.core.db import SessionDep
-from app.core.errors import InvalidInput, problem_responses
+from app.core.errors import problem_responses
+from app.core.text import MAX_ID, Filter, decode_cursor, encode_cursor
 from app.overrides.schemas import EventPage, EventRead
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -22,33 +22,17 @@ Reader = Annotated[Principal, require("auditor", "admin")]
 ERRORS = problem_responses(401, 403, 422)
 
 
-def _cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"a:{seq}".encode()).decode().rstrip("=")
-
-
-def _after(cursor: str | None) -> int:
-    if not cursor:
-        return 0
-    try:
-        kind, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
-        if kind != "a":
-            raise ValueError(kind)
-        return int(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput.on("query.cursor", "is not a cursor this API handed out") from exc
-
-
 @router.get("", response_model=EventPage, summary="Audit events, oldest first", responses=ERRORS)
 def list_events(
     session: SessionDep,
     _: Reader,
-    action: str | None = None,
-    actor: str | None = None,
-    override_id: int | None = None,
+    action: Filter = None,
+    actor: Filter = None,
+    override_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventPage:
-    query = select(AuditEvent).where(AuditEvent.seq > _after(cursor))
+    query = select(AuditEvent).where(AuditEvent.seq > (decode_cursor("a", cursor) or 0))
     if action:
         query = query.where(AuditEvent.action == action)
     if actor:
@@ -56,7 +40,7 @@ def list_events(
     if override_id is not None:
         query = query.where(AuditEvent.override_id == override_id)
     rows = list(session.exec(query.order_by(col(AuditEvent.seq)).limit(limit + 1)).all())
-    next_cursor = _cursor(rows[limit - 1].seq) if len(rows) > limit else None
+    next_cursor = encode_cursor("a", rows[limit - 1].seq) if len(rows) > limit else None
     return EventPage(items=[EventRead.model_validate(as_dict(r)) for r in rows[:limit]], next_cursor=next_cursor)
 
 

@@ -18,6 +18,7 @@ from app.core.db import SessionDep
 from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, run_idempotent
+from app.core.text import MAX_ID, Filter
 from app.overrides import service
 from app.overrides.evidence import gather_evidence
 from app.overrides.models import Override, OverrideState
@@ -35,7 +36,7 @@ from app.overrides.schemas import (
 
 router = APIRouter(prefix="/v1/overrides", tags=["overrides"])
 
-OverrideId = Annotated[int, Path(ge=1, description="The override's id.")]
+OverrideId = Annotated[int, Path(ge=1, le=MAX_ID, description="The override's id.")]
 IfMatch = Annotated[str | None, Header(alias="If-Match", description="The ETag you decided on.")]
 IdempotencyKey = Annotated[
     str | None,
@@ -163,10 +164,10 @@ def list_overrides(
     session: SessionDep,
     principal: CurrentPrincipal,
     state: Annotated[list[OverrideState] | None, Query(description="Repeat to match several states.")] = None,
-    destination: str | None = None,
-    requester: str | None = None,
-    ticket: str | None = None,
-    target: str | None = None,
+    destination: Filter = None,
+    requester: Filter = None,
+    ticket: Filter = None,
+    target: Filter = None,
     overdue: bool | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.text import Line, Text
 from app.overrides.models import OverrideState
 
 Policy = Literal["none", "may", "encrypt", "verify", "secure", "dane", "dane-only", "fingerprint"]
@@ -38,14 +39,16 @@ class OverrideCreate(BaseModel):
         },
     )
 
-    target: str | None = Field(default=None, max_length=100, description="mailcow instance; default target if omitted.")
+    target: Line | None = Field(
+        default=None, max_length=100, description="mailcow instance; default target if omitted."
+    )
     destination: str = Field(
         max_length=300, description="Recipient domain, `[host]:port` next hop or IP literal; normalised."
     )
     policy: Policy
     parameters: str = Field(default="", max_length=1000, description="Postfix TLS policy attributes, `name=value`.")
-    justification: str = Field(max_length=4000)
-    ticket: str | None = Field(default=None, max_length=200)
+    justification: Text = Field(max_length=4000)
+    ticket: Line | None = Field(default=None, max_length=200)
     ticket_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
     duration: timedelta | None = Field(
         default=None, description="ISO 8601 duration (e.g. `P3D`, `PT12H`); counted from when it is applied."
@@ -57,7 +60,7 @@ class OverrideCreate(BaseModel):
 class ActionBody(BaseModel):
     # Stripped, so that a comment of blanks counts as no comment.
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    comment: str = Field(min_length=1, max_length=4000, description="Why: every decision carries a comment.")
+    comment: Text = Field(min_length=1, max_length=4000, description="Why: every decision carries a comment.")
 
 
 class ExtendBody(ActionBody):

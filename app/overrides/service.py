@@ -6,7 +6,6 @@ the audit entry in the same transaction. Services never commit: the caller's uni
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,6 +29,7 @@ from app.core.errors import (
     PreconditionFailed,
     PreconditionRequired,
 )
+from app.core.text import decode_cursor, encode_cursor
 from app.overrides.models import TERMINAL_STATES, Override, OverrideState, Vote
 from app.overrides.postfix import (
     POLICY_STRENGTH,
@@ -255,11 +255,16 @@ def _load_for_action(session: Session, ctx: ActionContext, override_id: int) -> 
 def _bounded_duration(requested: timedelta | None, settings: Settings) -> timedelta:
     # `is None`, not `or`: a zero duration is an error, not a request for the default.
     duration = settings.default_duration if requested is None else requested
-    if duration <= timedelta(0):
-        raise InvalidInput.on("body.duration", "must be positive")
+    _require_whole_seconds(duration)
     if duration > settings.max_duration:
         raise InvalidInput.on("body.duration", f"must not exceed the maximum of {settings.max_duration}")
     return duration
+
+
+def _require_whole_seconds(duration: timedelta) -> None:
+    # Stored in seconds: `PT0.5S` would become 0 (no override, or a phantom extension).
+    if duration < timedelta(seconds=1) or duration.microseconds:
+        raise InvalidInput.on("body.duration", "must be a positive whole number of seconds (e.g. PT12H, P3D)")
 
 
 def _require_comment_length(value: str, field: str, minimum: int) -> str:
@@ -397,23 +402,6 @@ class OverrideFilter:
     overdue: bool | None = None
 
 
-def encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{last_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None) -> int | None:
-    if not cursor:
-        return None
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = text.partition(":")
-        if kind != "o":
-            raise ValueError(kind)
-        return int(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput.on("query.cursor", "is not a cursor this API handed out") from exc
-
-
 def _normalised_or_raw(destination: str) -> str:
     # Filter by the stored form (`Bücher.Example` → `xn--bcher-kva.example`); a value that is not a valid
     # destination simply matches nothing.
@@ -443,11 +431,11 @@ def list_overrides(
     if filters.overdue is not None:
         overdue = (col(Override.state) == S.removing) & (col(Override.removal_deadline) < utcnow())
         query = query.where(overdue if filters.overdue else ~overdue)
-    after = decode_cursor(cursor)
+    after = decode_cursor("o", cursor)
     if after is not None:
         query = query.where(col(Override.id) < after)
     rows = list(session.exec(query.order_by(col(Override.id).desc()).limit(limit + 1)).all())
-    next_cursor = encode_cursor(rows[limit - 1].id or 0) if len(rows) > limit else None
+    next_cursor = encode_cursor("o", rows[limit - 1].id or 0) if len(rows) > limit else None
     return rows[:limit], next_cursor
 
 
@@ -734,8 +722,7 @@ def extend(session: Session, ctx: ActionContext, override_id: int, duration: tim
         raise InvalidTransition(f"An override in state '{override.state}' cannot be extended.")
     if override.extension_seconds:
         raise Conflict("An extension is already waiting for approval.")
-    if duration <= timedelta(0):
-        raise InvalidInput.on("body.duration", "must be positive")
+    _require_whole_seconds(duration)
     total = timedelta(seconds=override.duration_seconds) + duration
     if total > ctx.settings.max_duration:
         room = ctx.settings.max_duration - timedelta(seconds=override.duration_seconds)
