@@ -6,7 +6,7 @@ the audit entry in the same transaction. Services never commit: the caller's uni
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -233,6 +233,8 @@ def _check_version(ctx: ActionContext, override: Override) -> None:
         if ctx.settings.require_if_match:
             raise PreconditionRequired("Send If-Match with the override's ETag.")
         return
+    # The tag names a version, not a byte representation, so `W/"2"` counts as `"2"`: reverse proxies
+    # that compress answers (nginx gzip) weaken ETags on the way out, and clients send them back so.
     wanted = {tag.strip().removeprefix("W/").strip('"') for tag in ctx.if_match.split(",")}
     if "*" not in wanted and str(override.version) not in wanted:
         raise PreconditionFailed(
@@ -240,10 +242,32 @@ def _check_version(ctx: ActionContext, override: Override) -> None:
         )
 
 
-def _load_for_action(session: Session, ctx: ActionContext, override_id: int) -> Override:
+Permission = Callable[[Principal, Override], bool]
+
+
+def reviewer(principal: Principal, override: Override) -> bool:
+    return principal.has("approver", "admin")
+
+
+def owner_or_admin(principal: Principal, override: Override) -> bool:
+    return same_person(override.requested_by, principal.actor) or principal.has("admin")
+
+
+def admin(principal: Principal, override: Override) -> bool:
+    return principal.has("admin")
+
+
+def _load_for_action(
+    session: Session, ctx: ActionContext, override_id: int, action: str, allowed: Permission, reason: str
+) -> Override:
+    """The override, locked, once the caller may see it, may do `action` on it, and decided on its
+    current version — in that order, so a refused caller learns nothing more and is always on record."""
     override = load(session, override_id, for_update=True)
     if not can_see(ctx.principal, override):
+        refuse(ctx, override.id, action, f"{action} on an override the caller may not see")
         raise NotFound(f"Override {override_id} does not exist.")
+    if not allowed(ctx.principal, override):
+        raise refuse(ctx, override.id, action, reason)
     _check_version(ctx, override)
     return override
 
@@ -455,16 +479,12 @@ def is_overdue(override: Override, now: datetime | None = None) -> bool:
 # Decisions
 
 
-def _require_reviewer(ctx: ActionContext, override: Override, decision: str) -> None:
-    # Checked before the state, so that a caller without the role learns nothing and is always on record.
-    if not ctx.principal.has("approver", "admin"):
-        raise refuse(ctx, override.id, decision, "Deciding on requests needs the approver role.")
+REVIEWERS_ONLY = "Deciding on requests needs the approver role."
 
 
 def _vote(session: Session, ctx: ActionContext, override: Override, decision: str, comment: str) -> Vote:
     principal = ctx.principal
     round_ = override.extension_round
-    _require_reviewer(ctx, override, decision)
     asker = override.extension_requested_by if round_ else override.requested_by
     if same_person(principal.actor, override.requested_by) or same_person(principal.actor, asker):
         raise refuse(ctx, override.id, decision, "Nobody may decide on their own request.")
@@ -532,8 +552,7 @@ def lapse(session: Session, override: Override) -> Override:
 
 def approve(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """One reviewer approves the request (or its pending extension); enough approvals move it on."""
-    override = _load_for_action(session, ctx, override_id)
-    _require_reviewer(ctx, override, "approve")
+    override = _load_for_action(session, ctx, override_id, "approve", reviewer, REVIEWERS_ONLY)
     if override.state == S.pending:
         _refuse_if_lapsed(override)
     elif not (override.state in {S.active, S.approved} and override.extension_seconds):
@@ -593,8 +612,7 @@ def approve(session: Session, ctx: ActionContext, override_id: int, comment: str
 
 def reject(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """A reviewer rejects the request (or only its pending extension)."""
-    override = _load_for_action(session, ctx, override_id)
-    _require_reviewer(ctx, override, "reject")
+    override = _load_for_action(session, ctx, override_id, "reject", reviewer, REVIEWERS_ONLY)
     if override.state == S.pending:
         _refuse_if_lapsed(override)
         _vote(session, ctx, override, "reject", comment)
@@ -654,10 +672,9 @@ def begin_removal(
 
 def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """The requester (or an admin) withdraws a request, or ends their own override early."""
-    override = _load_for_action(session, ctx, override_id)
+    reason = "Only the requester or an admin may cancel an override."
+    override = _load_for_action(session, ctx, override_id, "cancel", owner_or_admin, reason)
     principal = ctx.principal
-    if not same_person(override.requested_by, principal.actor) and not principal.has("admin"):
-        raise refuse(ctx, override.id, "cancel", "Only the requester or an admin may cancel an override.")
     if override.state == S.pending or (override.state == S.approved and override.apply_started_at is None):
         return transition(
             session,
@@ -685,9 +702,7 @@ def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str)
 
 def revoke(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """An admin ends an approved or active override now."""
-    override = _load_for_action(session, ctx, override_id)
-    if not ctx.principal.has("admin"):
-        raise refuse(ctx, override.id, "revoke", "Revoking needs the admin role.")
+    override = _load_for_action(session, ctx, override_id, "revoke", admin, "Revoking needs the admin role.")
     if override.state == S.approved and override.apply_started_at is None:
         return transition(
             session,
@@ -714,10 +729,9 @@ def revoke(session: Session, ctx: ActionContext, override_id: int, comment: str)
 
 def extend(session: Session, ctx: ActionContext, override_id: int, duration: timedelta, comment: str) -> Override:
     """Ask for more time on an approved or active override; it needs approval like the request did."""
-    override = _load_for_action(session, ctx, override_id)
+    reason = "Only the requester or an admin may ask to extend an override."
+    override = _load_for_action(session, ctx, override_id, "extend", owner_or_admin, reason)
     principal = ctx.principal
-    if not same_person(override.requested_by, principal.actor) and not principal.has("admin"):
-        raise refuse(ctx, override.id, "extend", "Only the requester or an admin may ask to extend an override.")
     if override.state not in {S.approved, S.active}:
         raise InvalidTransition(f"An override in state '{override.state}' cannot be extended.")
     if override.extension_seconds:
@@ -748,10 +762,9 @@ def extend(session: Session, ctx: ActionContext, override_id: int, duration: tim
 
 def resolve_conflict(session: Session, ctx: ActionContext, override_id: int, action: str, comment: str) -> Override:
     """An admin decides about a foreign mailcow row that blocks an approved override: replace or abandon."""
-    override = _load_for_action(session, ctx, override_id)
+    reason = "Resolving conflicts needs the admin role."
+    override = _load_for_action(session, ctx, override_id, "resolve-conflict", admin, reason)
     principal = ctx.principal
-    if not principal.has("admin"):
-        raise refuse(ctx, override.id, "resolve-conflict", "Resolving conflicts needs the admin role.")
     if action not in ("replace", "abandon"):
         raise InvalidInput.on("body.action", "must be 'replace' or 'abandon'")
     conflict = override.conflict or {}
