@@ -313,3 +313,40 @@ def test_roles_are_checked_before_the_version(client: Any, make_override: Any, a
     assert_problem(act(client, override_id, "approve", mallory), 403)  # a role problem, not a stale version
     refused = [row["actor"] for row in audit_rows(engine, "auth.refused")]
     assert refused == ["dave", "mallory"]
+
+
+async def test_forged_kids_do_not_hammer_a_failing_identity_provider(settings: Any) -> None:
+    import httpx
+
+    from app.core.auth import TokenValidator
+    from app.core.errors import AppError
+
+    key = ECKey.generate_key("P-256", {"kid": "real"})
+    calls = {"jwks": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("openid-configuration"):
+            return httpx.Response(200, json={"issuer": settings.oidc_issuer, "jwks_uri": "https://idp.test/jwks"})
+        calls["jwks"] += 1
+        if calls["jwks"] == 1:
+            return httpx.Response(200, json={"keys": [key.as_dict(private=False)]})
+        return httpx.Response(500)  # the provider fails from now on
+
+    def forged(kid: str) -> str:
+        header = base64.urlsafe_b64encode(json.dumps({"alg": "ES256", "kid": kid}).encode()).decode().rstrip("=")
+        return f"{header}.e30.c2ln"
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        validator = TokenValidator(settings, http)
+
+        async def storm() -> None:
+            for n in range(20):
+                with pytest.raises(AppError) as refused:
+                    await validator.validate(forged(f"kid-{n}"))
+                assert refused.value.status == 401
+
+        await storm()
+        assert calls["jwks"] == 1  # the first fetch; the unknown kids do not fetch again right away
+        validator._cache.attempted_at -= settings.oidc_jwks_min_refresh_seconds + 1  # time passes
+        await storm()
+        assert calls["jwks"] == 2  # one refetch (it fails), not one per forged token

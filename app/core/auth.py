@@ -48,7 +48,7 @@ class Principal:
 @dataclass
 class _JwksCache:
     keys: KeySet | None = None
-    fetched_at: float = 0.0
+    attempted_at: float = -1e9  # the last fetch, successful or not (monotonic clock)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -72,21 +72,27 @@ class TokenValidator:
         return self._jwks_uri
 
     async def _keys(self, kid: str | None) -> KeySet:
+        """The issuer's keys; fetched again for an unknown `kid`, at most once per
+        `TLSO_OIDC_JWKS_MIN_REFRESH_SECONDS` — also while the provider fails, so forged kids cannot make
+        us hammer it. Tokens with a known kid never wait for a fetch."""
         cache = self._cache
-        async with cache.lock:
-            known = cache.keys is not None and (kid is None or _has_kid(cache.keys, kid))
-            stale_ok = time.monotonic() - cache.fetched_at < self.settings.oidc_jwks_min_refresh_seconds
-            if cache.keys is None or (not known and not stale_ok):
+        if cache.keys is not None and (kid is None or _has_kid(cache.keys, kid)):
+            return cache.keys
+        async with cache.lock:  # one fetch at a time; the others see its result
+            if cache.keys is not None and (kid is None or _has_kid(cache.keys, kid)):
+                return cache.keys
+            # Without any keys, look again sooner (the provider may just be starting).
+            pause = self.settings.oidc_jwks_min_refresh_seconds if cache.keys is not None else 2.0
+            if time.monotonic() - cache.attempted_at >= pause:
+                cache.attempted_at = time.monotonic()
                 try:
                     response = await self.http.get(await self._discover())
                     response.raise_for_status()
                     cache.keys = KeySet.import_key_set(response.json())
-                    cache.fetched_at = time.monotonic()
                 except (httpx.HTTPError, ValueError, KeyError) as exc:
                     log.warning("cannot fetch the issuer's keys: %s", exc)
-                    if cache.keys is None:
-                        raise ServiceUnavailable("The identity provider's keys cannot be fetched.") from exc
-            assert cache.keys is not None
+            if cache.keys is None:
+                raise ServiceUnavailable("The identity provider's keys cannot be fetched.")
             return cache.keys
 
     async def validate(self, token: str) -> dict[str, Any]:
