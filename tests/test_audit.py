@@ -226,3 +226,30 @@ def test_postgres_refuses_to_change_history(engine: Engine, backend: str, trail:
             assert getattr(caught.value.orig, "sqlstate", None) == "42501"  # insufficient_privilege
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM audit_event")).scalar_one() == trail
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # PostgreSQL readers never block writers anyway
+def test_a_slow_export_download_does_not_block_writes(live_server: Any, engine: Engine, auth: Any) -> None:
+    import httpx
+
+    from app.audit.service import record
+    from app.core.db import transaction
+
+    with transaction(engine) as session:  # a trail far larger than the socket buffers
+        for n in range(3000):
+            record(session, actor="alice", action="override.created", override_id=None, comment=f"filler {n:05d}" * 8)
+    http = httpx.Client(base_url=live_server.url, timeout=10)
+    with http, http.stream("GET", "/v1/audit/export", headers=auth("erin", "auditor")) as download:
+        first = next(download.iter_lines())  # the download has begun, and stalls here
+        assert json.loads(first)["seq"] == 1
+        created = http.post(
+            "/v1/overrides",
+            json={
+                "destination": "example.org",
+                "policy": "encrypt",
+                "justification": "Recipient TLSA records are stale after a rollover.",
+            },
+            headers=auth("alice", "requester"),
+            timeout=5,
+        )
+        assert created.status_code == 201, created.text

@@ -7,12 +7,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
 from app.audit.models import AuditEvent
 from app.audit.service import VerifyResult, as_dict, iter_events, to_csv_rows, to_jsonl, verify_chain
 from app.core.auth import Principal, require
-from app.core.db import SessionDep
+from app.core.db import ReadSessionDep, reading
 from app.core.errors import problem_responses
 from app.core.text import MAX_ID, Filter, decode_cursor, encode_cursor
 from app.overrides.schemas import EventPage, EventRead
@@ -24,7 +24,7 @@ ERRORS = problem_responses(401, 403, 422)
 
 @router.get("", response_model=EventPage, summary="Audit events, oldest first", responses=ERRORS)
 def list_events(
-    session: SessionDep,
+    session: ReadSessionDep,
     _: Reader,
     action: Filter = None,
     actor: Filter = None,
@@ -45,7 +45,7 @@ def list_events(
 
 
 @router.get("/verify", response_model=VerifyResult, summary="Recompute the hash chain", responses=ERRORS)
-def verify(session: SessionDep, _: Reader) -> VerifyResult:
+def verify(session: ReadSessionDep, _: Reader) -> VerifyResult:
     """`valid` is false and `first_broken` names the first row whose hash or link does not hold."""
     return verify_chain(session)
 
@@ -60,7 +60,7 @@ def export(request: Request, _: Reader, format: Literal["jsonl", "csv"] = "jsonl
     engine = request.app.state.engine
 
     def events() -> Iterator[dict[str, object]]:
-        with Session(engine) as session:
+        with reading(engine) as session:
             for event_row in iter_events(session):
                 yield as_dict(event_row)
 

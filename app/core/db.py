@@ -68,7 +68,22 @@ def _make_sqlite_serialisable(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (see `reading`) take no write lock: under WAL they see a snapshot and block nobody.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
+
+
+_READ_ONLY = "tlso_read_only"
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Session]:
+    """A session that only reads (a long export, a chain verification): one consistent snapshot, and
+    on SQLite no write lock, so a slow download never holds up the API or the worker."""
+    with Session(engine.execution_options(**{_READ_ONLY: True})) as session:
+        try:
+            yield session
+        finally:
+            session.rollback()
 
 
 @contextmanager
@@ -91,3 +106,11 @@ def _request_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(_request_session, scope="function")]
+
+
+def _request_reader(request: Request) -> Iterator[Session]:
+    with reading(request.app.state.engine) as session:
+        yield session
+
+
+ReadSessionDep = Annotated[Session, Depends(_request_reader, scope="function")]
