@@ -84,7 +84,9 @@ def create_app(
     install_error_handlers(app)
 
     # The OAuth2 scheme only documents the Swagger UI login; tokens are checked by current_principal.
-    api = APIRouter(dependencies=[Depends(scheme)])
+    # Every authenticated route can also answer 403 (X-On-Behalf-Of from a non-integration), 503 (the
+    # identity provider's keys cannot be fetched) and 500 (a bug: still a problem document).
+    api = APIRouter(dependencies=[Depends(scheme)], responses=problem_responses(403, 500, 503))
     api.include_router(overrides_router)
     api.include_router(audit_router)
     api.include_router(diagnosis_router)

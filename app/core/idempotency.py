@@ -53,6 +53,18 @@ def _replay(record: IdempotencyRecord, print_: str) -> JSONResponse:
     return JSONResponse(record.body, status_code=record.status_code, headers={**record.headers, REPLAYED: "true"})
 
 
+def _owner(principal: Principal) -> str:
+    return f"{principal.via or ''}|{principal.actor}"
+
+
+def already_used(session: Session, principal: Principal, key: str | None) -> bool:
+    """Whether this caller's key already has an answer (the request will be a replay)."""
+    if key is None:
+        return False
+    query = select(IdempotencyRecord.key).where(IdempotencyRecord.principal == _owner(principal))
+    return session.exec(query.where(IdempotencyRecord.key == key)).first() is not None
+
+
 def run_idempotent(
     session: Session,
     principal: Principal,
@@ -67,7 +79,7 @@ def run_idempotent(
         return JSONResponse(body, status_code=status, headers=headers)
     if not 1 <= len(key) <= 200 or not key.isprintable():
         raise InvalidInput.on(f"header.{HEADER}", "must be 1 to 200 printable characters")
-    owner = f"{principal.via or ''}|{principal.actor}"
+    owner = _owner(principal)
     session.execute(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < utcnow() - ttl))
     query = select(IdempotencyRecord).where(IdempotencyRecord.principal == owner, IdempotencyRecord.key == key)
     found = session.exec(query).first()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
 from typing import Any
 
 import anyio.from_thread
@@ -11,6 +14,7 @@ from fastapi import FastAPI
 from app.core.config import Settings
 from app.diagnosis.assess import assess_request
 from app.diagnosis.engine import diagnose
+from app.diagnosis.models import Diagnosis
 from app.diagnosis.router import diagnosis_config
 from app.overrides.postfix import mx_domain_of
 
@@ -25,6 +29,38 @@ def findings_for(diagnosis: Any, policy: str, parameters: str, settings: Setting
     ]
 
 
+class _RecentDiagnoses:
+    """Diagnoses of the last two minutes, per domain: a burst of requests for one broken domain (a
+    ticket storm) probes it once. The stored evidence keeps its own `checked_at`."""
+
+    def __init__(self, seconds: float = 120.0, size: int = 256) -> None:
+        self.seconds, self.size = seconds, size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, tuple[float, Diagnosis]] = OrderedDict()
+
+    def get(self, domain: str) -> Diagnosis | None:
+        with self._lock:
+            found = self._items.get(domain)
+            if found is None or time.monotonic() - found[0] > self.seconds:
+                return None
+            return found[1]
+
+    def put(self, domain: str, diagnosis: Diagnosis) -> Diagnosis:
+        with self._lock:
+            self._items[domain] = (time.monotonic(), diagnosis)
+            self._items.move_to_end(domain)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return diagnosis
+
+
+def _recent(app: FastAPI) -> _RecentDiagnoses:
+    recent: _RecentDiagnoses | None = getattr(app.state, "recent_diagnoses", None)
+    if recent is None:
+        recent = app.state.recent_diagnoses = _RecentDiagnoses()
+    return recent
+
+
 def gather_evidence(
     app: FastAPI, destination: str, policy: str, parameters: str
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -34,7 +70,9 @@ def gather_evidence(
     if not settings.diagnosis_on_create or domain is None:
         return None, []
     try:
-        diagnosis = anyio.from_thread.run(diagnose, domain, diagnosis_config(settings))
+        diagnosis = _recent(app).get(domain) or _recent(app).put(
+            domain, anyio.from_thread.run(diagnose, domain, diagnosis_config(settings))
+        )
     except Exception as exc:  # evidence is best effort: a failed diagnosis must not block an urgent request
         log.warning("diagnosis of %s failed: %s", domain, exc)
         return {"error": f"diagnosis failed: {exc}"}, []

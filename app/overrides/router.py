@@ -14,10 +14,10 @@ from sqlmodel import Session
 from app.audit.service import as_dict, iter_events
 from app.core.auth import CurrentPrincipal, Principal
 from app.core.config import Settings
-from app.core.db import SessionDep
+from app.core.db import SessionDep, reading
 from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from app.core.idempotency import fingerprint, run_idempotent
+from app.core.idempotency import already_used, fingerprint, run_idempotent
 from app.core.text import MAX_ID, Filter
 from app.overrides import service
 from app.overrides.evidence import gather_evidence
@@ -145,8 +145,14 @@ def create_override(
     settings: Settings = request.app.state.settings
     if not principal.has("requester", "admin"):
         raise service.refuse(ctx, None, "create", "Creating overrides needs the requester role.")
-    _, destination, parameters, _ = service.validate_request(body, settings)
-    diagnosis, findings = gather_evidence(request.app, destination, body.policy, parameters)
+    target, destination, parameters, _ = service.validate_request(body, settings)
+    diagnosis: dict[str, Any] | None = None
+    findings: list[dict[str, Any]] = []
+    with reading(request.app.state.engine) as peek:  # no write lock while the domain is probed
+        # A replay or a duplicate is answered without a diagnosis: probing it again would only cost.
+        pointless = already_used(peek, principal, idempotency_key) or service.find_live(peek, target, destination)
+    if not pointless:
+        diagnosis, findings = gather_evidence(request.app, destination, body.policy, parameters)
     return run_idempotent(
         session,
         principal,

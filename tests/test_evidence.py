@@ -1,0 +1,70 @@
+"""Evidence on create costs one diagnosis per domain and burst, none for replays and duplicates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.diagnosis import engine as diagnosis_engine
+from app.overrides import evidence
+from tests.conftest import Headers, make_settings
+from tests.lab.lab import Lab
+
+
+@pytest.fixture
+def settings(dane_lab: Lab) -> Settings:
+    return make_settings(
+        dns_resolver=dane_lab.resolver,
+        smtp_port=dane_lab.smtp_port,
+        diagnosis_allow_reserved=True,
+        dns_selftest_name="test.",
+        diagnosis_timeout_seconds=3.0,
+        diagnosis_on_create=True,
+    )
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_replays_duplicates_and_bursts_probe_the_domain_once(
+    client: TestClient, auth: Callable[..., Headers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probed: list[str] = []
+
+    async def counting(domain: str, config: Any) -> Any:
+        probed.append(domain)
+        return await diagnosis_engine.diagnose(domain, config)
+
+    monkeypatch.setattr(evidence, "diagnose", counting)
+    alice = auth("alice", "requester")
+    body = {
+        "destination": "stale.example.test",
+        "policy": "encrypt",
+        "justification": "Recipient TLSA records are stale after a rollover.",
+    }
+    first = client.post("/v1/overrides", json=body, headers=alice | {"Idempotency-Key": "T-1"})
+    assert first.status_code == 201, first.text
+    assert first.json()["diagnosis"]["failure_class"] == "A"
+    for _ in range(3):  # the integration retries: replays
+        replay = client.post("/v1/overrides", json=body, headers=alice | {"Idempotency-Key": "T-1"})
+        assert replay.status_code == 201 and replay.json()["id"] == first.json()["id"]
+    for _ in range(3):  # someone else asks again: 409, the live one is linked
+        assert client.post("/v1/overrides", json=body, headers=auth("dave", "requester")).status_code == 409
+    assert probed == ["stale.example.test"]
+
+    other = client.post(
+        "/v1/overrides", json={**body, "target": "default", "destination": "[mx.stale.example.test]"}, headers=alice
+    )
+    assert other.status_code == 201  # a next hop: not diagnosed at all
+    cancelled = client.post(f"/v1/overrides/{first.json()['id']}/cancel", json={"comment": "wrong"}, headers=alice)
+    assert cancelled.status_code == 200
+    again = client.post("/v1/overrides", json=body, headers=alice)
+    assert again.status_code == 201
+    assert again.json()["diagnosis"] == first.json()["diagnosis"]  # within two minutes: the same evidence
+    assert probed == ["stale.example.test"]
