@@ -104,6 +104,17 @@ async def test_key_is_stripped_to_alnum_and_dash(app: Starlette, sent: str) -> N
         assert (r.status_code, r.text) == (200, "{}")
 
 
+async def test_ten_failed_logins_in_ten_minutes_would_be_a_ban(app: Starlette) -> None:
+    standin = standin_of(app)
+    async with raw(app) as c:
+        for n in range(10):
+            assert not standin.banned("127.0.0.1"), n
+            assert (await c.get(ALL, headers={"X-API-Key": "NOPE-NOPE"})).status_code == 401
+        assert (await c.get(ALL)).status_code == 200  # no key at all is not a failed login
+    assert standin.banned("127.0.0.1") and len(standin.auth_failures) == 10
+    assert not standin.banned("192.0.2.1")
+
+
 async def test_unknown_and_inactive_keys_are_401_text_html(app: Starlette) -> None:
     standin_of(app).set_key(StandinKey("OLD-KEY", active=False))
     async with raw(app) as c:

@@ -214,3 +214,23 @@ def _restart_postgres() -> None:
         capture_output=True,
         timeout=60,
     )
+
+
+@pytest.mark.parametrize("backend", ["postgres"])  # several workers
+def test_a_rejected_key_is_not_retried_into_a_ban(
+    client: TestClient,
+    auth: Auth,
+    engine: Engine,
+    standin: MailcowStandin,
+    workers: Workers,
+) -> None:
+    """mailcow bans an IP after 10 failed logins in 600 s: three workers with a wrong key stop after one
+    failure each (the target is paused for all of them) instead of retrying every poll."""
+    override_id = approved(client, auth, "example.org")
+    started = [workers.start(TLSO_MAILCOW_API_KEY="WRONG-WRONG-WRONG", TLSO_WORKER_ID=f"w{n}") for n in range(3)]
+    wait_for(lambda: "key" in (load(engine, override_id).last_error or ""), 20, "the key refused", started[0])
+    time.sleep(3.0)  # 30 polls of each worker
+    failures = len(standin.auth_failures)
+    assert 1 <= failures <= 3, standin.auth_failures
+    assert not standin.banned("127.0.0.1")
+    assert load(engine, override_id).state == S.approved and standin.rows() == []

@@ -607,6 +607,7 @@ class MailcowStandin:
         self.sessions: dict[str, _Session] = {}
         self.faults: list[Fault] = []
         self.calls: list[dict[str, Any]] = []
+        self.auth_failures: list[tuple[datetime, str]] = []  # what mailcow's netfilter counts, per IP
         self._seq = itertools.count(1)
 
     # ---- control API helpers --------------------------------------------------------------------
@@ -616,6 +617,23 @@ class MailcowStandin:
             self.sessions.clear()
             self.faults.clear()
             self.calls.clear()
+            self.auth_failures.clear()
+
+    def banned(self, remote: str) -> bool:
+        """Whether mailcow's netfilter would have banned `remote` by now: 10 failed logins within 600 s,
+        banned for 1800 s. The stand-in only keeps the count (a real ban drops packets at the firewall,
+        which an ASGI app cannot imitate); tests assert that a client never gets there."""
+        with self._lock:
+            times = sorted(at for at, ip in self.auth_failures if ip == remote)
+        for n in range(len(times) - 9):
+            if times[n + 9] - times[n] <= timedelta(seconds=600) and self._now() - times[n + 9] < timedelta(
+                seconds=1800
+            ):
+                return True
+        return False
+
+    def _auth_failed(self, remote: str) -> None:  # called from handle(), which holds the lock
+        self.auth_failures.append((self._now(), remote))
 
     def add_fault(self, fault: Fault) -> None:
         with self._lock:
@@ -726,8 +744,10 @@ class MailcowStandin:
             key = re.sub(r"[^a-zA-Z0-9-]", "", raw_key)
             found = next((k for k in self.keys if k.active and k.key == key), None)
             if found is None:
+                self._auth_failed(call.remote)
                 raise _Exit(401, _error("authentication failed"), _HTML)
             if not found.skip_ip_check and not _ip_allowed(call.remote, found.allow_from):
+                self._auth_failed(call.remote)
                 raise _Exit(401, _error(f"api access denied for ip {call.remote}"), _HTML)
             session.role, session.username = "admin", "API"
             session.api_access, session.api = found.access, True
