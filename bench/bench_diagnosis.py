@@ -2,7 +2,9 @@
 
 Each bench host (slowN.example.test in the lab) greets only after a delay (default 200 ms), like a
 busy or distant MTA. With hosts probed in parallel a domain costs about one delay whatever its MX
-count; the `concurrency=1` rows show the sequential cost for comparison.
+count; the `concurrency=1` rows show the sequential cost for comparison. Each address with usable
+TLSA records is probed twice (with SNI, as Postfix at the dane level, and without, as Postfix under
+an override), so a sequential run pays two delays per host.
 
     .venv/bin/python bench/bench_diagnosis.py [--runs 20] [--banner-delay 0.2] [--lab-dir DIR]
 

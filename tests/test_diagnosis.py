@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
+import dns.name
 import pytest
 
 from app.diagnosis import (
@@ -14,9 +19,14 @@ from app.diagnosis import (
     InvalidDomain,
     assess_request,
     diagnose,
+    engine,
     is_clean,
     normalize_domain,
 )
+from app.diagnosis.engine import Family, not_global_reason, plan_addresses
+from app.diagnosis.models import AddressResult, DnsLookup, MxHost, Security, SmtpProbe
+from app.diagnosis.resolver import Answer, DnsClient
+from app.diagnosis.smtp import probe_smtp
 from tests.lab.lab import Lab
 from tests.lab.topology import SCENARIO_DOMAINS
 
@@ -42,14 +52,24 @@ EXPECTED: dict[str, tuple[str, str | None, str | None, str | None]] = {
     "unsigned.test": ("ok", "D", None, None),
     "hosted.unsigned.test": ("ok", "D'", None, None),
     "bogus.test": ("blocked", "F", None, None),
+    "sni.example.test": ("blocked", "A", "fingerprint", None),
+    "many.example.test": ("ok", "I", None, None),  # mx1's certificate names none of many1-5
+    "longtlsa.example.test": ("blocked", "E", "fingerprint", None),
+    "longertlsa.example.test": ("ok", "J", None, None),
+    "badlen.example.test": ("ok", "C", None, None),
+    "taexpired.example.test": ("blocked", "H", "fingerprint", None),
 }
 
-# The key each recommended `fingerprint` must pin, by lab server.
+# The key each recommended `fingerprint` must pin, by lab server (`:default`: its certificate for
+# clients that send no SNI, as Postfix under a fingerprint override).
 PINNED_SERVERS = {
     "stale.example.test": ["mx2"],
     "stale301.example.test": ["mx8"],
     "taname.example.test": ["mx10"],
     "bogustlsa.example.test": ["mx7"],
+    "sni.example.test": ["mx12:default"],
+    "longtlsa.example.test": ["mx6"],
+    "taexpired.example.test": ["mx15"],
 }
 
 
@@ -64,7 +84,11 @@ def results(dane_lab: Lab) -> dict[str, Diagnosis]:
 
 
 def fingerprints(lab: Lab, keys: list[str]) -> str:
-    return "match=" + "|".join(lab.server(k)["pkey_fingerprint"] for k in keys)
+    def one(key: str) -> str:
+        server, _, variant = key.partition(":")
+        return lab.server(server)["default_pkey_fingerprint" if variant == "default" else "pkey_fingerprint"]
+
+    return "match=" + "|".join(one(k) for k in keys)
 
 
 def test_every_scenario_is_covered() -> None:
@@ -97,7 +121,8 @@ def test_fingerprint_recommendation_pins_the_served_key(
     assert recommended is not None
     assert recommended.parameters == fingerprints(dane_lab, PINNED_SERVERS[domain])
     assert recommended.plaintext is False
-    assert [a.policy for a in recommended.alternatives] == ["encrypt", "may"]
+    # dane.md §2.3: no plaintext-permitting `may` when a TLS-mandatory policy gets the mail through.
+    assert [a.policy for a in recommended.alternatives] == ["encrypt"]
 
 
 @pytest.mark.lab
@@ -448,3 +473,316 @@ def test_assess_request_rejects_unknown_policies() -> None:
 def test_is_clean(results: dict[str, Diagnosis]) -> None:
     clean = {domain for domain, diagnosis in results.items() if is_clean(diagnosis)}
     assert clean == {domain for domain, (verdict, *_) in EXPECTED.items() if verdict == "ok"}
+
+
+# -- DNSSEC-bogus without Extended DNS Errors (mailcow's unbound) ----------------------------
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize(
+    ("domain", "failure_class"),
+    [("bogus.test", "F"), ("bogushost.example.test", "G"), ("bogustlsa.example.test", "E")],
+)
+async def test_bogus_is_recognised_without_extended_dns_errors(dane_lab: Lab, domain: str, failure_class: str) -> None:
+    # mailcow's unbound.conf has no `ede: yes`: a SERVFAIL that the same query with CD=1 answers is bogus.
+    diagnosis = await diagnose(domain, dane_lab.config(resolver=dane_lab.resolver_without_ede))
+    assert (diagnosis.verdict, diagnosis.failure_class) == ("blocked", failure_class), diagnosis.explanation
+    assert diagnosis.mx is not None
+    lookups = [diagnosis.mx]
+    for host in diagnosis.hosts:
+        lookups += [*host.address_lookups, *(host.tlsa.lookups if host.tlsa else [])]
+    failed = [lookup for lookup in lookups if lookup.rcode == "SERVFAIL"]
+    assert failed
+    for lookup in failed:
+        assert lookup.ede == [] and lookup.security == "bogus" and "CD=1" in (lookup.error or "")
+    if failure_class in ("F", "G"):
+        assert "No TLS policy can help" in diagnosis.explanation
+
+
+# -- deadlines and caps ------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+async def test_a_dripping_server_cannot_hold_a_probe(dane_lab: Lab) -> None:
+    # mxdrip sends a `220-` line every 0.1 s: each line is well inside the 0.5 s step timeout.
+    started = time.monotonic()
+    diagnosis = await diagnose("drip.example.test", dane_lab.config(timeout=0.5))
+    assert time.monotonic() - started < 3
+    address = diagnosis.hosts[0].addresses[0]
+    assert address.probe is not None and address.probe.failed_stage == "banner"
+    assert "deadline of 1 s" in (address.probe.error or "")
+    assert (address.status, diagnosis.verdict) == ("smtp-error", "blocked")
+
+
+@pytest.mark.lab
+async def test_the_diagnosis_deadline_gives_unknown_with_what_finished(dane_lab: Lab) -> None:
+    started = time.monotonic()
+    diagnosis = await diagnose("slowpair.example.test", dane_lab.config(timeout=1.0, deadline=0.8))
+    assert time.monotonic() - started < 2
+    assert (diagnosis.verdict, diagnosis.failure_class) == ("unknown", None)
+    assert diagnosis.recommended is None and diagnosis.contingency is None
+    assert "deadline of 0.8 s" in diagnosis.explanation
+    mx1, drip = diagnosis.hosts
+    assert (mx1.name, mx1.status, mx1.would_deliver) == ("mx1.example.test", "pass", True)
+    assert mx1.explanation in diagnosis.explanation
+    assert drip.would_deliver is None and drip.addresses[0].status == "not-probed"
+    assert "deadline" in drip.addresses[0].detail
+    assert not is_clean(diagnosis)
+    assert [f.rule for f in assess_request(diagnosis, "encrypt", "")] == ["diagnosis_inconclusive"]
+
+
+@pytest.mark.lab
+def test_only_the_addresses_postfix_tries_count(results: dict[str, Diagnosis]) -> None:
+    # many1-5 pass; many6-12 serve a stale key, but Postfix stops after 5 addresses.
+    many = results["many.example.test"]
+    assert [h.status for h in many.hosts] == ["pass"] * 5 + ["not-tried"] * 5 + ["not-checked"] * 2
+    assert [a.status for h in many.hosts[5:10] for a in h.addresses] == ["not-tried"] * 5
+    assert all(a.probe is None for h in many.hosts[5:] for a in h.addresses)
+    assert many.hosts[10].addresses == [] and "first 10 MX hosts" in many.hosts[10].explanation
+    assert "smtp_mx_address_limit" in many.explanation
+    assert is_clean(many)
+    assert rules(many, "encrypt") == ["domain_passes"]
+
+
+@pytest.mark.lab
+async def test_queries_and_probes_share_the_concurrency_limit(dane_lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    in_flight = peak = 0
+
+    def counted(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                in_flight -= 1
+
+        return wrapper
+
+    monkeypatch.setattr(DnsClient, "_exchange_now", counted(DnsClient._exchange_now))
+    monkeypatch.setattr(engine, "probe_smtp", counted(engine.probe_smtp))
+    diagnosis = await diagnose("many.example.test", dane_lab.config(concurrency=2))
+    assert diagnosis.verdict == "ok"
+    assert peak == 2
+
+
+@pytest.mark.parametrize(
+    ("groups", "limit", "expected"),
+    [
+        ([["ipv4"], ["ipv4"], ["ipv4"]], 5, [["yes"], ["yes"], ["yes"]]),
+        # Six hosts with one address each: the sixth is never tried.
+        ([["ipv4"]] * 6, 5, [["yes"]] * 5 + [["no"]]),
+        # Seven equal-preference addresses in random order: each one is tried in some deliveries.
+        ([["ipv4"] * 7], 5, [["maybe"] * 7]),
+        # IPv4/IPv6 balancing: the backup's only IPv4 address survives six IPv6 addresses before it.
+        ([["ipv6"] * 6, ["ipv4"]], 5, [["maybe"] * 6, ["yes"]]),
+        # Both families above half the limit: the first family gets the odd slot.
+        ([["ipv4"] * 3, ["ipv6"] * 3], 5, [["yes"] * 3, ["maybe"] * 3]),
+        ([["ipv4", "ipv6"] * 3], 5, [["maybe"] * 6]),
+        # smtp_mx_address_limit = 0: no limit.
+        ([["ipv4"] * 9], 0, [["yes"] * 9]),
+    ],
+)
+def test_plan_addresses_follows_postfix(groups: list[list[Family]], limit: int, expected: list[list[str]]) -> None:
+    assert plan_addresses(groups, limit) == expected
+
+
+# -- odd names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_tlsa_names_longer_than_dns_allows(results: dict[str, Diagnosis]) -> None:
+    # Postfix (posttls-finger in test_diagnosis_postfix.py agrees): 254 characters pass its name check
+    # but cannot be sent (TLSA lookup error); 259 are refused as an invalid name (no TLSA records).
+    long = results["longtlsa.example.test"].hosts[0]
+    assert long.tlsa is not None and long.tlsa.state == "error" and long.postfix_level == "defer"
+    assert long.tlsa.lookups[0].rcode == "NAME-TOO-LONG" and "too long" in (long.tlsa.lookups[0].error or "")
+    longer = results["longertlsa.example.test"].hosts[0]
+    assert longer.tlsa is not None and longer.tlsa.state == "none" and longer.postfix_level == "may"
+    assert "invalid name" in (longer.tlsa.lookups[0].error or "")
+
+
+async def test_an_unencodable_sni_name_is_a_handshake_failure() -> None:
+    async def starttls_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stub\r\n")
+        await reader.readline()
+        writer.write(b"250-stub\r\n250 STARTTLS\r\n")
+        await reader.readline()
+        writer.write(b"220 go ahead\r\n")
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(starttls_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # What dnspython makes of a 20-octet binary label: 80 characters, too long for IDNA.
+        outcome = await probe_smtp("127.0.0.1", port, "\\255" * 20 + ".example.test", "h.invalid", 2.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcome.probe.failed_stage == "handshake" and "SNI" in (outcome.probe.error or "")
+    assert outcome.chain == []
+
+
+# -- SNI: what Postfix sends at each level -----------------------------------------------------
+
+
+@pytest.mark.lab
+def test_override_advice_uses_the_certificate_served_without_sni(results: dict[str, Diagnosis], dane_lab: Lab) -> None:
+    address = results["sni.example.test"].hosts[0].addresses[0]
+    assert address.probe is not None and address.probe.sni == "mx12.example.test"
+    assert address.probe.chain[0].pkey_fingerprint == dane_lab.server("mx12")["pkey_fingerprint"]
+    # Under a fingerprint override Postfix sends no SNI (mailcow sets no servername=).
+    assert address.probe_without_sni is not None and address.probe_without_sni.sni is None
+    default = dane_lab.server("mx12")["default_pkey_fingerprint"]
+    assert address.probe_without_sni.chain[0].pkey_fingerprint == default
+    # At the may level Postfix sends no SNI either, so neither does the one probe.
+    notlsa = results["notlsa.example.test"].hosts[0].addresses[0]
+    assert notlsa.probe is not None and notlsa.probe.sni is None and notlsa.probe_without_sni is None
+
+
+# -- DANE-TA anchor dates, digest lengths --------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_an_expired_dane_ta_anchor_fails(results: dict[str, Diagnosis]) -> None:
+    address = results["taexpired.example.test"].hosts[0].addresses[0]
+    assert address.status == "cert-expired" and "depth 1" in address.detail
+    assert address.matched and address.matched[0].startswith("2 1 1 ")
+
+
+@pytest.mark.lab
+def test_a_digest_of_the_wrong_length_is_unusable(results: dict[str, Diagnosis]) -> None:
+    host = results["badlen.example.test"].hosts[0]
+    assert host.tlsa is not None and host.tlsa.state == "unusable" and host.postfix_level == "encrypt"
+    (record,) = host.tlsa.records
+    assert (record.mtype, len(record.data), record.usable) == (1, 62, False)
+
+
+# -- is_clean, reserved addresses, one failing address family ----------------------------------
+
+
+def _diagnosis_with(addresses: list[AddressResult]) -> Diagnosis:
+    lookup = DnsLookup(
+        qname="d.example", rdtype="MX", rcode="NOERROR", ad=True, security="secure", canonical_name="d.example"
+    )
+    host = MxHost(
+        name="mx.d.example",
+        preference=10,
+        canonical_name="mx.d.example",
+        dnssec="secure",
+        postfix_level="dane",
+        status="pass",
+        would_deliver=True,
+        explanation="",
+        addresses=addresses,
+    )
+    verdict, failure_class = engine._verdict(lookup, [host], True, False)
+    return Diagnosis(
+        domain="d.example",
+        verdict=verdict,
+        failure_class=failure_class,
+        recommended=None,
+        explanation="",
+        resolver="x",
+        resolver_validates=True,
+        smtp_port=25,
+        mx=lookup,
+        hosts=[host],
+        checked_at=datetime.now(UTC),
+        duration_ms=1,
+    )
+
+
+def test_unprobed_addresses_beside_a_passing_one_are_clean() -> None:
+    passing = AddressResult(
+        address="192.0.2.1",
+        family="ipv4",
+        status="pass",
+        would_deliver=True,
+        detail="",
+        probe=SmtpProbe(port=25, sni="mx.d.example"),
+    )
+    no_route = AddressResult(
+        address="2001:db8::1",
+        family="ipv6",
+        status="not-probed",
+        would_deliver=None,
+        detail="no route",
+        probe=SmtpProbe(
+            port=25, sni="mx.d.example", failed_stage="connect", error="[Errno 101] Network is unreachable"
+        ),
+    )
+    reserved = no_route.model_copy(update={"status": "not-probed-reserved", "probe": None})
+    assert is_clean(_diagnosis_with([passing, no_route]))
+    assert is_clean(_diagnosis_with([passing, reserved]))
+    # Alone, an unprobed address proves nothing.
+    assert not is_clean(_diagnosis_with([no_route]))
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("8.8.8.8", False),
+        ("2606:4700:4700::1111", False),
+        ("127.0.0.1", True),
+        ("64:ff9b::7f00:1", True),  # NAT64 of 127.0.0.1
+        ("64:ff9b::a00:1", True),  # NAT64 of 10.0.0.1
+        ("64:ff9b::808:808", False),  # NAT64 of 8.8.8.8
+        ("64:ff9b:1::808:808", True),  # local-use NAT64 prefix
+        ("2002:7f00:1::1", True),  # 6to4 of 127.0.0.1
+        ("2002:c0a8:101::1", True),  # 6to4 of 192.168.1.1
+        ("2002:808:808::1", False),
+        ("::127.0.0.1", True),  # IPv4-compatible
+        ("::ffff:10.0.0.1", True),  # IPv4-mapped
+        ("::ffff:8.8.8.8", False),
+    ],
+)
+def test_reserved_addresses_embedded_in_ipv6(address: str, refused: bool) -> None:
+    assert (not_global_reason(ipaddress.ip_address(address)) is not None) == refused
+
+
+def _failing(rdtype: str, security: Security) -> Callable[..., Awaitable[Answer]]:
+    original = DnsClient.lookup
+
+    async def lookup(self: DnsClient, name: dns.name.Name, kind: str, **kwargs: Any) -> Answer:
+        answer = await original(self, name, kind, **kwargs)
+        if kind in rdtype.split("+") and name == dns.name.from_text("mx1.example.test"):
+            failed = answer.lookup.model_copy(
+                update={
+                    "rcode": "TIMEOUT" if security == "error" else "SERVFAIL",
+                    "ad": False,
+                    "security": security,
+                    "answers": [],
+                    "error": "injected failure",
+                }
+            )
+            return Answer(failed, None, name)
+        return answer
+
+    return lookup
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("security", ["error", "bogus"])
+async def test_one_failing_address_family_leaves_the_other(
+    dane_lab: Lab, monkeypatch: pytest.MonkeyPatch, security: Security
+) -> None:
+    # Postfix uses a host when any address family answers (dns_lookup_rv); only IPv6 is lost.
+    monkeypatch.setattr(DnsClient, "lookup", _failing("AAAA", security))
+    diagnosis = await diagnose("good.example.test", dane_lab.config())
+    host = diagnosis.hosts[0]
+    assert (diagnosis.verdict, diagnosis.failure_class, host.failure_class) == ("ok", None, None)
+    assert host.status == "pass" and host.dnssec == "secure"
+    assert "IPv6 is unavailable" in host.explanation
+
+
+@pytest.mark.lab
+async def test_an_address_lookup_timeout_is_not_class_g(dane_lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DnsClient, "lookup", _failing("A+AAAA", "error"))
+    diagnosis = await diagnose("good.example.test", dane_lab.config())
+    host = diagnosis.hosts[0]
+    assert (diagnosis.verdict, diagnosis.failure_class) == ("blocked", None)
+    assert host.status == "host-lookup-error" and host.failure_class is None
+    assert "No TLS policy can help" not in diagnosis.explanation

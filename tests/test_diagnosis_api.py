@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.auth import Principal
 from app.core.config import Settings
+from app.core.errors import TooManyRequests
+from app.diagnosis.router import RateLimiter, rate_limit_key
 from tests.conftest import VALID_REQUEST, Headers, make_settings
 from tests.lab.lab import Lab
 
@@ -123,3 +127,39 @@ def test_next_hop_destinations_are_not_diagnosed(client: TestClient, auth: Calla
     response = _create(client, auth, destination="[mx1.example.test]:25", policy="encrypt")
     assert response.status_code == 201, response.text
     assert response.json()["diagnosis"] is None and response.json()["findings"] == []
+
+
+def test_an_integration_shares_one_budget_whoever_it_acts_for(client: TestClient, auth: Callable[..., Headers]) -> None:
+    # Rotating X-On-Behalf-Of must not buy a fresh budget per made-up user.
+    statuses = [
+        client.get(
+            "/v1/diagnostics/good.example.test",
+            headers=auth("bot", "integration", client_id="ticketing", on_behalf_of=f"user{i}"),
+        ).status_code
+        for i in range(6)
+    ]
+    assert statuses == [200] * 5 + [429]
+    # The people it acts for keep their own budget when they call directly.
+    assert client.get("/v1/diagnostics/good.example.test", headers=auth("user1", "requester")).status_code == 200
+
+
+def test_rate_limiter_forgets_callers_after_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("app.diagnosis.router.time.monotonic", lambda: now[0])
+    limiter = RateLimiter(per_minute=2)
+    for i in range(1000):
+        limiter.check(f"caller{i}")
+    assert len(limiter) == 1000
+    now[0] += RateLimiter.WINDOW + 1
+    limiter.check("late")
+    assert len(limiter) == 1  # everybody else left the window: dropped, not kept as empty entries
+    limiter.check("late")
+    with pytest.raises(TooManyRequests):
+        limiter.check("late")
+
+
+def test_rate_limit_key() -> None:
+    person = Principal(actor="alice", name="Alice", roles=frozenset())
+    bot = Principal(actor="user7", name="User 7", roles=frozenset(), via="ticketing")
+    assert rate_limit_key(person) == "actor:alice"
+    assert rate_limit_key(bot) == rate_limit_key(replace(bot, actor="user8")) == "via:ticketing"

@@ -95,16 +95,26 @@ def is_clean(diagnosis: Diagnosis) -> bool:
     """True when mailcow's default dane policy would pass on every MX host (the override can go)."""
     if diagnosis.resolver_validates is not True or diagnosis.null_mx or not diagnosis.hosts:
         return False
-    if diagnosis.failure_class in ("F", "K"):
+    if diagnosis.failure_class in ("F", "K") or diagnosis.verdict == "unknown":
         return False
     delivered = False
     for host in diagnosis.hosts:
+        if host.status in ("not-tried", "not-checked"):
+            continue  # Postfix never gets to it (smtp_mx_address_limit, or past the host cap)
         if not host.addresses:
             return False
+        host_passes = any(address.would_deliver is True for address in host.addresses)
         for address in host.addresses:
             if address.would_deliver is True:
                 delivered = True
-            elif address.status != "unreachable":
-                # Unreachable addresses are not a TLS matter and would fail under any override.
+            elif address.status in ("unreachable", "not-tried"):
+                # Unreachable addresses are not a TLS matter and would fail under any override;
+                # Postfix never tries the ones past smtp_mx_address_limit.
+                continue
+            elif address.status in ("not-probed", "not-probed-reserved") and host_passes:
+                # No route from the checker (IPv6), or not probed at all: the host's other address
+                # shows the default policy passes, and that one is not a verdict against it.
+                continue
+            else:
                 return False
     return delivered

@@ -49,9 +49,19 @@ def tlsa_data(cert: x509.Certificate, selector: int, mtype: int) -> bytes:
     return hashlib.sha512(content).digest()
 
 
+# A digest of the wrong length can match nothing: Postfix logs "unusable TLSA RR" and ignores it.
+_DIGEST_LENGTHS = {1: 32, 2: 64}
+
+
 def make_tlsa_record(usage: int, selector: int, mtype: int, data_hex: str) -> TlsaRecord:
     data = data_hex.lower()
-    usable = usage in (2, 3) and selector in (0, 1) and mtype in (0, 1, 2)
+    usable = (
+        usage in (2, 3)
+        and selector in (0, 1)
+        and mtype in (0, 1, 2)
+        and len(data) // 2 == _DIGEST_LENGTHS.get(mtype, len(data) // 2)
+        and (mtype != 0 or bool(data))
+    )
     return TlsaRecord(
         usage=usage, selector=selector, mtype=mtype, data=data, usable=usable, text=f"{usage} {selector} {mtype} {data}"
     )
@@ -198,7 +208,10 @@ def _check_ta_path(
     now: datetime,
 ) -> DaneMatch:
     matched = [f"{_short(r)} at depth {depth}" for r in hits]
-    for position, cert in enumerate(path[:depth]):
+    # `path` ends at the trust anchor when it is a certificate, whose own dates count too: OpenSSL
+    # checks every certificate up to and including it (Postfix: "CA certificate verification failed
+    # … certificate has expired"). A `2 1 0` bare key has no dates.
+    for position, cert in enumerate(path):
         if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
             what = "leaf" if position == 0 else f"certificate at depth {position}"
             return DaneMatch(

@@ -23,11 +23,19 @@ class DiagnosisConfig:
     smtp_port: int = 25
     """Where the probes connect. The TLSA name is always `_25._tcp`, as Postfix's."""
     timeout: float = 5.0
-    """Per DNS query and per SMTP step (connect, each reply, TLS handshake)."""
+    """Per DNS query and per SMTP step (connect, each reply, TLS handshake). A probe as a whole gets
+    twice that (`probe_deadline`), so a server that drips its replies line by line cannot hold it."""
+    deadline: float | None = None
+    """For the whole diagnosis; None = 6 times `timeout`. When it passes, the verdict is `unknown` and
+    what was not finished is marked so."""
     allow_reserved: bool = False
     """Probe loopback/private/reserved addresses (a lab); off in production, as danecheck's `-R`."""
     concurrency: int = 8
-    """At most this many SMTP probes at once, per diagnosis."""
+    """At most this many SMTP probes and DNS queries at once, per diagnosis."""
+    max_mx_hosts: int = 10
+    """MX hosts checked, in preference order; the rest are listed as not checked."""
+    mx_address_limit: int = 5
+    """Postfix's `smtp_mx_address_limit` (mailcow keeps the default, 5): addresses beyond it are never tried."""
     helo_name: str = "tlsoverride.invalid"
     selftest_name: str = "."
     """A zone known to be signed; its DNSKEY must come back with AD=1 (a lab uses its own anchor)."""
@@ -41,12 +49,26 @@ class DiagnosisConfig:
             raise ValueError("timeout must be positive")
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if self.deadline is not None and self.deadline <= 0:
+            raise ValueError("deadline must be positive")
+        if self.max_mx_hosts < 1:
+            raise ValueError("max_mx_hosts must be at least 1")
+        if self.mx_address_limit < 0:
+            raise ValueError("mx_address_limit must be 0 (no limit) or more")
         if self.resolver is not None:
             parse_resolver(self.resolver)
 
     @property
     def resolver_label(self) -> str:
         return self.resolver or "system"
+
+    @property
+    def probe_deadline(self) -> float:
+        return 2 * self.timeout
+
+    @property
+    def diagnosis_deadline(self) -> float:
+        return self.deadline if self.deadline is not None else 6 * self.timeout
 
 
 def parse_resolver(value: str) -> tuple[str, int]:

@@ -84,6 +84,9 @@ def host_explanation(
         return f"{host}: the address lookup {kind} ({why}); Postfix cannot use this host"
     if status == "no-address":
         return f"{host}: no A/AAAA records; Postfix cannot use this host"
+    considered = [a for a in addresses if a.status != "not-tried"]
+    if considered and all(a.status == "not-probed" and a.probe is None for a in considered):
+        return f"{host}: {considered[0].detail}"
     failing = [a for a in addresses if a.would_deliver is False]
     if failing:
         return f"{host}: {failing[0].address}: {failing[0].detail}"
@@ -156,11 +159,29 @@ def host_advice(tlsa: TlsaResult, addresses: Sequence[AddressResult], danes: Seq
     return list(dict.fromkeys(advice))
 
 
-def domain_explanation(*, resolver_validates: bool | None, **facts: Any) -> str:
+def domain_explanation(
+    *, resolver_validates: bool | None, deadline: float | None = None, notes: Sequence[str] = (), **facts: Any
+) -> str:
     """One paragraph: the verdict, the cause as Postfix would log it, and the fix or the real options."""
-    text = _domain_sentences(**facts)
+    if deadline is not None and facts["failure_class"] != "K":
+        text = _deadline_sentences(facts["domain"], deadline, facts["hosts"])
+    else:
+        text = _domain_sentences(**facts)
     if resolver_validates is None:
         text += " Note: the resolver's DNSSEC self-test got no answer, so validation could not be confirmed."
+    for note in notes:
+        text += f" {note}"
+    return text
+
+
+def _deadline_sentences(domain: str, deadline: float, hosts: Sequence[MxHost]) -> str:
+    text = (
+        f"{domain}: the diagnosis did not finish within its deadline of {deadline:g} s (a slow resolver or "
+        "slow MX hosts), so the verdict is unknown and no override is recommended."
+    )
+    done = [h for h in hosts if h.status != "not-checked" and h.would_deliver is not None]
+    if done:
+        text += " Finished before the deadline: " + "; ".join(h.explanation for h in done) + "."
     return text
 
 
@@ -200,6 +221,8 @@ def _domain_sentences(
         return f"The MX lookup for {domain} fails ({describe_failure(mx)}); Postfix defers. Not a TLS-policy matter."
     if null_mx:
         return f"{domain} publishes a null MX: it accepts no mail. Not a TLS matter."
+    # Hosts Postfix never gets to (smtp_mx_address_limit) or that were not checked are left out.
+    hosts = [h for h in hosts if h.status not in ("not-tried", "not-checked")] or hosts
     failing = [h for h in hosts if h.would_deliver is not True or any(a.would_deliver is False for a in h.addresses)]
     working = [h.name for h in hosts if h.would_deliver is True]
     first = failing[0] if failing else (hosts[0] if hosts else None)
@@ -252,8 +275,9 @@ def _domain_sentences(
 
 def _ok_reason(failure_class: FailureClass | None, host: MxHost | None) -> str:
     reasons: dict[str, str] = {
-        "C": "TLSA records exist but none is usable for SMTP (usages 0/1), so Postfix uses mandatory "
-        "unauthenticated TLS (encrypt); nothing to override.",
+        "C": "TLSA records exist but none is usable for SMTP (usages 0/1, an unknown selector or matching "
+        "type, or a digest of the wrong length), so Postfix uses mandatory unauthenticated TLS (encrypt); "
+        "nothing to override.",
         "D": "DNSSEC does not cover the MX host (unsigned zone), so DANE does not apply and Postfix uses "
         "opportunistic TLS; nothing to override.",
         "D'": "The MX RRset is not DNSSEC-signed, but the MX hosts are signed and pass DANE; Postfix logs "

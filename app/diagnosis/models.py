@@ -22,8 +22,9 @@ Security = Literal["secure", "insecure", "bogus", "error"]
 
 TlsPolicy = Literal["none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure"]
 
-PostfixLevel = Literal["dane", "encrypt", "may", "defer"]
-"""What Postfix's `dane` level turns into for one MX host, after its DNS lookups."""
+PostfixLevel = Literal["dane", "encrypt", "may", "defer", "unknown"]
+"""What Postfix's `dane` level turns into for one MX host, after its DNS lookups (`unknown`: the host
+was not checked)."""
 
 TlsaState = Literal["usable", "unusable", "none", "insecure", "error", "not-applicable"]
 
@@ -44,9 +45,13 @@ AddressStatus = Literal[
     "host-lookup-error",
     "not-probed-reserved",
     "not-probed",
+    "not-tried",
 ]
+"""`not-probed`: no route from the checker, or not reached before the diagnosis deadline or the probe
+cap; `not-tried`: Postfix never tries it (it comes after `smtp_mx_address_limit` addresses)."""
 
-HostStatus = Literal[AddressStatus, "no-address"]
+HostStatus = Literal[AddressStatus, "no-address", "not-checked"]
+"""`not-checked`: beyond the MX host cap, or not reached before the diagnosis deadline."""
 
 PostfixTls = Literal["Verified", "Trusted", "Untrusted", "plaintext"]
 """How Postfix would log the delivery: the TLS trust level, or `plaintext`."""
@@ -130,7 +135,8 @@ class CertificateInfo(_Model):
 
 class SmtpProbe(_Model):
     port: int
-    sni: str
+    sni: str | None
+    """The SNI name sent; None when none was sent."""
     banner: str | None = None
     ehlo: list[str] = []
     starttls_offered: bool | None = None
@@ -154,9 +160,15 @@ class AddressResult(_Model):
     matched: list[str] = []
     """TLSA records that matched, e.g. `3 1 1 ab12… at depth 0`."""
     pkix_names: list[str] = []
-    """Names for which the chain validates against the CA bundle (what `verify`/`secure` need)."""
+    """Names for which the chain validates against the CA bundle (what `verify`/`secure` need), judged
+    on the chain sent without SNI (`probe_without_sni` when present)."""
     pkix_error: str | None = None
     probe: SmtpProbe | None = None
+    """What Postfix sees at the level it uses under mailcow's default dane policy: with SNI = the TLSA
+    base domain at the dane and encrypt (unusable TLSA) levels, without SNI at may."""
+    probe_without_sni: SmtpProbe | None = None
+    """A second probe without SNI, as Postfix connects under a fingerprint, verify, secure, encrypt or
+    may override (mailcow sets no servername=); None when `probe` already sent no SNI."""
 
 
 class MxHost(_Model):

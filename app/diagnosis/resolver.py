@@ -2,11 +2,18 @@
 
 Postfix validates nothing itself; it trusts the AD bit of mailcow's unbound. So do we: the
 security of an answer is the resolver's, never our own validation (dane.md §0.1).
+
+A SERVFAIL is DNSSEC-bogus when it carries a DNSSEC Extended DNS Error, or, because mailcow's unbound
+sends no EDE (no `ede: yes` in its unbound.conf), when the same query with CD=1 (checking disabled)
+gets an answer: the data is there, only its validation fails.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import dns.asyncquery
 import dns.edns
@@ -15,9 +22,13 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.TLSA
 import dns.resolver
 import dns.rrset
+import dns.wire
 
 from app.diagnosis.config import parse_resolver
 from app.diagnosis.models import DnsLookup, ExtendedError, Security
@@ -26,6 +37,8 @@ from app.diagnosis.models import DnsLookup, ExtendedError, Security
 BOGUS_EDE_CODES = frozenset({6, 7, 8, 9, 10, 11, 12})
 
 _EDNS_PAYLOAD = 1232
+
+CD_ANSWERS = "SERVFAIL without a DNSSEC EDE, but the query with CD=1 (checking disabled) is answered: validation fails"
 
 
 @dataclass(frozen=True)
@@ -48,13 +61,15 @@ class Answer:
 class DnsClient:
     """Sends every query with DO and AD set to one validating resolver (or the system's)."""
 
-    def __init__(self, resolver: str | None, timeout: float) -> None:
+    def __init__(self, resolver: str | None, timeout: float, slots: asyncio.Semaphore | None = None) -> None:
         if resolver is None:
             system = dns.resolver.Resolver(configure=True)
             self._servers = [(str(server), 53) for server in system.nameservers]
         else:
             self._servers = [parse_resolver(resolver)]
         self._timeout = timeout
+        # Shared with the SMTP probes: one diagnosis has at most that many queries and probes in flight.
+        self._slots = slots
 
     async def lookup(self, name: dns.name.Name, rdtype: str, *, show_published: bool = True) -> Answer:
         """Query `name`/`rdtype`; on SERVFAIL re-query with CD=1 to record what is published."""
@@ -83,13 +98,24 @@ class DnsClient:
             return answer
         unchecked = _to_answer(name, rdtype, response)
         published = [*unchecked.lookup.cnames, *unchecked.lookup.answers]
+        update: dict[str, object] = {}
         if unchecked.rcode not in ("NOERROR", "NXDOMAIN"):
             published = [f"({unchecked.rcode} even with CD=1)"]
-        elif not published:
-            published = [f"({unchecked.rcode}, no {rdtype} records)"]
-        return Answer(answer.lookup.model_copy(update={"published": published}), None, answer.canonical_name)
+        else:
+            if not published:
+                published = [f"({unchecked.rcode}, no {rdtype} records)"]
+            if answer.lookup.security == "error":
+                # No DNSSEC EDE (mailcow's unbound sends none), but the data resolves without
+                # validation: the SERVFAIL is a validation failure.
+                update = {"security": "bogus", "error": CD_ANSWERS}
+        lookup = answer.lookup.model_copy(update={"published": published, **update})
+        return Answer(lookup, None, answer.canonical_name)
 
     async def _exchange(self, name: dns.name.Name, rdtype: str, *, checking_disabled: bool) -> dns.message.Message:
+        async with self._slots if self._slots is not None else contextlib.nullcontext():
+            return await self._exchange_now(name, rdtype, checking_disabled=checking_disabled)
+
+    async def _exchange_now(self, name: dns.name.Name, rdtype: str, *, checking_disabled: bool) -> dns.message.Message:
         query = dns.message.make_query(name, rdtype, want_dnssec=True, payload=_EDNS_PAYLOAD)
         query.flags |= dns.flags.AD
         if checking_disabled:
@@ -99,6 +125,16 @@ class DnsClient:
             try:
                 response, _ = await dns.asyncquery.udp_with_fallback(query, host, timeout=self._timeout, port=port)
                 return response
+            except dns.exception.FormError as exc:
+                if rdtype != "TLSA":
+                    errors.append(f"{host}:{port}: {type(exc).__name__} {exc}".strip())
+                    continue
+                # dnspython refuses a TLSA record whose digest length does not fit its matching type;
+                # Postfix just calls it unusable ("unusable TLSA RR"). Keep such records, raw.
+                try:
+                    return await _lenient_exchange(query, host, port, self._timeout)
+                except (dns.exception.DNSException, OSError, TimeoutError, ValueError) as again:
+                    errors.append(f"{host}:{port}: {type(again).__name__} {again}".strip())
             except (dns.exception.DNSException, OSError) as exc:
                 errors.append(f"{host}:{port}: {type(exc).__name__} {exc}".strip())
         raise LookupFailed("; ".join(errors) or "no resolver configured")
@@ -106,6 +142,75 @@ class DnsClient:
 
 class LookupFailed(Exception):
     """No resolver answered."""
+
+
+async def _lenient_exchange(query: dns.message.Message, host: str, port: int, timeout: float) -> dns.message.Message:
+    """The exchange again, parsed so that TLSA records dnspython rejects are kept as GenericRdata."""
+    wire = await _raw_udp(query.to_wire(), host, port, timeout)
+    if len(wire) > 2 and wire[2] & 0x02:  # TC: the whole answer comes over TCP
+        wire = await _raw_tcp(query.to_wire(), host, port, timeout)
+    response = dns.message.from_wire(wire, continue_on_error=True)
+    if response.id != query.id:
+        raise ValueError("response does not match the query")
+    for owner, ttl, data in _malformed_tlsa(wire):
+        rrset = response.find_rrset(response.answer, owner, dns.rdataclass.IN, dns.rdatatype.TLSA, create=True)
+        rrset.add(dns.rdata.GenericRdata(dns.rdataclass.IN, dns.rdatatype.TLSA, data), ttl)
+    return response
+
+
+def _malformed_tlsa(wire: bytes) -> list[tuple[dns.name.Name, int, bytes]]:
+    """TLSA records of the answer section that dnspython will not parse: (owner, ttl, rdata)."""
+    parser = dns.wire.Parser(wire)
+    _, _, qdcount, ancount = parser.get_struct("!HHHH")
+    parser.seek(12)
+    for _ in range(qdcount):
+        parser.get_name(decompress=True)
+        parser.get_struct("!HH")
+    found = []
+    for _ in range(ancount):
+        owner = parser.get_name(decompress=True)
+        rdtype, _, ttl, rdlen = parser.get_struct("!HHIH")
+        data = parser.get_bytes(rdlen)
+        if rdtype != dns.rdatatype.TLSA or len(data) < 3:
+            continue
+        try:
+            dns.rdata.from_wire(dns.rdataclass.IN, dns.rdatatype.TLSA, data, 0, len(data))
+        except dns.exception.FormError:
+            found.append((owner, ttl, data))
+    return found
+
+
+async def _raw_udp(wire: bytes, host: str, port: int, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[bytes] = loop.create_future()
+
+    class _Protocol(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+            if not received.done() and data[:2] == wire[:2]:
+                received.set_result(data)
+
+        def error_received(self, exc: Exception) -> None:
+            if not received.done():
+                received.set_exception(exc)
+
+    transport, _ = await loop.create_datagram_endpoint(_Protocol, remote_addr=(host, port))
+    try:
+        transport.sendto(wire)
+        return await asyncio.wait_for(received, timeout)
+    finally:
+        transport.close()
+
+
+async def _raw_tcp(wire: bytes, host: str, port: int, timeout: float) -> bytes:
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            return await reader.readexactly(size)
+        finally:
+            writer.close()
 
 
 def _to_answer(name: dns.name.Name, rdtype: str, response: dns.message.Message) -> Answer:
@@ -133,12 +238,29 @@ def _to_answer(name: dns.name.Name, rdtype: str, response: dns.message.Message) 
         ad=ad,
         security=_security(rcode, ad, ede),
         ede=ede,
-        answers=sorted(rd.to_text() for rd in rrset) if rrset is not None else [],
+        answers=sorted(rdata_text(rd) for rd in rrset) if rrset is not None else [],
         canonical_name=_text(canonical),
         cnames=cnames,
         error=error,
     )
     return Answer(lookup, rrset, canonical)
+
+
+def tlsa_fields(rdata: dns.rdata.Rdata) -> tuple[int, int, int, bytes] | None:
+    """(usage, selector, matching type, data) of a TLSA record, parsed or kept raw; None otherwise."""
+    if isinstance(rdata, dns.rdtypes.ANY.TLSA.TLSA):
+        return rdata.usage, rdata.selector, rdata.mtype, rdata.cert
+    if isinstance(rdata, dns.rdata.GenericRdata) and rdata.rdtype == dns.rdatatype.TLSA and len(rdata.data) >= 3:
+        return rdata.data[0], rdata.data[1], rdata.data[2], rdata.data[3:]
+    return None
+
+
+def rdata_text(rdata: dns.rdata.Rdata) -> str:
+    fields = tlsa_fields(rdata)
+    if fields is not None:
+        usage, selector, mtype, data = fields
+        return f"{usage} {selector} {mtype} {data.hex()}"
+    return rdata.to_text()
 
 
 def _security(rcode: str, ad: bool, ede: list[ExtendedError]) -> Security:

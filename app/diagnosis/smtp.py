@@ -1,4 +1,4 @@
-"""STARTTLS probe of one MX address: banner, EHLO, STARTTLS, handshake with SNI, the chain sent."""
+"""STARTTLS probe of one MX address: banner, EHLO, STARTTLS, handshake (with or without SNI), the chain sent."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class _SmtpError(Exception):
 @dataclass
 class _Session:
     port: int
-    sni: str
+    sni: str | None
+    stage: Stage = "connect"
     banner: str | None = None
     ehlo: list[str] = field(default_factory=list)
     starttls_offered: bool | None = None
@@ -49,22 +50,35 @@ class _Session:
     chain_der: list[bytes] = field(default_factory=list)
 
 
-async def probe_smtp(address: str, port: int, sni: str, helo_name: str, timeout: float) -> ProbeOutcome:
-    """Never raises: a failure is recorded with the stage it happened at."""
+async def probe_smtp(
+    address: str, port: int, sni: str | None, helo_name: str, timeout: float, deadline: float | None = None
+) -> ProbeOutcome:
+    """Never raises: a failure is recorded with the stage it happened at.
+
+    `timeout` bounds each step; `deadline` (default twice `timeout`) the whole conversation, so a server
+    that drips one reply line just inside `timeout` cannot hold the probe for long. `sni` None sends
+    no SNI, as Postfix below the dane level without `servername=`."""
     started = time.monotonic()
+    limit = deadline if deadline is not None else 2 * timeout
     session = _Session(port=port, sni=sni)
     failed_stage: Stage | None = None
     error: str | None = None
     writer: asyncio.StreamWriter | None = None
     try:
-        try:
-            reader, opened = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
-        except (OSError, TimeoutError) as exc:
-            raise _SmtpError("connect", _os_error_text(exc)) from exc
-        writer = opened
-        await _converse(reader, opened, session, helo_name, timeout)
+        async with asyncio.timeout(limit):
+            try:
+                reader, opened = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+            except (OSError, TimeoutError) as exc:
+                raise _SmtpError("connect", _os_error_text(exc)) from exc
+            writer = opened
+            await _converse(reader, opened, session, helo_name, timeout)
     except _SmtpError as exc:
         failed_stage, error = exc.stage, str(exc)
+    except TimeoutError:
+        # Only the overall deadline gets here (every step handles its own timeout). Once the chain is
+        # recorded, what remains is the courtesy EHLO/QUIT: nothing is missing.
+        if not session.chain_der:
+            failed_stage, error = session.stage, f"the probe did not finish within its deadline of {limit:g} s"
     finally:
         if writer is not None:
             await _close(writer)
@@ -94,10 +108,12 @@ async def probe_smtp(address: str, port: int, sni: str, helo_name: str, timeout:
 async def _converse(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: _Session, helo_name: str, timeout: float
 ) -> None:
+    session.stage = "banner"
     code, lines = await _read_reply(reader, timeout, "banner")
     session.banner = " / ".join(lines)
     if code != 220:
         raise _SmtpError("banner", f"greeting {code} {session.banner}")
+    session.stage = "ehlo"
     code, lines = await _command(reader, writer, f"EHLO {helo_name}", timeout, "ehlo")
     if code != 250:
         raise _SmtpError("ehlo", f"EHLO answered {code} {' '.join(lines)}")
@@ -107,9 +123,11 @@ async def _converse(
         with contextlib.suppress(_SmtpError):
             await _command(reader, writer, "QUIT", timeout, "ehlo")
         return
+    session.stage = "starttls"
     code, lines = await _command(reader, writer, "STARTTLS", timeout, "starttls")
     if code != 220:
         raise _SmtpError("starttls", f"STARTTLS answered {code} {' '.join(lines)}")
+    session.stage = "handshake"
     try:
         await asyncio.wait_for(
             writer.start_tls(_client_context(), server_hostname=session.sni, ssl_handshake_timeout=timeout),
@@ -117,6 +135,10 @@ async def _converse(
         )
     except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
         raise _SmtpError("handshake", f"TLS handshake failed: {_os_error_text(exc)}") from exc
+    except ValueError as exc:
+        # The SNI name cannot be encoded (a label longer than 63 characters once binary octets are
+        # escaped, …): no handshake happens.
+        raise _SmtpError("handshake", f"TLS handshake not attempted: unusable SNI name ({exc})") from exc
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is None:
         raise _SmtpError("handshake", "no TLS session after the handshake")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from tests.lab import zones
 from tests.lab.pki import Issued, issue, write_pem
-from tests.lab.topology import SERVERS
+from tests.lab.topology import DRIP_INTERVAL, SERVERS
 
 if TYPE_CHECKING:
     from app.diagnosis import DiagnosisConfig
@@ -62,6 +62,8 @@ class Lab:
     resolver_port: int
     smtp_port: int
     banner_delay: float = DEFAULT_BANNER_DELAY
+    plain_resolver_port: int = 0
+    """A second Unbound like mailcow's: validating, but without `ede: yes` (no Extended DNS Errors)."""
     servers: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per server key: host, address and the digests of the leaf it serves."""
     pids: dict[str, int] = field(default_factory=dict)
@@ -73,6 +75,11 @@ class Lab:
     @property
     def resolver(self) -> str:
         return f"127.0.0.1:{self.resolver_port}"
+
+    @property
+    def resolver_without_ede(self) -> str:
+        """Unbound configured as mailcow's: it validates, but sends no Extended DNS Errors."""
+        return f"127.0.0.1:{self.plain_resolver_port}"
 
     def config(self, **overrides: Any) -> DiagnosisConfig:
         from app.diagnosis import DiagnosisConfig
@@ -118,8 +125,10 @@ class Lab:
         used.add(auth_port)
         resolver_port = resolver_port or _free_port(["127.0.0.1"], udp=True, avoid=used)
         used.add(resolver_port)
+        plain_resolver_port = _free_port(["127.0.0.1"], udp=True, avoid=used)
+        used.add(plain_resolver_port)
         smtp_port = smtp_port or _free_port([s.address for s in SERVERS], udp=False, avoid=used)
-        lab = cls(directory, auth_port, resolver_port, smtp_port, banner_delay)
+        lab = cls(directory, auth_port, resolver_port, smtp_port, banner_delay, plain_resolver_port)
         certs, extra = lab._make_certificates()
         lab._make_zones(certs, extra)
         lab._write_configs()
@@ -129,10 +138,15 @@ class Lab:
     def _make_certificates(self) -> tuple[dict[str, Issued], dict[str, Issued]]:
         now = datetime.now(UTC)
         ca = issue("tlsoverride lab CA", ca=True, not_after=now + timedelta(days=365))
+        expired_ca = issue(
+            "tlsoverride lab old CA", ca=True, not_before=now - timedelta(days=400), not_after=now - timedelta(days=10)
+        )
         extra = {
             "ca": ca,
+            "ca-expired": expired_ca,
             "mx1-next": issue("mx1.example.test"),
             "mx2-old": issue("mx2.example.test"),
+            "mx12-old": issue("mx12.example.test"),
         }
         certs: dict[str, Issued] = {}
         cert_dir = self.directory / "certs"
@@ -141,6 +155,9 @@ class Lab:
             if server.cert == "ca":
                 leaf = issue(server.host, issuer=ca)
                 chain = [ca]
+            elif server.cert == "ca-expired":
+                leaf = issue(server.host, issuer=expired_ca)
+                chain = [expired_ca]
             elif server.cert == "ca-wrongname":
                 leaf = issue("other.invalid", issuer=ca)
                 chain = [ca]
@@ -163,6 +180,10 @@ class Lab:
                 "tlsa_3_1_1": leaf.spki_sha256,
                 "tlsa_3_0_1": leaf.cert_sha256,
             }
+            if server.sni_only:
+                default = issue("mail.hosting.invalid")
+                write_pem(cert_dir, f"{server.key}-default", default)
+                self.servers[server.key]["default_pkey_fingerprint"] = default.pkey_fingerprint
         return certs, extra
 
     def _make_zones(self, certs: dict[str, Issued], extra: dict[str, Issued]) -> None:
@@ -240,21 +261,48 @@ remote-control:
             for zone in ("test", "example.test", "unsigned.test", "bogus.test")
         )
         (run / "unbound-extra.conf").touch()
-        (run / "unbound.conf").write_text(
-            f"""server:
-    interface: 127.0.0.1@{self.resolver_port}
-    port: {self.resolver_port}
+        (run / "unbound.conf").write_text(self._unbound_conf("unbound", self.resolver_port, ede=True, stubs=stubs))
+        (run / "unbound-plain.conf").write_text(
+            self._unbound_conf("unbound-plain", self.plain_resolver_port, ede=False, stubs=stubs)
+        )
+        listeners = [
+            {
+                "address": s.address,
+                "host": s.host,
+                "cert": str(self.directory / "certs" / f"{s.key}.pem"),
+                "key": str(self.directory / "certs" / f"{s.key}.key"),
+                "starttls": s.starttls,
+                "banner_delay": self.banner_delay if s.slow else 0.0,
+                "drip_interval": DRIP_INTERVAL if s.drip else 0.0,
+                **(
+                    {
+                        "default_cert": str(self.directory / "certs" / f"{s.key}-default.pem"),
+                        "default_key": str(self.directory / "certs" / f"{s.key}-default.key"),
+                    }
+                    if s.sni_only
+                    else {}
+                ),
+            }
+            for s in SERVERS
+        ]
+        (run / "smtp.json").write_text(json.dumps({"port": self.smtp_port, "listeners": listeners}, indent=1))
+
+    def _unbound_conf(self, name: str, port: int, *, ede: bool, stubs: str) -> str:
+        run = self.directory / "run"
+        return f"""server:
+    interface: 127.0.0.1@{port}
+    port: {port}
     do-ip6: no
     do-daemonize: no
     username: ""
     chroot: ""
     directory: "{run}"
-    pidfile: "{run / "unbound.pid"}"
-    logfile: "{run / "unbound.log"}"
+    pidfile: "{run / (name + ".pid")}"
+    logfile: "{run / (name + ".log")}"
     use-syslog: no
     verbosity: 1
     val-log-level: 2
-    ede: yes
+    ede: {"yes" if ede else "no"}
     num-threads: 1
     access-control: 127.0.0.0/8 allow
     do-not-query-localhost: no
@@ -269,19 +317,6 @@ remote-control:
 remote-control:
     control-enable: no
 {stubs}"""
-        )
-        listeners = [
-            {
-                "address": s.address,
-                "host": s.host,
-                "cert": str(self.directory / "certs" / f"{s.key}.pem"),
-                "key": str(self.directory / "certs" / f"{s.key}.key"),
-                "starttls": s.starttls,
-                "banner_delay": self.banner_delay if s.slow else 0.0,
-            }
-            for s in SERVERS
-        ]
-        (run / "smtp.json").write_text(json.dumps({"port": self.smtp_port, "listeners": listeners}, indent=1))
 
     # -- state ----------------------------------------------------------------------------
 
@@ -317,6 +352,7 @@ remote-control:
         commands = {
             "nsd": [which("nsd") or "nsd", "-d", "-c", str(run / "nsd.conf")],
             "unbound": [which("unbound") or "unbound", "-d", "-c", str(run / "unbound.conf")],
+            "unbound-plain": [which("unbound") or "unbound", "-d", "-c", str(run / "unbound-plain.conf")],
             "smtp": [sys.executable, str(Path(__file__).with_name("smtp_lab.py")), str(run / "smtp.json")],
         }
         self.pids, self.start_times = {}, {}
@@ -337,15 +373,16 @@ remote-control:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        pending = {"nsd", "unbound", "smtp"}
+        pending = {"nsd", "unbound", "unbound-plain", "smtp"}
         while pending:
             for name in list(pending):
                 if not self._alive(name):
                     raise LabError(f"{name} exited during start-up:\n{self._log_tail(name)}")
             if "nsd" in pending and _dns_answers(self.auth_port, "test.", need_ad=False):
                 pending.discard("nsd")
-            if "unbound" in pending and "nsd" not in pending and _dns_answers(self.resolver_port, "example.test."):
-                pending.discard("unbound")
+            for name, port in (("unbound", self.resolver_port), ("unbound-plain", self.plain_resolver_port)):
+                if name in pending and "nsd" not in pending and _dns_answers(port, "example.test."):
+                    pending.discard(name)
             if "smtp" in pending and (self.directory / "run" / "ready").exists():
                 pending.discard("smtp")
             if not pending:

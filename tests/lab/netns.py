@@ -87,8 +87,8 @@ def _enter_private_network(workdir: Path) -> None:
     subprocess.run([which("mount") or "mount", "--bind", str(resolv), "/etc/resolv.conf"], check=True)
 
 
-def _finger(target: str, mail_config: Path) -> str:
-    command = [which("posttls-finger") or "posttls-finger", "-v", "-t", "5", "-T", "5", "-l", "dane", target]
+def _finger(target: str, mail_config: Path, level: str = "dane", match: tuple[str, ...] = ()) -> str:
+    command = [which("posttls-finger") or "posttls-finger", "-v", "-t", "5", "-T", "5", "-l", level, target, *match]
     result = subprocess.run(
         command,
         capture_output=True,
@@ -122,6 +122,13 @@ def parse_finger(text: str) -> dict[str, Any]:
         return {**result, "delivers": False, "reason": "TLSA lookup error"}
     if "server certificate verification failed" in body:
         return {**result, "delivers": False, "reason": "server certificate not verified"}
+    # Usable TLSA records make authentication mandatory: an "Untrusted" session (e.g. "CA certificate
+    # verification failed … certificate has expired" for a DANE-TA anchor) is one Postfix defers.
+    dane_level = bool(_TLSA_FOUND.search(body)) and not any(
+        fallback in body for fallback in ('resorting to "secure"', "all TLSA records unusable")
+    )
+    if tls and dane_level and tls.group(1) not in ("Verified", "Trusted"):
+        return {**result, "delivers": False, "reason": "server certificate not verified"}
     if tls:
         return {**result, "delivers": True, "reason": f"{tls.group(1)} TLS"}
     if "Connected to" not in body:
@@ -132,6 +139,10 @@ def parse_finger(text: str) -> dict[str, Any]:
         reason = "TLS is required, but was not offered" if required else "plaintext (no STARTTLS)"
         return {**result, "delivers": not required, "reason": reason}
     return {**result, "delivers": False, "reason": "TLS session not established"}
+
+
+def _serves_tls_without_sni(host: Any) -> bool:
+    return any((probe := a.probe_without_sni or a.probe) is not None and probe.chain for a in host.addresses)
 
 
 def inside(workdir: Path) -> None:
@@ -151,14 +162,34 @@ def inside(workdir: Path) -> None:
         targets = list(SCENARIO_DOMAINS)
         for diagnosis in diagnoses:
             targets.extend(f"[{host.name}]" for host in diagnosis.hosts)
+        # The recommended `fingerprint` override, as Postfix applies it (no SNI, no servername=).
+        pinned = {
+            f"[{host.name}]": tuple(diagnosis.recommended.parameters.removeprefix("match=").split("|"))
+            for diagnosis in diagnoses
+            if diagnosis.recommended is not None and diagnosis.recommended.policy == "fingerprint"
+            for host in diagnosis.hosts
+            if _serves_tls_without_sni(host)
+        }
         with ThreadPoolExecutor(max_workers=16) as pool:
             outputs = dict(zip(targets, pool.map(lambda t: _finger(t, mail_config), targets), strict=True))
+            fingerprinted = dict(
+                zip(
+                    pinned,
+                    pool.map(lambda t: _finger(t, mail_config, "fingerprint", pinned[t]), pinned),
+                    strict=True,
+                )
+            )
         result = {
             diagnosis.domain: {
                 "diagnosis": diagnosis.model_dump(mode="json"),
                 "postfix": {
                     "domain": {**parse_finger(outputs[diagnosis.domain]), "raw": outputs[diagnosis.domain][-4000:]},
                     "hosts": {host.name: parse_finger(outputs[f"[{host.name}]"]) for host in diagnosis.hosts},
+                    "fingerprint": {
+                        host.name: parse_finger(fingerprinted[f"[{host.name}]"])
+                        for host in diagnosis.hosts
+                        if f"[{host.name}]" in fingerprinted
+                    },
                 },
             }
             for diagnosis in diagnoses

@@ -1,7 +1,8 @@
 """The lab's SMTP listeners (aiosmtpd), one process, one event loop.
 
 Run as a script by tests/lab/lab.py: `python smtp_lab.py CONFIG.json`. Each listener serves its own
-certificate chain over STARTTLS (or offers no STARTTLS), may greet late, and discards all mail.
+certificate chain over STARTTLS (or offers no STARTTLS), may greet late, may drip its greeting line by
+line, may pick its certificate by SNI, and discards all mail.
 Writes `ready` next to the config once every listener is bound; stops on SIGTERM.
 """
 
@@ -24,12 +25,17 @@ class DiscardHandler:
         return "250 2.0.0 Ok: discarded by the tlsoverride lab"
 
 
-class LabSMTP(SMTP):
-    """aiosmtpd with an optional delay before the 220 greeting (the slow bench hosts)."""
+DRIP_LINES = 600
 
-    def __init__(self, *args: Any, banner_delay: float = 0.0, **kwargs: Any) -> None:
+
+class LabSMTP(SMTP):
+    """aiosmtpd with an optional delay before the 220 greeting (the slow bench hosts), or a greeting
+    dripped as continuation lines (a server that holds a client without ever timing out a read)."""
+
+    def __init__(self, *args: Any, banner_delay: float = 0.0, drip_interval: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._banner_delay = banner_delay
+        self._drip_interval = drip_interval
         self._greeted = False
 
     async def push(self, status: Any) -> None:
@@ -37,6 +43,11 @@ class LabSMTP(SMTP):
             self._greeted = True
             if self._banner_delay:
                 await asyncio.sleep(self._banner_delay)
+            for _ in range(DRIP_LINES if self._drip_interval else 0):
+                if self.transport is None or self.transport.is_closing():
+                    return
+                await super().push("220-tlsoverride lab: still greeting")
+                await asyncio.sleep(self._drip_interval)
         await super().push(status)
 
 
@@ -45,7 +56,18 @@ def _tls_context(listener: dict[str, Any]) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(listener["cert"], listener["key"])
-    return context
+    if "default_cert" not in listener:
+        return context
+    # Like a multi-domain server: its own certificate only for SNI = its name, a default one otherwise.
+    default = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    default.load_cert_chain(listener["default_cert"], listener["default_key"])
+    host = listener["host"].lower()
+
+    def pick(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        sock.context = context if name and name.lower().rstrip(".") == host else default
+
+    default.sni_callback = pick
+    return default
 
 
 async def serve(config_path: Path) -> None:
@@ -64,6 +86,7 @@ async def serve(config_path: Path) -> None:
                 tls_context=context,
                 require_starttls=False,
                 banner_delay=float(listener.get("banner_delay", 0.0)),
+                drip_interval=float(listener.get("drip_interval", 0.0)),
             )
 
         servers.append(await loop.create_server(factory, host=listener["address"], port=config["port"]))

@@ -18,6 +18,12 @@ class Server:
     slow: bool = False
     """Greets after the lab's banner delay (bench domains)."""
     extra_names: tuple[str, ...] = ()
+    sni_only: bool = False
+    """Serves its certificate only to clients that send SNI = its host name; without SNI (Postfix below
+    the dane level) it serves a different, default certificate."""
+    drip: bool = False
+    """Drips its greeting as `220-` continuation lines, one every DRIP_INTERVAL seconds, for far longer
+    than a probe's deadline."""
 
 
 SERVERS: tuple[Server, ...] = (
@@ -31,10 +37,15 @@ SERVERS: tuple[Server, ...] = (
     Server("mx8", "mx8.example.test", "127.0.0.18", cert="reissued"),
     Server("mx10", "mx10.example.test", "127.0.0.20", cert="ca-wrongname"),
     Server("mx11", "mx11.example.test", "127.0.0.22", cert="expired"),
+    Server("mx12", "mx12.example.test", "127.0.0.23", sni_only=True),
+    Server("drip", "mxdrip.example.test", "127.0.0.24", drip=True),
+    Server("mx15", "mx15.example.test", "127.0.0.25", cert="ca-expired"),
     Server("unsigned", "mx.unsigned.test", "127.0.0.21"),
     Server("bogus", "mx.bogus.test", "127.0.0.31"),
     *(Server(f"slow{i}", f"slow{i}.example.test", f"127.0.0.{40 + i}", slow=True) for i in range(1, 5)),
 )
+
+DRIP_INTERVAL = 0.1
 
 BOGUS_HOST_ADDRESS = "127.0.0.19"
 """mx9's A record, edited after signing so that its RRSIG fails (class G); nothing listens there."""
@@ -57,9 +68,29 @@ SCENARIO_DOMAINS: tuple[str, ...] = (
     "cnameorig.example.test",
     "implicit.example.test",
     "nullmx.example.test",
+    "sni.example.test",
+    "many.example.test",
+    "longtlsa.example.test",
+    "longertlsa.example.test",
+    "badlen.example.test",
+    "taexpired.example.test",
     "unsigned.test",
     "hosted.unsigned.test",
     "bogus.test",
 )
+
+MANY_MX = 12
+"""many.example.test: MX hosts many1 … many12 at preferences 10, 20, …; many1-5 pass DANE, the rest are stale."""
+
+LONG_HOSTS = {
+    # "_25._tcp." + host is 254 characters, so Postfix's valid_hostname() accepts it, but 256 octets
+    # on the wire: no query can carry it.
+    "longtlsa": "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 40 + ".example.test",
+    # 259 characters: Postfix rejects it as an invalid name before any query.
+    "longertlsa": "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "e" * 45 + ".example.test",
+}
+
+SLOW_DOMAINS: tuple[str, ...] = ("drip.example.test", "slowpair.example.test")
+"""Deadline scenarios (not in SCENARIO_DOMAINS: each one waits for a probe deadline)."""
 
 BENCH_DOMAINS: tuple[str, ...] = ("mx1host.example.test", "mx2host.example.test", "mx4host.example.test")

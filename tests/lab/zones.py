@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.lab.pki import Issued
-from tests.lab.topology import BOGUS_HOST_ADDRESS, SERVERS
+from tests.lab.topology import BOGUS_HOST_ADDRESS, LONG_HOSTS, MANY_MX, SERVERS
 
 SOA = "@ SOA ns.test. hostmaster.test. 1 3600 600 86400 5"
 TTL = 60
@@ -58,6 +58,18 @@ def example_zone(certs: dict[str, Issued], extra: dict[str, Issued]) -> str:
     tlsa("mx11", 3, 1, 1, certs["mx11"].spki_sha256)  # I: DANE-EE on an expired leaf
     tlsa("mxalias2", 3, 1, 1, certs["mx6"].spki_sha256)  # TLSA only at the original (pre-CNAME) name
     tlsa("implicit", 3, 1, 1, certs["mx1"].spki_sha256)
+    tlsa("mx12", 3, 1, 1, extra["mx12-old"].spki_sha256)  # A: stale; the server also picks its cert by SNI
+    tlsa("mxdrip", 3, 1, 1, certs["drip"].spki_sha256)
+    tlsa("mx15", 2, 1, 1, extra["ca-expired"].spki_sha256)  # DANE-TA on a CA past its validity
+    for i in range(1, MANY_MX + 1):
+        lines.append(f"many{i} A {'127.0.0.11' if i <= 5 else '127.0.0.12'}")
+        tlsa(f"many{i}", 3, 1, 1, certs["mx1"].spki_sha256 if i <= 5 else extra["mx2-old"].spki_sha256)
+    for key, host in LONG_HOSTS.items():
+        lines.append(f"{host}. A 127.0.0.16")
+        lines.append(f"{key} MX 10 {host}.")
+    # 3 1 1 with a 31-octet "digest" (must be 32): unusable, so Postfix falls back to encrypt (class C).
+    lines.append("badlen-mx A 127.0.0.16")
+    tlsa("badlen-mx", 3, 1, 1, certs["mx6"].spki_sha256[:62])
     for i in range(1, 5):
         tlsa(f"slow{i}", 3, 1, 1, certs[f"slow{i}"].spki_sha256)
 
@@ -77,6 +89,12 @@ def example_zone(certs: dict[str, Issued], extra: dict[str, Issued]) -> str:
         "cname": ["10 mxalias"],
         "cnameorig": ["10 mxalias2"],
         "nullmx": ["0 ."],
+        "sni": ["10 mx12"],
+        "many": [f"{10 * i} many{i}" for i in range(1, MANY_MX + 1)],
+        "badlen": ["10 badlen-mx"],
+        "taexpired": ["10 mx15"],
+        "drip": ["10 mxdrip"],
+        "slowpair": ["10 mx1", "20 mxdrip"],
         "mx1host": ["10 slow1"],
         "mx2host": ["10 slow1", "20 slow2"],
         "mx4host": ["10 slow1", "20 slow2", "30 slow3", "40 slow4"],
