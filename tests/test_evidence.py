@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.diagnosis import engine as diagnosis_engine
+from app.diagnosis.router import RateLimiter
 from app.overrides import evidence
 from tests.conftest import Headers, make_settings
 from tests.lab.lab import Lab
@@ -68,3 +69,21 @@ def test_replays_duplicates_and_bursts_probe_the_domain_once(
     assert again.status_code == 201
     assert again.json()["diagnosis"] == first.json()["diagnosis"]  # within two minutes: the same evidence
     assert probed == ["stale.example.test"]
+
+
+def test_fresh_diagnoses_on_create_share_the_callers_budget(
+    client: TestClient, auth: Callable[..., Headers], app: Any
+) -> None:
+    app.state.diagnosis_limiter = RateLimiter(1)
+    alice = auth("alice", "requester")
+    body = {"policy": "encrypt", "justification": "Recipient TLSA records are stale after a rollover."}
+    first = client.post("/v1/overrides", json={**body, "destination": "stale.example.test"}, headers=alice)
+    assert first.status_code == 201 and first.json()["diagnosis"]["failure_class"] == "A"
+    second = client.post("/v1/overrides", json={**body, "destination": "good.example.test"}, headers=alice)
+    assert second.status_code == 201  # taken all the same: an urgent request never waits
+    assert second.json()["diagnosis"]["error"].startswith("not diagnosed: At most 1 diagnoses a minute")
+    assert client.get("/v1/diagnostics/good.example.test", headers=alice).status_code == 429
+
+
+def test_diagnostics_need_a_role(client: TestClient, auth: Callable[..., Headers]) -> None:
+    assert client.get("/v1/diagnostics/good.example.test", headers=auth("nobody")).status_code == 403

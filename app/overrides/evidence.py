@@ -12,10 +12,11 @@ import anyio.from_thread
 from fastapi import FastAPI
 
 from app.core.config import Settings
+from app.core.errors import TooManyRequests
 from app.diagnosis.assess import assess_request
 from app.diagnosis.engine import diagnose
 from app.diagnosis.models import Diagnosis
-from app.diagnosis.router import diagnosis_config
+from app.diagnosis.router import RateLimiter, diagnosis_config
 from app.overrides.postfix import mx_domain_of
 
 log = logging.getLogger("app.overrides.evidence")
@@ -62,17 +63,24 @@ def _recent(app: FastAPI) -> _RecentDiagnoses:
 
 
 def gather_evidence(
-    app: FastAPI, destination: str, policy: str, parameters: str
+    app: FastAPI, destination: str, policy: str, parameters: str, caller: str
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """Diagnose the destination's domain (from a worker thread of the API) and assess the request."""
+    """Diagnose the destination's domain (from a worker thread of the API) and assess the request.
+
+    A fresh diagnosis counts against the caller's diagnosis budget (the one `GET /v1/diagnostics`
+    uses); over budget, the request is still taken, without evidence: an urgent request never waits."""
     settings: Settings = app.state.settings
     domain = mx_domain_of(destination)
     if not settings.diagnosis_on_create or domain is None:
         return None, []
     try:
-        diagnosis = _recent(app).get(domain) or _recent(app).put(
-            domain, anyio.from_thread.run(diagnose, domain, diagnosis_config(settings))
-        )
+        diagnosis = _recent(app).get(domain)
+        if diagnosis is None:
+            limiter: RateLimiter = app.state.diagnosis_limiter
+            limiter.check(caller)
+            diagnosis = _recent(app).put(domain, anyio.from_thread.run(diagnose, domain, diagnosis_config(settings)))
+    except TooManyRequests as exc:
+        return {"error": f"not diagnosed: {exc.detail} See GET /v1/diagnostics/{domain}."}, []
     except Exception as exc:  # evidence is best effort: a failed diagnosis must not block an urgent request
         log.warning("diagnosis of %s failed: %s", domain, exc)
         return {"error": f"diagnosis failed: {exc}"}, []

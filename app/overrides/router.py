@@ -19,6 +19,7 @@ from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import already_used, fingerprint, run_idempotent
 from app.core.text import MAX_ID, Filter
+from app.diagnosis.router import rate_limit_key
 from app.overrides import service
 from app.overrides.evidence import gather_evidence
 from app.overrides.models import Override, OverrideState
@@ -152,7 +153,8 @@ def create_override(
         # A replay or a duplicate is answered without a diagnosis: probing it again would only cost.
         pointless = already_used(peek, principal, idempotency_key) or service.find_live(peek, target, destination)
     if not pointless:
-        diagnosis, findings = gather_evidence(request.app, destination, body.policy, parameters)
+        caller = rate_limit_key(principal)
+        diagnosis, findings = gather_evidence(request.app, destination, body.policy, parameters, caller)
     return run_idempotent(
         session,
         principal,
