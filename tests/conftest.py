@@ -133,6 +133,18 @@ def make_settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def lab_settings(lab: Any, **overrides: Any) -> Settings:
+    """Settings that point the diagnosis at the DNSSEC/SMTP lab (tests/lab)."""
+    values: dict[str, Any] = {
+        "dns_resolver": lab.resolver,
+        "smtp_port": lab.smtp_port,
+        "diagnosis_allow_reserved": True,
+        "dns_selftest_name": "test.",
+        "diagnosis_timeout_seconds": 3.0,
+    }
+    return make_settings(**{**values, **overrides})
+
+
 @pytest.fixture
 def settings() -> Settings:
     return make_settings()

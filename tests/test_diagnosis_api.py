@@ -13,18 +13,14 @@ from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.errors import TooManyRequests
 from app.diagnosis.router import RateLimiter, rate_limit_key
-from tests.conftest import VALID_REQUEST, Headers, make_settings
+from tests.conftest import VALID_REQUEST, Headers, lab_settings
 from tests.lab.lab import Lab
 
 
 @pytest.fixture
 def settings(dane_lab: Lab) -> Settings:
-    return make_settings(
-        dns_resolver=dane_lab.resolver,
-        smtp_port=dane_lab.smtp_port,
-        diagnosis_allow_reserved=True,
-        dns_selftest_name="test.",
-        diagnosis_timeout_seconds=3.0,
+    return lab_settings(
+        dane_lab,
         diagnosis_on_create=True,
         diagnosis_rate_per_minute=5,
     )

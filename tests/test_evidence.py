@@ -12,18 +12,14 @@ from app.core.config import Settings
 from app.diagnosis import engine as diagnosis_engine
 from app.diagnosis.router import RateLimiter
 from app.overrides import evidence
-from tests.conftest import Headers, make_settings
+from tests.conftest import Headers, lab_settings
 from tests.lab.lab import Lab
 
 
 @pytest.fixture
 def settings(dane_lab: Lab) -> Settings:
-    return make_settings(
-        dns_resolver=dane_lab.resolver,
-        smtp_port=dane_lab.smtp_port,
-        diagnosis_allow_reserved=True,
-        dns_selftest_name="test.",
-        diagnosis_timeout_seconds=3.0,
+    return lab_settings(
+        dane_lab,
         diagnosis_on_create=True,
     )
 

@@ -20,18 +20,14 @@ from app.overrides import service
 from app.overrides.models import Override, OverrideState
 from app.worker.loop import Worker
 from app.worker.recheck import recheck_due
-from tests.conftest import Headers, make_settings
+from tests.conftest import Headers, lab_settings
 from tests.lab.lab import Lab
 
 
 @pytest.fixture
 def settings(dane_lab: Lab) -> Settings:
-    return make_settings(
-        dns_resolver=dane_lab.resolver,
-        smtp_port=dane_lab.smtp_port,
-        diagnosis_allow_reserved=True,
-        dns_selftest_name="test.",
-        diagnosis_timeout_seconds=3.0,
+    return lab_settings(
+        dane_lab,
         recheck_interval_seconds=0,
         remediation_checks=2,
         remediation="notify",

@@ -387,7 +387,13 @@ class _Run:
             return self._host_without_addresses(host, canonical, lookups)
         dnssec = _answers_security(usable)
         notes = _family_notes(host.a, host.aaaa)
+        unfinished: tuple[str, str] | None = None
         if all(a.tried == "no" for a in host.addresses):
+            unfinished = ("not-tried", _NOT_TRIED.format(limit=self.config.mx_address_limit))
+        elif host.tlsa is None:
+            unfinished = ("not-checked", f"not checked: {self._deadline_text()} before its TLSA lookup")
+        if unfinished is not None:
+            status, why = unfinished
             return MxHost(
                 name=host.name,
                 preference=host.preference,
@@ -396,26 +402,13 @@ class _Run:
                 dnssec=dnssec,
                 address_lookups=lookups,
                 postfix_level="unknown",
-                status="not-tried",
+                status=status,
                 would_deliver=None,
-                explanation=f"{host.name}: {_NOT_TRIED.format(limit=self.config.mx_address_limit)}",
-                addresses=[self._pending(a, level="unknown") for a in host.addresses],
-            )
-        if host.tlsa is None:
-            return MxHost(
-                name=host.name,
-                preference=host.preference,
-                implicit=host.implicit,
-                canonical_name=canonical,
-                dnssec=dnssec,
-                address_lookups=lookups,
-                postfix_level="unknown",
-                status="not-checked",
-                would_deliver=None,
-                explanation=f"{host.name}: not checked: {self._deadline_text()} before its TLSA lookup",
+                explanation=f"{host.name}: {why}",
                 addresses=[self._pending(a, level="unknown") for a in host.addresses],
             )
         tlsa = host.tlsa
+        assert tlsa is not None  # else the host is unfinished (above)
         level = _postfix_level(tlsa.result)
         results = [
             host.checks[a.address].result if a.address in host.checks else self._pending(a, level)
