@@ -20,12 +20,14 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("override", sa.Column("add_sent_at", UTCDateTime(), nullable=True))
-    # Applies already in flight: an add may have been sent whenever the apply started.
+    # Applies in flight, or cancelled while in flight, with no row recorded: an add may have been sent.
     op.execute(
-        "UPDATE override SET add_sent_at = apply_started_at WHERE state = 'approved' AND apply_started_at IS NOT NULL"
+        "UPDATE override SET add_sent_at = apply_started_at "
+        "WHERE state IN ('approved', 'removing') AND mailcow_id IS NULL AND apply_started_at IS NOT NULL"
     )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("override") as batch:
-        batch.drop_column("add_sent_at")
+    # Plain ALTER (SQLite >= 3.35 has DROP COLUMN): a batch rebuild of `override` would trip the
+    # foreign key from `vote` on SQLite.
+    op.execute("ALTER TABLE override DROP COLUMN add_sent_at")

@@ -101,6 +101,9 @@ class MailcowError(Exception):
         self.target = target
         self.op = op
         self.status = status
+        # HTTP attempts the call made: an answer to the last one says nothing of what an earlier one,
+        # whose answer was lost, may still do (a timed-out add can commit later).
+        self.attempts = 1
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, msg_key={self.msg_key!r}, target={self.target!r})"
@@ -343,10 +346,13 @@ class MailcowClient:
     async def _call(self, op: str, method: str, path: str, body: Any, parse: Callable[[_Reply], T]) -> T:
         started = time.perf_counter()
         outcome = "ok"
+        attempts = 1
         try:
             reply = await self._with_retries(op, method, path, body)
+            attempts = reply.attempts
             return parse(reply)
         except MailcowError as exc:
+            exc.attempts = max(exc.attempts, attempts)
             outcome = exc.kind
             exc.target, exc.op = self.name, op
             ERRORS.labels(self.name, exc.kind).inc()
@@ -390,8 +396,9 @@ class MailcowClient:
 
         try:
             return await retrying(attempt)
-        except MailcowUnavailable as exc:
-            if attempt_no > 1:
+        except MailcowError as exc:
+            exc.attempts = attempt_no
+            if isinstance(exc, MailcowUnavailable) and attempt_no > 1:
                 exc.message = f"{exc.message} (gave up after {attempt_no} attempts)"
                 exc.args = (exc.message,)
             raise

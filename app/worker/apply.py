@@ -29,6 +29,7 @@ from app.mailcow.client import (
     MailcowError,
     MailcowProtocolError,
     MailcowRejected,
+    MailcowUnavailable,
     PolicyRow,
 )
 from app.overrides import service
@@ -89,6 +90,11 @@ async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -
         return None
 
     results = await ctx.gather(add(job) for job in to_add)
+    unclear = [job.id for job, result in zip(to_add, results, strict=True) if _may_have_landed(result)]
+    if unclear:
+        # Those adds went out at some point during the batch (queued behind the concurrency limit, or
+        # retried): the time an unanswered one may still land counts from now, not from the batch's start.
+        await ctx.db(store.stamp_add_sent, ctx.engine, unclear, ctx.owner)
     if all(isinstance(result, BaseException) and not _entry_exists(result) for result in results):
         after = before  # nothing was added: no need to look again
     else:
@@ -138,13 +144,23 @@ async def _settle(ctx: JobContext, job: Job, result: BaseException | None, after
     return None
 
 
+def _may_have_landed(result: BaseException | None) -> bool:
+    return isinstance(result, MailcowUnavailable | MailcowProtocolError) or (
+        isinstance(result, MailcowError) and result.attempts > 1
+    )
+
+
 def _entry_exists(error: BaseException) -> bool:
     return isinstance(error, MailcowRejected) and error.msg_key == ENTRY_EXISTS
 
 
 async def _add_failed(ctx: JobContext, job: Job, error: BaseException) -> None:
-    if isinstance(error, ValueError | MailcowRejected | MailcowAuthError | MailcowEmptyResponse):
-        # mailcow answered "not added" (or the call never left): no row of this add can appear later.
+    definite = isinstance(error, ValueError) or (
+        isinstance(error, MailcowRejected | MailcowAuthError | MailcowEmptyResponse) and error.attempts == 1
+    )
+    if definite:
+        # mailcow answered the only attempt with "not added" (or nothing was sent): no row of it can
+        # appear later. After a retry, an earlier attempt whose answer was lost may still commit.
         await ctx.db(store.clear_add_sent, ctx.engine, job.id, ctx.owner)
     permanent = isinstance(error, ValueError) or (
         isinstance(error, MailcowRejected) and error.msg_key in PERMANENT_REJECTIONS
@@ -306,19 +322,22 @@ def _record_failed(engine: Engine, settings: Settings, job: Job, owner: str, rea
         if override is None:
             store.drop_lease(session, job.id, owner)
             return
-        if (override.conflict or {}).get("status") in ("replace", "replaced"):
-            # We may have deleted the foreign row an admin let us replace: the removal restores it, then
-            # the override ends as `failed`.
+        replaced = (override.conflict or {}).get("status") in ("replace", "replaced")
+        if replaced or override.add_sent_at is not None:
+            # We may have deleted the foreign row an admin let us replace, or an add whose answer was lost
+            # may have landed: the removal cleans up (and restores), then the override ends as `failed`.
+            why = "restoring the row it was to replace" if replaced else "removing whatever an earlier add left"
             service.begin_removal(
                 session,
                 override,
                 "apply_failed",
                 actor="system",
                 via=None,
-                comment=f"mailcow refused the row: {reason}; restoring the row it was to replace",
+                comment=f"mailcow refused the row: {reason}; {why}",
                 settings=settings,
             )
             store.drop_lease(session, job.id, owner)
+            store.note_error(session, job.id, reason)
             return
         service.transition(
             session,

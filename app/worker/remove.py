@@ -58,10 +58,13 @@ def plan_removal(job: Job, current: PolicyMap) -> Plan:
         row = current.by_id.get(job.mailcow_id)
         if row is not None and dest_key(row.dest) == dest_key(job.destination):
             ids.add(row.id)
+    # A row at our destination with our content is ours only if we ever sent an add for it (recorded, or
+    # outstanding); otherwise it is a human's identical row, and never touched.
+    ours_possible = job.mailcow_id is not None or job.add_sent_at is not None
     at_dest = current.at(job.destination)
-    if at_dest is not None and is_our_content(at_dest, job.destination, job.policy, job.parameters):
+    if ours_possible and at_dest is not None and is_our_content(at_dest, job.destination, job.policy, job.parameters):
         ids.add(at_dest.id)
-    return Plan(frozenset(ids), True, snapshot if status == "replaced" else None)
+    return Plan(frozenset(ids), ours_possible, snapshot if status == "replaced" else None)
 
 
 def _settle(ctx: JobContext) -> timedelta:
@@ -205,7 +208,11 @@ def _removed_in(session: Session, job: Job, owner: str, deleted: list[int], rest
         return False
     reason = override.end_reason or "expired"
     end = service.END_STATE.get(reason, S.revoked)
-    changes: dict[str, Any] = {**RELEASED, "next_attempt_at": None, "last_error": None}
+    # A failed apply keeps its error for the API; any other end clears the removal's retry errors.
+    keep_error = reason == "apply_failed"
+    changes: dict[str, Any] = {**RELEASED, "next_attempt_at": None}
+    if not keep_error:
+        changes["last_error"] = None
     if restored and override.conflict:
         status = "restored" if "restored" in restored else "not_restored"
         changes["conflict"] = {**override.conflict, "status": status, **restored}

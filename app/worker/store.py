@@ -174,6 +174,26 @@ def mark_add_sent(engine: Engine, override_ids: list[int], owner: str, state: Ov
         return ours
 
 
+def stamp_add_sent(engine: Engine, override_ids: list[int], owner: str) -> None:
+    """Adds without a clear answer: they may land up to TLSO_MAILCOW_ADD_SETTLE_SECONDS from now."""
+    with transaction(engine) as session:
+        session.execute(
+            update(Override)
+            .where(col(Override.id).in_(override_ids), col(Override.lease_owner) == owner)
+            .values(add_sent_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+
+def note_error(session: Session, override_id: int, error: str) -> None:
+    session.execute(
+        update(Override)
+        .where(col(Override.id) == override_id)
+        .values(last_error=error[:1000])
+        .execution_options(synchronize_session=False)
+    )
+
+
 def clear_add_sent(engine: Engine, override_id: int, owner: str) -> None:
     """mailcow answered the add with a refusal: nothing of it can land later."""
     with transaction(engine) as session:
@@ -206,6 +226,8 @@ def release(engine: Engine, settings: Settings, job: Job, owner: str, error: str
         attempts = override.attempts + 1
         wait = backoff(settings, attempts - 1) if delay is None else delay
         now = utcnow()
+        # A failed apply being cleaned up keeps the apply's error: that is what the API must show.
+        keep = override.state == S.removing and override.end_reason == "apply_failed"
         session.execute(
             update(Override)
             .where(col(Override.id) == job.id, col(Override.lease_owner) == owner)
@@ -213,7 +235,7 @@ def release(engine: Engine, settings: Settings, job: Job, owner: str, error: str
                 **RELEASED,
                 attempts=attempts,
                 next_attempt_at=now + timedelta(seconds=wait),
-                last_error=error[:1000],
+                last_error=override.last_error if keep else error[:1000],
             )
             .execution_options(synchronize_session=False)
         )
