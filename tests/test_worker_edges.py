@@ -60,7 +60,7 @@ async def test_the_settle_time_counts_from_the_last_unanswered_attempt(
         mailcow_url=served_standin.url,
         mailcow_timeout_seconds=0.5,
         mailcow_attempts=3,
-        mailcow_add_settle_seconds=1.2,
+        mailcow_add_settle_seconds=5.0,
     )
     client.app.state.settings = settings  # type: ignore[attr-defined]
     override_id = approved(client, auth, "example.org")
@@ -69,11 +69,14 @@ async def test_the_settle_time_counts_from_the_last_unanswered_attempt(
     standin.add_fault(Fault(op="add", mode="timeout", count=1, delay=2.0))
     worker = Worker(engine, settings, owner="w1")
     try:
+        started = utcnow()
         await worker.tick()
         assert load(engine, override_id).state == S.approved
+        # 0.4 s + 0.4 s of 500s, then 0.5 s until the lost answer times out: the marker is set after that.
+        sent = load(engine, override_id).add_sent_at
+        assert sent is not None and (sent - started).total_seconds() >= 1.3
         cancelled = client.post(f"/v1/overrides/{override_id}/cancel", json=COMMENT, headers=auth("alice", "requester"))
         assert cancelled.json()["state"] == "removing", cancelled.text
-        await worker.tick()
         await worker.tick()
         assert load(engine, override_id).state == S.removing  # waits: the unanswered add may still land
         await asyncio.sleep(2.5)  # the third attempt lands
