@@ -22,6 +22,7 @@ from sqlmodel import Session
 
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
+from app.mailcow.client import MailcowClient, MailcowRejected
 from app.mailcow.standin import Fault, MailcowStandin
 from app.overrides.models import Override, OverrideState
 from app.targets.models import MailcowTarget
@@ -864,9 +865,38 @@ def _replace(client: TestClient, auth: Auth, override_id: int) -> None:
 
 @SQLITE_ONLY
 async def test_an_apply_that_fails_after_replacing_puts_the_foreign_row_back(
+    client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin, monkeypatch: Any
+) -> None:
+    standin.seed_row("example.org", "may", "")
+    override_id = approved(client, auth, "example.org")
+    await worker.tick()
+    _replace(client, auth, override_id)
+    real_add = MailcowClient.add_policy
+
+    async def refuse_ours(self: Any, dest: str, policy: str, parameters: str = "") -> None:
+        if policy == "encrypt":  # ours; the restore adds the original `may` row
+            raise MailcowRejected("add: parameters invalid", msg_key="tls_policy_map_parameter_invalid")
+        await real_add(self, dest, policy, parameters)
+
+    monkeypatch.setattr(MailcowClient, "add_policy", refuse_ours)
+    await settle(worker, 4)
+    override = load(engine, override_id)
+    assert (override.state, override.end_reason) == (S.failed, "apply_failed")
+    assert override.conflict and override.conflict["status"] == "restored"
+    assert [(r["dest"], r["policy"]) for r in standin.rows()] == [("example.org", "may")]
+    assert audit_actions(engine, override_id)[-3:] == [
+        "override.apply_failed",
+        "override.conflict_restoring",
+        "override.removed",
+    ]
+
+
+@SQLITE_ONLY
+async def test_a_replaced_row_mailcow_cannot_take_back_is_reported_not_restored(
     client: TestClient, auth: Auth, engine: Engine, transport: SwitchableTransport, standin: MailcowStandin
 ) -> None:
-    # mailcow's edit form stores `.sub.example.org`, its add refuses it: our add fails for good.
+    # mailcow's edit form stores `.sub.example.org`, its add refuses it: our add fails for good, and so
+    # does putting the original back. The override says so instead of pretending.
     settings = worker_settings(mailcow_supports_subdomain_dest=True)
     client.app.state.settings = settings  # type: ignore[attr-defined]
     standin.seed_row(".sub.example.org", "may", "")
@@ -880,10 +910,9 @@ async def test_an_apply_that_fails_after_replacing_puts_the_foreign_row_back(
         await worker.aclose()
     override = load(engine, override_id)
     assert (override.state, override.end_reason) == (S.failed, "apply_failed")
-    assert override.conflict and override.conflict["status"] in ("restored", "not_restored")
-    # mailcow's add refuses the dest its edit form stored, so the restore is reported, not faked
-    assert ("restored" in override.conflict) or ("restore_failed" in override.conflict)
-    assert "override.removed" in audit_actions(engine, override_id)
+    assert override.conflict and override.conflict["status"] == "not_restored"
+    assert "Policy destination is invalid" in override.conflict["reason"]
+    assert standin.rows() == []
 
 
 @SQLITE_ONLY
