@@ -25,6 +25,7 @@ from app.core.errors import ServiceUnavailable, install_error_handlers, problem_
 from app.core.metrics import metrics_router
 from app.diagnosis.router import RateLimiter
 from app.diagnosis.router import router as diagnosis_router
+from app.overrides.evidence import RecentDiagnoses
 from app.overrides.router import router as overrides_router
 from app.targets.router import router as targets_router
 
@@ -81,6 +82,7 @@ def create_app(
     app.state.oidc_http = httpx.AsyncClient(transport=oidc_transport, timeout=10.0, follow_redirects=False)
     app.state.token_validator = TokenValidator(settings, app.state.oidc_http)
     app.state.diagnosis_limiter = RateLimiter(settings.diagnosis_rate_per_minute)
+    app.state.recent_diagnoses = RecentDiagnoses()
     install_error_handlers(app)
 
     # The OAuth2 scheme only documents the Swagger UI login; tokens are checked by current_principal.

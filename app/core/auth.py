@@ -142,11 +142,14 @@ def roles_from_claims(claims: dict[str, Any], settings: Settings) -> frozenset[R
 RESERVED_ACTORS = frozenset({"system"})
 
 
+def person_key(name: str) -> str:
+    """A person's name as compared (and, for delegated names, stored): Unicode form and case folded."""
+    return unicodedata.normalize("NFKC", name).strip().casefold()
+
+
 def same_person(a: str | None, b: str | None) -> bool:
-    """Whether two recorded actors are the same human (case and Unicode form do not matter)."""
-    if a is None or b is None:
-        return False
-    return unicodedata.normalize("NFKC", a).casefold() == unicodedata.normalize("NFKC", b).casefold()
+    """Whether two recorded actors are the same human."""
+    return a is not None and b is not None and person_key(a) == person_key(b)
 
 
 def principal_from_claims(
@@ -167,7 +170,7 @@ def principal_from_claims(
         raise Forbidden(f"Only integrations may send {ON_BEHALF_OF}.")
     # People are compared case-insensitively (an alias "Alice" must not approve alice's request), so the
     # name an integration gives is stored in its normal form; `system` is the worker's name, never a user's.
-    user = unicodedata.normalize("NFKC", on_behalf_of).strip().casefold()
+    user = person_key(on_behalf_of)
     if not user or len(user) > 200 or not user.isprintable():
         raise InvalidInput.on(f"header.{ON_BEHALF_OF}", "must name the user the integration acts for")
     if user in RESERVED_ACTORS:

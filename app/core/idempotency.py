@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import JSON, Column, UniqueConstraint, delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from app.core.auth import Principal
 from app.core.db import UTCDateTime, utcnow
@@ -57,12 +58,13 @@ def _owner(principal: Principal) -> str:
     return f"{principal.via or ''}|{principal.actor}"
 
 
+def _record_of(owner: str, key: str) -> SelectOfScalar[IdempotencyRecord]:
+    return select(IdempotencyRecord).where(IdempotencyRecord.principal == owner, IdempotencyRecord.key == key)
+
+
 def already_used(session: Session, principal: Principal, key: str | None) -> bool:
     """Whether this caller's key already has an answer (the request will be a replay)."""
-    if key is None:
-        return False
-    query = select(IdempotencyRecord.key).where(IdempotencyRecord.principal == _owner(principal))
-    return session.exec(query.where(IdempotencyRecord.key == key)).first() is not None
+    return key is not None and session.exec(_record_of(_owner(principal), key)).first() is not None
 
 
 def run_idempotent(
@@ -81,7 +83,7 @@ def run_idempotent(
         raise InvalidInput.on(f"header.{HEADER}", "must be 1 to 200 printable characters")
     owner = _owner(principal)
     session.execute(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < utcnow() - ttl))
-    query = select(IdempotencyRecord).where(IdempotencyRecord.principal == owner, IdempotencyRecord.key == key)
+    query = _record_of(owner, key)
     found = session.exec(query).first()
     if found is not None:
         return _replay(found, print_)

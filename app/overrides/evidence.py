@@ -11,13 +11,17 @@ from typing import Any
 import anyio.from_thread
 from fastapi import FastAPI
 
+from app.core.auth import Principal
 from app.core.config import Settings
+from app.core.db import reading
 from app.core.errors import TooManyRequests
+from app.core.idempotency import already_used
 from app.diagnosis.assess import assess_request
 from app.diagnosis.engine import diagnose
 from app.diagnosis.models import Diagnosis
-from app.diagnosis.router import RateLimiter, diagnosis_config
+from app.diagnosis.router import RateLimiter, diagnosis_config, rate_limit_key
 from app.overrides.postfix import mx_domain_of
+from app.overrides.service import find_live
 
 log = logging.getLogger("app.overrides.evidence")
 
@@ -30,7 +34,7 @@ def findings_for(diagnosis: Any, policy: str, parameters: str, settings: Setting
     ]
 
 
-class _RecentDiagnoses:
+class RecentDiagnoses:
     """Diagnoses of the last two minutes, per domain: a burst of requests for one broken domain (a
     ticket storm) probes it once. The stored evidence keeps its own `checked_at`."""
 
@@ -55,30 +59,38 @@ class _RecentDiagnoses:
         return diagnosis
 
 
-def _recent(app: FastAPI) -> _RecentDiagnoses:
-    recent: _RecentDiagnoses | None = getattr(app.state, "recent_diagnoses", None)
-    if recent is None:
-        recent = app.state.recent_diagnoses = _RecentDiagnoses()
-    return recent
+Evidence = tuple[dict[str, Any] | None, list[dict[str, Any]]]
 
 
 def gather_evidence(
-    app: FastAPI, destination: str, policy: str, parameters: str, caller: str
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    app: FastAPI,
+    principal: Principal,
+    idempotency_key: str | None,
+    target: str,
+    destination: str,
+    policy: str,
+    parameters: str,
+) -> Evidence:
     """Diagnose the destination's domain (from a worker thread of the API) and assess the request.
 
-    A fresh diagnosis counts against the caller's diagnosis budget (the one `GET /v1/diagnostics`
-    uses); over budget, the request is still taken, without evidence: an urgent request never waits."""
+    Nothing is probed for a request that will be a replay or a 409 (read without a write lock, so the
+    probe holds up nobody), nor for a next hop. A fresh diagnosis counts against the caller's budget
+    (the one `GET /v1/diagnostics` uses); over it, the request is still taken, without evidence: an
+    urgent request never waits."""
     settings: Settings = app.state.settings
     domain = mx_domain_of(destination)
     if not settings.diagnosis_on_create or domain is None:
         return None, []
+    with reading(app.state.engine) as peek:
+        if already_used(peek, principal, idempotency_key) or find_live(peek, target, destination):
+            return None, []
+    recent: RecentDiagnoses = app.state.recent_diagnoses
     try:
-        diagnosis = _recent(app).get(domain)
+        diagnosis = recent.get(domain)
         if diagnosis is None:
             limiter: RateLimiter = app.state.diagnosis_limiter
-            limiter.check(caller)
-            diagnosis = _recent(app).put(domain, anyio.from_thread.run(diagnose, domain, diagnosis_config(settings)))
+            limiter.check(rate_limit_key(principal))
+            diagnosis = recent.put(domain, anyio.from_thread.run(diagnose, domain, diagnosis_config(settings)))
     except TooManyRequests as exc:
         return {"error": f"not diagnosed: {exc.detail} See GET /v1/diagnostics/{domain}."}, []
     except Exception as exc:  # evidence is best effort: a failed diagnosis must not block an urgent request

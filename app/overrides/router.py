@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import Field
 from sqlmodel import Session
 
 from app.audit.service import as_dict, iter_events
 from app.core.auth import CurrentPrincipal, Principal
 from app.core.config import Settings
-from app.core.db import SessionDep, reading
+from app.core.db import SessionDep
 from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from app.core.idempotency import already_used, fingerprint, run_idempotent
+from app.core.idempotency import fingerprint, run_idempotent
 from app.core.text import MAX_ID, Filter
-from app.diagnosis.router import rate_limit_key
 from app.overrides import service
 from app.overrides.evidence import gather_evidence
 from app.overrides.models import Override, OverrideState
@@ -32,6 +30,7 @@ from app.overrides.schemas import (
     OverridePage,
     OverrideRead,
     PendingExtension,
+    ResolveConflictBody,
     VoteRead,
 )
 
@@ -147,14 +146,9 @@ def create_override(
     if not principal.has("requester", "admin"):
         raise service.refuse(ctx, None, "create", "Creating overrides needs the requester role.")
     target, destination, parameters, _ = service.validate_request(body, settings)
-    diagnosis: dict[str, Any] | None = None
-    findings: list[dict[str, Any]] = []
-    with reading(request.app.state.engine) as peek:  # no write lock while the domain is probed
-        # A replay or a duplicate is answered without a diagnosis: probing it again would only cost.
-        pointless = already_used(peek, principal, idempotency_key) or service.find_live(peek, target, destination)
-    if not pointless:
-        caller = rate_limit_key(principal)
-        diagnosis, findings = gather_evidence(request.app, destination, body.policy, parameters, caller)
+    diagnosis, findings = gather_evidence(
+        request.app, principal, idempotency_key, target, destination, body.policy, parameters
+    )
     return run_idempotent(
         session,
         principal,
@@ -228,13 +222,6 @@ def override_events(override_id: OverrideId, session: SessionDep, principal: Cur
 
 
 ACTION_ERRORS = problem_responses(401, 403, 404, 409, 412, 422, 428)
-
-
-class ResolveConflictBody(ActionBody):
-    action: Literal["replace", "abandon"] = Field(
-        description="`replace`: delete the foreign row, apply the override, restore the row when it ends; "
-        "`abandon`: the override fails and the foreign row stays."
-    )
 
 
 Call = Callable[[Session, service.ActionContext, int, Any], Override]

@@ -151,3 +151,10 @@ class EventRead(BaseModel):
 class EventPage(BaseModel):
     items: list[EventRead]
     next_cursor: str | None
+
+
+class ResolveConflictBody(ActionBody):
+    action: Literal["replace", "abandon"] = Field(
+        description="`replace`: delete the foreign row, apply the override, restore the row when it ends; "
+        "`abandon`: the override fails and the foreign row stays."
+    )
