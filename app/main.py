@@ -23,8 +23,8 @@ from app.core.db import make_engine
 from app.core.devidp import DevIdentityProvider
 from app.core.errors import ServiceUnavailable, install_error_handlers, problem_response, problem_responses
 from app.core.metrics import metrics_router
-from app.diagnosis.router import RateLimiter
 from app.diagnosis.router import router as diagnosis_router
+from app.diagnosis.service import RateLimiter
 from app.overrides.evidence import RecentDiagnoses
 from app.overrides.router import router as overrides_router
 from app.targets.router import router as targets_router

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.errors import TooManyRequests
-from app.diagnosis.router import RateLimiter, rate_limit_key
+from app.diagnosis.service import RateLimiter, rate_limit_key
 from tests.conftest import VALID_REQUEST, Headers, lab_settings
 from tests.lab.lab import Lab
 
@@ -141,7 +141,7 @@ def test_an_integration_shares_one_budget_whoever_it_acts_for(client: TestClient
 
 def test_rate_limiter_forgets_callers_after_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
-    monkeypatch.setattr("app.diagnosis.router.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("app.diagnosis.service.time.monotonic", lambda: now[0])
     limiter = RateLimiter(per_minute=2)
     for i in range(1000):
         limiter.check(f"caller{i}")

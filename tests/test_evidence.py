@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.diagnosis import engine as diagnosis_engine
-from app.diagnosis.router import RateLimiter
-from app.overrides import evidence
+from app.diagnosis import service as diagnosis_service
+from app.diagnosis.service import RateLimiter
 from tests.conftest import Headers, lab_settings
 from tests.lab.lab import Lab
 
@@ -38,7 +38,7 @@ def test_replays_duplicates_and_bursts_probe_the_domain_once(
         probed.append(domain)
         return await diagnosis_engine.diagnose(domain, config)
 
-    monkeypatch.setattr(evidence, "diagnose", counting)
+    monkeypatch.setattr(diagnosis_service, "diagnose", counting)
     alice = auth("alice", "requester")
     body = {
         "destination": "stale.example.test",

@@ -17,9 +17,8 @@ from app.core.db import reading
 from app.core.errors import TooManyRequests
 from app.core.idempotency import already_used
 from app.diagnosis.assess import assess_request
-from app.diagnosis.engine import diagnose
 from app.diagnosis.models import Diagnosis
-from app.diagnosis.router import RateLimiter, diagnosis_config, rate_limit_key
+from app.diagnosis.service import diagnose_within_budget
 from app.overrides.postfix import mx_domain_of
 from app.overrides.service import find_live
 
@@ -86,11 +85,9 @@ def gather_evidence(
             return None, []
     recent: RecentDiagnoses = app.state.recent_diagnoses
     try:
-        diagnosis = recent.get(domain)
-        if diagnosis is None:
-            limiter: RateLimiter = app.state.diagnosis_limiter
-            limiter.check(rate_limit_key(principal))
-            diagnosis = recent.put(domain, anyio.from_thread.run(diagnose, domain, diagnosis_config(settings)))
+        diagnosis = recent.get(domain) or recent.put(
+            domain, anyio.from_thread.run(diagnose_within_budget, app, principal, domain)
+        )
     except TooManyRequests as exc:
         return {"error": f"not diagnosed: {exc.detail} See GET /v1/diagnostics/{domain}."}, []
     except Exception as exc:  # evidence is best effort: a failed diagnosis must not block an urgent request

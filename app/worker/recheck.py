@@ -23,7 +23,7 @@ from app.core.db import transaction, utcnow
 from app.diagnosis.assess import is_clean
 from app.diagnosis.engine import diagnose
 from app.diagnosis.models import Diagnosis
-from app.diagnosis.router import diagnosis_config
+from app.diagnosis.service import diagnosis_config
 from app.overrides import service
 from app.overrides.models import Override, OverrideState
 from app.overrides.postfix import mx_domain_of
