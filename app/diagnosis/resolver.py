@@ -72,7 +72,8 @@ class DnsClient:
         self._slots = slots
 
     async def lookup(self, name: dns.name.Name, rdtype: str, *, show_published: bool = True) -> Answer:
-        """Query `name`/`rdtype`; on SERVFAIL re-query with CD=1 to record what is published."""
+        """Query `name`/`rdtype`; on SERVFAIL re-query with CD=1: an answer then means the SERVFAIL is a
+        validation failure (bogus), and `show_published` records what that answer holds."""
         try:
             response = await self._exchange(name, rdtype, checking_disabled=False)
         except LookupFailed as exc:
@@ -87,11 +88,11 @@ class DnsClient:
             )
             return Answer(lookup, None, name)
         answer = _to_answer(name, rdtype, response)
-        if answer.rcode == "SERVFAIL" and show_published:
-            answer = await self._add_published(answer, name, rdtype)
+        if answer.rcode == "SERVFAIL":
+            answer = await self._without_checking(answer, name, rdtype, show_published)
         return answer
 
-    async def _add_published(self, answer: Answer, name: dns.name.Name, rdtype: str) -> Answer:
+    async def _without_checking(self, answer: Answer, name: dns.name.Name, rdtype: str, show_published: bool) -> Answer:
         try:
             response = await self._exchange(name, rdtype, checking_disabled=True)
         except LookupFailed:
@@ -108,7 +109,9 @@ class DnsClient:
                 # No DNSSEC EDE (mailcow's unbound sends none), but the data resolves without
                 # validation: the SERVFAIL is a validation failure.
                 update = {"security": "bogus", "error": CD_ANSWERS}
-        lookup = answer.lookup.model_copy(update={"published": published, **update})
+        if show_published:
+            update["published"] = published
+        lookup = answer.lookup.model_copy(update=update)
         return Answer(lookup, None, answer.canonical_name)
 
     async def _exchange(self, name: dns.name.Name, rdtype: str, *, checking_disabled: bool) -> dns.message.Message:
