@@ -42,7 +42,7 @@ def test_verdict_agrees_with_posttls_finger(postfix_view: dict[str, Any], domain
     context = f"{domain}: ours {diagnosis.verdict}/{diagnosis.failure_class}; postfix {postfix['domain']['reason']}"
 
     # Postfix never gets to hosts past smtp_mx_address_limit; posttls-finger on a bracketed host does.
-    tried = [host for host in diagnosis.hosts if host.status not in ("not-tried", "not-checked")]
+    tried = [host for host in diagnosis.hosts if host.tried]
     assert diagnosis.verdict == postfix_verdict({"hosts": {h.name: postfix["hosts"][h.name] for h in tried}}), context
     for host in tried:
         theirs = postfix["hosts"][host.name]

@@ -99,7 +99,7 @@ def is_clean(diagnosis: Diagnosis) -> bool:
         return False
     delivered = False
     for host in diagnosis.hosts:
-        if host.status in ("not-tried", "not-checked"):
+        if not host.tried:
             continue  # Postfix never gets to it (smtp_mx_address_limit, or past the host cap)
         if not host.addresses:
             return False
@@ -107,7 +107,7 @@ def is_clean(diagnosis: Diagnosis) -> bool:
         for address in host.addresses:
             if address.would_deliver is True:
                 delivered = True
-            elif address.status in ("unreachable", "not-tried"):
+            elif address.status == "unreachable" or not address.tried:
                 # Unreachable addresses are not a TLS matter and would fail under any override;
                 # Postfix never tries the ones past smtp_mx_address_limit.
                 continue

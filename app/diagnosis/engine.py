@@ -46,7 +46,6 @@ from app.diagnosis.smtp import ProbeOutcome, probe_smtp
 
 _STALE_CLASSES: frozenset[FailureClass | None] = frozenset({"A", "A'", "H"})
 _NO_ROUTE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL})
-_SKIPPED_HOSTS: frozenset[HostStatus] = frozenset({"not-tried", "not-checked"})
 # Postfix sends SNI (the TLSA base domain) only when it starts at the dane level; that includes
 # `encrypt` reached from all-unusable TLSA records, which falls back after SNI is set (tls_client.c).
 _SNI_LEVELS: frozenset[PostfixLevel] = frozenset({"dane", "encrypt"})
@@ -415,7 +414,7 @@ class _Run:
             for a in host.addresses
         ]
         checks = [host.checks[a.address] for a in host.addresses if a.address in host.checks]
-        tried = [r for r in results if r.status != "not-tried"]
+        tried = [r for r in results if r.tried]
         would = _any_delivers([r.would_deliver for r in tried])
         failing = next((r for r in tried if r.would_deliver is False), None)
         status = failing.status if failing else tried[0].status
@@ -507,7 +506,7 @@ class _Run:
                 f"Postfix tries at most {self.config.mx_address_limit} addresses per delivery, so it rarely "
                 "gets that far."
             )
-        not_tried = sum(1 for h in hosts for a in h.addresses if a.status == "not-tried")
+        not_tried = sum(1 for h in hosts for a in h.addresses if not a.tried)
         if not_tried:
             notes.append(
                 f"{not_tried} address{'es' if not_tried != 1 else ''} come after the first "
@@ -748,10 +747,10 @@ def _verdict(
         return ("unknown" if mx.rcode == "TIMEOUT" else "blocked"), None
     # Only what Postfix tries counts: hosts and addresses past smtp_mx_address_limit (or the host cap)
     # never see a connection.
-    considered = [h for h in hosts if h.status not in _SKIPPED_HOSTS]
+    considered = [h for h in hosts if h.tried]
     if not considered:
         return "unknown", None
-    address_states = [a.would_deliver for h in considered for a in h.addresses if a.status != "not-tried"]
+    address_states = [a.would_deliver for h in considered for a in h.addresses if a.tried]
     any_address_fails = any(s is False for s in address_states) or any(not h.addresses for h in considered)
     host_states = [h.would_deliver for h in considered]
     if all(s is True for s in host_states) and not any_address_fails:
@@ -826,7 +825,7 @@ def _candidates(hosts: Sequence[MxHost]) -> list[PolicyOption]:
             probe.chain[0].pkey_fingerprint
             for h in hosts
             for a in h.addresses
-            if (probe := a.probe_without_sni or a.probe) is not None and probe.chain
+            if (probe := a.override_probe) is not None and probe.chain
         )
     )
     options: list[PolicyOption] = []

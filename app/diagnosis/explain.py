@@ -84,7 +84,7 @@ def host_explanation(
         return f"{host}: the address lookup {kind} ({why}); Postfix cannot use this host"
     if status == "no-address":
         return f"{host}: no A/AAAA records; Postfix cannot use this host"
-    considered = [a for a in addresses if a.status != "not-tried"]
+    considered = [a for a in addresses if a.tried]
     if considered and all(a.status == "not-probed" and a.probe is None for a in considered):
         return f"{host}: {considered[0].detail}"
     failing = [a for a in addresses if a.would_deliver is False]
@@ -222,7 +222,7 @@ def _domain_sentences(
     if null_mx:
         return f"{domain} publishes a null MX: it accepts no mail. Not a TLS matter."
     # Hosts Postfix never gets to (smtp_mx_address_limit) or that were not checked are left out.
-    hosts = [h for h in hosts if h.status not in ("not-tried", "not-checked")] or hosts
+    hosts = [h for h in hosts if h.tried] or hosts
     failing = [h for h in hosts if h.would_deliver is not True or any(a.would_deliver is False for a in h.addresses)]
     working = [h.name for h in hosts if h.would_deliver is True]
     first = failing[0] if failing else (hosts[0] if hosts else None)

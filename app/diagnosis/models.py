@@ -170,6 +170,16 @@ class AddressResult(_Model):
     """A second probe without SNI, as Postfix connects under a fingerprint, verify, secure, encrypt or
     may override (mailcow sets no servername=); None when `probe` already sent no SNI."""
 
+    @property
+    def tried(self) -> bool:
+        """Whether Postfix connects here at all (not past smtp_mx_address_limit)."""
+        return self.status != "not-tried"
+
+    @property
+    def override_probe(self) -> SmtpProbe | None:
+        """What Postfix sees under an override below the dane level: the chain sent without SNI."""
+        return self.probe_without_sni or self.probe
+
 
 class MxHost(_Model):
     name: str
@@ -192,6 +202,11 @@ class MxHost(_Model):
     explanation: str
     advice: list[str] = []
     addresses: list[AddressResult] = []
+
+    @property
+    def tried(self) -> bool:
+        """Whether Postfix gets to this host (not past smtp_mx_address_limit or the host cap, and checked)."""
+        return self.status not in ("not-tried", "not-checked")
 
 
 class PolicyOption(_Model):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.diagnosis.models import AddressResult, MxHost, SmtpProbe, TlsPolicy
+from app.diagnosis.models import AddressResult, MxHost, TlsPolicy
 
 POLICY_STRENGTH: dict[TlsPolicy, int] = {
     "none": 0,
@@ -57,7 +57,7 @@ def simulate(policy: TlsPolicy, parameters: str, domain: str, hosts: Sequence[Mx
     """Per MX address: would Postfix deliver with this policy as the override for `domain`?"""
     outcomes: list[AddressOutcome] = []
     for host in hosts:
-        if host.status in ("not-tried", "not-checked"):
+        if not host.tried:
             continue  # Postfix never gets to it (smtp_mx_address_limit), or we did not check it
         if not host.addresses:
             # Address lookup failed (incl. DNSSEC-bogus, class G) or the host does not exist: no TLS
@@ -65,7 +65,7 @@ def simulate(policy: TlsPolicy, parameters: str, domain: str, hosts: Sequence[Mx
             outcomes.append(AddressOutcome(host.name, "", False))
             continue
         for address in host.addresses:
-            if address.status == "not-tried":
+            if not address.tried:
                 continue
             delivers = _delivers(policy, parameters, domain, host, address)
             plaintext = bool(delivers) and _is_plaintext(policy, address)
@@ -79,7 +79,7 @@ def _delivers(policy: TlsPolicy, parameters: str, domain: str, host: MxHost, add
     if policy == "dane-only":
         return address.would_deliver if host.postfix_level == "dane" else False
     # Every other policy connects without SNI (mailcow sets no servername=).
-    probe = _override_probe(address)
+    probe = address.override_probe
     if probe is None:
         return None
     if probe.failed_stage in ("connect", "banner"):
@@ -120,14 +120,10 @@ def _strategy_matches(strategy: str, name: str, domain: str, host: MxHost) -> bo
     return name == strategy.rstrip(".")
 
 
-def _override_probe(address: AddressResult) -> SmtpProbe | None:
-    return address.probe_without_sni or address.probe
-
-
 def _is_plaintext(policy: TlsPolicy, address: AddressResult) -> bool:
     if policy == "none":
         return True
     if policy == "may":
-        probe = _override_probe(address)
+        probe = address.override_probe
         return probe is None or not probe.chain
     return False

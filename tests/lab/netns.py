@@ -142,7 +142,7 @@ def parse_finger(text: str) -> dict[str, Any]:
 
 
 def _serves_tls_without_sni(host: Any) -> bool:
-    return any((probe := a.probe_without_sni or a.probe) is not None and probe.chain for a in host.addresses)
+    return any((probe := a.override_probe) is not None and probe.chain for a in host.addresses)
 
 
 def inside(workdir: Path) -> None:
