@@ -105,6 +105,12 @@ class MailcowError(Exception):
         # whose answer was lost, may still do (a timed-out add can commit later).
         self.attempts = 1
 
+    @property
+    def retried(self) -> bool:
+        """An earlier attempt of this call may have reached mailcow ("entry exists" after a retried add
+        is most likely our own row)."""
+        return self.attempts > 1
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, msg_key={self.msg_key!r}, target={self.target!r})"
 
@@ -127,7 +133,6 @@ class MailcowRejected(MailcowError):
         msg_key: str | None = None,
         args: tuple[str, ...] = (),
         raw_msg_key: str | None = None,
-        retried: bool = False,
         target: str = "default",
         op: str = "",
         status: int | None = None,
@@ -135,9 +140,6 @@ class MailcowRejected(MailcowError):
         super().__init__(message, msg_key=msg_key, target=target, op=op, status=status)
         self.msg_args = args
         self.raw_msg_key = raw_msg_key if raw_msg_key is not None else msg_key
-        # True when an earlier attempt of this call may have reached mailcow: an "entry exists" after
-        # a retried add is most likely our own row.
-        self.retried = retried
 
 
 class MailcowEmptyResponse(MailcowError):
@@ -174,17 +176,17 @@ class PolicyRow:
     modified: str | None
 
 
-def _collation_key(text: str) -> str:
-    # dest is utf8mb4_general_ci: case-insensitive, trailing spaces ignored
+def dest_key(text: str) -> str:
+    """How mailcow compares `dest` (utf8mb4_general_ci, the unique index): case and trailing spaces ignored."""
     return text.rstrip(" ").lower()
 
 
 def _dest_candidates(dest: str) -> set[str]:
     wanted = dest.strip(" \t\n\r\0\x0b")
-    keys = {_collation_key(wanted)}
+    keys = {dest_key(wanted)}
     if not wanted.isascii():
         with contextlib.suppress(idna.IDNAError):  # add stores the IDNA (punycode) form
-            keys.add(_collation_key(idna.encode(wanted, uts46=True).decode("ascii")))
+            keys.add(dest_key(idna.encode(wanted, uts46=True).decode("ascii")))
     return keys
 
 
@@ -292,7 +294,7 @@ class MailcowClient:
         """The row whose dest matches, case-insensitively as mailcow's unique index does, or None."""
         wanted = _dest_candidates(dest)
         rows = await self.list_policies()
-        matches = [row for row in rows if _collation_key(row.dest) in wanted]
+        matches = [row for row in rows if dest_key(row.dest) in wanted]
         exact = [row for row in matches if row.dest == dest]
         best = exact or matches
         return best[0] if best else None
@@ -557,9 +559,7 @@ class MailcowClient:
                 target=self.name,
                 op=op,
             )
-        return MailcowRejected(
-            f"{op}: {self._redact(human)}", msg_key=key, args=args, raw_msg_key=raw_key, retried=attempts > 1
-        )
+        return MailcowRejected(f"{op}: {self._redact(human)}", msg_key=key, args=args, raw_msg_key=raw_key)
 
     def _parse_added(self, reply: _Reply) -> None:
         for entry in self._entries(reply, "add"):

@@ -64,10 +64,3 @@ def configured_targets(settings: Settings) -> dict[str, Target]:
             timeout = float(spec.get("timeout") or settings.mailcow_timeout_seconds)
             targets[name] = Target(name, url, timeout, key)
     return targets
-
-
-def get_target(settings: Settings, name: str) -> Target:
-    target = configured_targets(settings).get(name)
-    if target is None:
-        raise TargetNotConfigured(f"mailcow target {name!r} has no URL or API key configured")
-    return target

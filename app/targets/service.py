@@ -8,6 +8,7 @@ worker's reconcile job acts on and the ones `GET /v1/targets/{name}/policies` sh
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,8 +21,8 @@ from sqlmodel import Session, col, select
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.core.errors import NotFound, ServiceUnavailable
-from app.mailcow.client import MailcowAuthError, MailcowError, PolicyRow
-from app.mailcow.targets import configured_targets
+from app.mailcow.client import MailcowAuthError, MailcowError, PolicyRow, dest_key
+from app.mailcow.targets import Target, configured_targets
 from app.overrides.models import Override, OverrideState
 from app.overrides.service import target_names
 from app.targets.models import MailcowTarget
@@ -33,21 +34,8 @@ S = OverrideState
 OWNING_STATES = (S.approved, S.active, S.removing)
 
 
-def dest_key(dest: str) -> str:
-    """mailcow's unique index on dest ignores case and trailing spaces (utf8mb4_general_ci)."""
-    return dest.rstrip(" ").lower()
-
-
 def row_dict(row: PolicyRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "dest": row.dest,
-        "policy": row.policy,
-        "parameters": row.parameters,
-        "active": row.active,
-        "created": row.created,
-        "modified": row.modified,
-    }
+    return dataclasses.asdict(row)
 
 
 def is_our_content(row: PolicyRow, destination: str, policy: str, parameters: str) -> bool:
@@ -202,10 +190,6 @@ def ensure_targets(engine: Engine, names: Iterable[str]) -> None:
     # Two workers starting together may both insert: the loser's commit fails; its next start finds the row.
 
 
-def target_status(session: Session, name: str) -> MailcowTarget | None:
-    return session.get(MailcowTarget, name)
-
-
 def paused_targets(session: Session, now: datetime | None = None) -> dict[str, datetime]:
     now = now or utcnow()
     rows = session.exec(select(MailcowTarget).where(col(MailcowTarget.paused_until) > now)).all()
@@ -288,8 +272,7 @@ def finish_reconcile(
 # The API's view
 
 
-def _target_read(settings: Settings, name: str, row: MailcowTarget | None) -> TargetRead:
-    config = configured_targets(settings).get(name)
+def _target_read(name: str, config: Target | None, row: MailcowTarget | None) -> TargetRead:
     return TargetRead(
         name=name,
         configured=config is not None,
@@ -314,12 +297,13 @@ def _without_credentials(url: str) -> str:
 
 
 def list_targets(session: Session, settings: Settings) -> list[TargetRead]:
-    return [_target_read(settings, name, session.get(MailcowTarget, name)) for name in target_names(settings)]
+    configs = configured_targets(settings)  # reads the key files: once per request
+    return [_target_read(name, configs.get(name), session.get(MailcowTarget, name)) for name in target_names(settings)]
 
 
-def _snapshot(engine: Engine, settings: Settings, name: str) -> tuple[TargetRead, list[Wanted]]:
+def _snapshot(engine: Engine, name: str, config: Target) -> tuple[TargetRead, list[Wanted]]:
     with Session(engine) as session:
-        return _target_read(settings, name, session.get(MailcowTarget, name)), owning_overrides(session, name)
+        return _target_read(name, config, session.get(MailcowTarget, name)), owning_overrides(session, name)
 
 
 async def live_policies(engine: Engine, settings: Settings, name: str) -> TargetPolicies:
@@ -330,7 +314,7 @@ async def live_policies(engine: Engine, settings: Settings, name: str) -> Target
     if config is None:
         raise ServiceUnavailable(f"Target {name!r} has no mailcow URL or API key configured.")
     # Overrides first, then the map (an override applied in between must not look like drift).
-    status, overrides = await asyncio.to_thread(_snapshot, engine, settings, name)
+    status, overrides = await asyncio.to_thread(_snapshot, engine, name, config)
     if status.paused_until is not None:
         raise ServiceUnavailable(
             f"Calls to {name} are paused until {status.paused_until.isoformat()} after an authentication failure.",

@@ -31,10 +31,11 @@ from app.mailcow.client import (
     MailcowRejected,
     MailcowUnavailable,
     PolicyRow,
+    dest_key,
 )
 from app.overrides import service
 from app.overrides.models import OverrideState
-from app.targets.service import PolicyMap, dest_key, is_our_content, row_dict
+from app.targets.service import PolicyMap, is_our_content, row_dict
 from app.worker import store
 from app.worker.context import JobContext, describe
 from app.worker.faults import crash_point

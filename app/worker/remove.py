@@ -21,10 +21,10 @@ from sqlmodel import Session
 from app.core.db import transaction, utcnow
 from app.core.errors import AppError
 from app.core.metrics import WORKER_JOBS
-from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected
+from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected, dest_key
 from app.overrides import service
 from app.overrides.models import OverrideState
-from app.targets.service import PolicyMap, dest_key, is_our_content, row_dict
+from app.targets.service import PolicyMap, is_our_content, row_dict
 from app.worker import store
 from app.worker.context import JobContext, describe
 from app.worker.faults import crash_point
