@@ -95,7 +95,7 @@ async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -
     if unclear:
         # Those adds went out at some point during the batch (queued behind the concurrency limit, or
         # retried): the time an unanswered one may still land counts from now, not from the batch's start.
-        await ctx.db(store.stamp_add_sent, ctx.engine, unclear, ctx.owner)
+        await ctx.db(store.set_add_sent, ctx.engine, unclear, ctx.owner, utcnow())
     if all(isinstance(result, BaseException) and not _entry_exists(result) for result in results):
         after = before  # nothing was added: no need to look again
     else:
@@ -162,7 +162,7 @@ async def _add_failed(ctx: JobContext, job: Job, error: BaseException) -> None:
     if definite:
         # mailcow answered the only attempt with "not added" (or nothing was sent): no row of it can
         # appear later. After a retry, an earlier attempt whose answer was lost may still commit.
-        await ctx.db(store.clear_add_sent, ctx.engine, job.id, ctx.owner)
+        await ctx.db(store.set_add_sent, ctx.engine, [job.id], ctx.owner, None)
     permanent = isinstance(error, ValueError) or (
         isinstance(error, MailcowRejected) and error.msg_key in PERMANENT_REJECTIONS
     )
@@ -337,8 +337,7 @@ def _record_failed(engine: Engine, settings: Settings, job: Job, owner: str, rea
                 comment=f"mailcow refused the row: {reason}; {why}",
                 settings=settings,
             )
-            store.drop_lease(session, job.id, owner)
-            store.note_error(session, job.id, reason)
+            store.drop_lease(session, job.id, owner, last_error=reason[:1000])
             return
         service.transition(
             session,

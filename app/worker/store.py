@@ -121,6 +121,18 @@ def claim(
         ]
 
 
+def _leased(session: Session, override_ids: list[int], owner: str, **values: Any) -> int:
+    """Change overrides this worker still holds the lease of; a row another worker (or nobody) holds
+    now is left as it is. Returns how many rows changed."""
+    result = session.execute(
+        update(Override)
+        .where(col(Override.id).in_(override_ids), col(Override.lease_owner) == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def renew(engine: Engine, override_ids: list[int], owner: str, lease_seconds: float) -> int:
     """Extend this worker's leases on jobs still in flight (a slow mailcow must not let another worker
     take them over mid-call). Rows already recorded or released are not ours any more and stay as they are."""
@@ -128,13 +140,7 @@ def renew(engine: Engine, override_ids: list[int], owner: str, lease_seconds: fl
         return 0
     with transaction(engine) as session:
         lease_until = utcnow() + timedelta(seconds=lease_seconds)
-        result = session.execute(
-            update(Override)
-            .where(col(Override.id).in_(override_ids), col(Override.lease_owner) == owner)
-            .values(lease_until=lease_until, next_attempt_at=lease_until)
-            .execution_options(synchronize_session=False)
-        )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+        return _leased(session, override_ids, owner, lease_until=lease_until, next_attempt_at=lease_until)
 
 
 def owned(session: Session, override_id: int, owner: str, state: OverrideState) -> Override | None:
@@ -145,15 +151,10 @@ def owned(session: Session, override_id: int, owner: str, state: OverrideState) 
     return override
 
 
-def drop_lease(session: Session, override_id: int, owner: str) -> None:
+def drop_lease(session: Session, override_id: int, owner: str, **also: Any) -> None:
     """Let go of an override whose state changed under us (a cancel, a revoke): whatever job it needs
     now is due at once, not when our lease would have run out."""
-    session.execute(
-        update(Override)
-        .where(col(Override.id) == override_id, col(Override.lease_owner) == owner)
-        .values(**RELEASED, next_attempt_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    _leased(session, [override_id], owner, **RELEASED, next_attempt_at=utcnow(), **also)
 
 
 def mark_add_sent(engine: Engine, override_ids: list[int], owner: str, state: OverrideState) -> list[int]:
@@ -163,46 +164,17 @@ def mark_add_sent(engine: Engine, override_ids: list[int], owner: str, state: Ov
     with transaction(engine) as session:
         ours = [override.id or 0 for override in _still_ours(session, override_ids, owner, state)]
         if ours:
-            session.execute(
-                update(Override)
-                .where(col(Override.id).in_(ours))
-                .values(add_sent_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
+            _leased(session, ours, owner, add_sent_at=utcnow())
         for override_id in set(override_ids) - set(ours):
             drop_lease(session, override_id, owner)
         return ours
 
 
-def stamp_add_sent(engine: Engine, override_ids: list[int], owner: str) -> None:
-    """Adds without a clear answer: they may land up to TLSO_MAILCOW_ADD_SETTLE_SECONDS from now."""
+def set_add_sent(engine: Engine, override_ids: list[int], owner: str, at: datetime | None) -> None:
+    """`at`: adds without a clear answer, which may land up to TLSO_MAILCOW_ADD_SETTLE_SECONDS later;
+    None: mailcow refused the add on its only attempt, so nothing of it can land."""
     with transaction(engine) as session:
-        session.execute(
-            update(Override)
-            .where(col(Override.id).in_(override_ids), col(Override.lease_owner) == owner)
-            .values(add_sent_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-
-
-def note_error(session: Session, override_id: int, error: str) -> None:
-    session.execute(
-        update(Override)
-        .where(col(Override.id) == override_id)
-        .values(last_error=error[:1000])
-        .execution_options(synchronize_session=False)
-    )
-
-
-def clear_add_sent(engine: Engine, override_id: int, owner: str) -> None:
-    """mailcow answered the add with a refusal: nothing of it can land later."""
-    with transaction(engine) as session:
-        session.execute(
-            update(Override)
-            .where(col(Override.id) == override_id, col(Override.lease_owner) == owner)
-            .values(add_sent_at=None)
-            .execution_options(synchronize_session=False)
-        )
+        _leased(session, override_ids, owner, add_sent_at=at)
 
 
 def _still_ours(session: Session, override_ids: list[int], owner: str, state: OverrideState) -> list[Override]:
@@ -228,16 +200,14 @@ def release(engine: Engine, settings: Settings, job: Job, owner: str, error: str
         now = utcnow()
         # A failed apply being cleaned up keeps the apply's error: that is what the API must show.
         keep = override.state == S.removing and override.end_reason == "apply_failed"
-        session.execute(
-            update(Override)
-            .where(col(Override.id) == job.id, col(Override.lease_owner) == owner)
-            .values(
-                **RELEASED,
-                attempts=attempts,
-                next_attempt_at=now + timedelta(seconds=wait),
-                last_error=override.last_error if keep else error[:1000],
-            )
-            .execution_options(synchronize_session=False)
+        _leased(
+            session,
+            [job.id],
+            owner,
+            **RELEASED,
+            attempts=attempts,
+            next_attempt_at=now + timedelta(seconds=wait),
+            last_error=override.last_error if keep else error[:1000],
         )
         if service.is_overdue(override, now) and not _recorded(session, job.id, "override.removal_overdue"):
             # Once, so that the alarm reaches the trail (and the notification sinks) without flooding them.
