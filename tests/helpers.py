@@ -91,7 +91,6 @@ def apply_now(engine: Engine, override_id: int, mailcow_id: int = 7) -> Override
         OverrideState.active,
         "override.applied",
         applied_at=now,
-        apply_started_at=now,
         expires_at=now + timedelta(seconds=override.duration_seconds),
         mailcow_id=mailcow_id,
     )

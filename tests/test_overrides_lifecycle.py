@@ -166,15 +166,15 @@ def test_revoke_approved_before_apply_ends_at_once(client: Any, bring_to: Any, p
     )
 
 
-def test_approved_with_apply_started_goes_through_removing(
+def test_approved_with_an_add_sent_goes_through_removing(
     client: Any, engine: Engine, bring_to: Any, people: Any, subtests: Any
 ) -> None:
     for action, who, end in (("cancel", "alice", S.cancelled), ("revoke", "root", S.revoked)):
         with subtests.test(action=action):
             override_id = bring_to(S.approved)
-            with transaction(engine) as session:  # the worker claimed it and may have added the mailcow row
+            with transaction(engine) as session:  # the worker sent the add: the mailcow row may exist
                 override = service.load(session, override_id)
-                override.apply_started_at = utcnow()
+                override.add_sent_at = utcnow()
                 session.add(override)
             response = act(client, override_id, action, people[who])
             assert response.json()["state"] == "removing", response.text

@@ -4,6 +4,7 @@ still land. Each of these failed before its fix."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"])
 
 
 @SQLITE_ONLY
-async def test_a_cancel_before_any_add_leaves_a_humans_identical_row(
+async def test_a_cancel_before_any_add_is_immediate_and_leaves_a_humans_identical_row(
     client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin
 ) -> None:
     override_id = approved(client, auth, "example.org")
@@ -46,7 +47,7 @@ async def test_a_cancel_before_any_add_leaves_a_humans_identical_row(
     assert calls(standin, "add") == []
     standin.seed_row("example.org", "encrypt", "")  # a human's own row, identical content
     cancelled = client.post(f"/v1/overrides/{override_id}/cancel", json=COMMENT, headers=auth("alice", "requester"))
-    assert cancelled.json()["state"] == "removing", cancelled.text
+    assert cancelled.json()["state"] == "cancelled", cancelled.text  # nothing was sent: nothing to remove
     await settle(worker)
     assert calls(standin, "add") == []
     assert [(r["dest"], r["policy"]) for r in standin.rows()] == [("example.org", "encrypt")], "human row deleted"
@@ -168,3 +169,29 @@ async def test_a_final_unclear_add_is_cleaned_up_when_the_apply_fails(
     o = load(engine, override_id)
     assert (o.state, o.end_reason) == (S.failed, "apply_failed") and standin.rows() == []
     assert "unexpected answer" in (o.last_error or "")  # the apply's error, not the cleanup's
+
+
+def test_a_removal_never_takes_an_identical_row_when_no_add_of_ours_is_known() -> None:
+    from app.mailcow.client import PolicyRow
+    from app.targets.service import PolicyMap
+    from app.worker.remove import plan_removal
+    from app.worker.store import Job
+
+    human = PolicyRow(id=7, dest="example.org", policy="encrypt", parameters="", active=1, created=None, modified=None)
+    job = Job(
+        id=1,
+        state=S.removing,
+        target="default",
+        destination="example.org",
+        policy="encrypt",
+        parameters="",
+        mailcow_id=None,
+        attempts=0,
+        conflict=None,
+        end_reason="revoked",
+        due_at=None,
+        add_sent_at=None,
+    )
+    assert plan_removal(job, PolicyMap([human])).ids == frozenset()  # nobody sent it: not ours
+    sent = dataclasses.replace(job, add_sent_at=utcnow())
+    assert plan_removal(sent, PolicyMap([human])).ids == {7}  # an add of ours may have made it

@@ -103,7 +103,6 @@ class Override(SQLModel, table=True):
 
     # Worker bookkeeping.
     mailcow_id: int | None = None
-    apply_started_at: datetime | None = _ts()
     # An add sent to mailcow (apply or re-apply) whose outcome is not recorded yet: while it is set, a row
     # with our content at the destination may be ours, and for a while it may still appear (a lost answer).
     add_sent_at: datetime | None = _ts()

@@ -675,7 +675,7 @@ def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str)
     reason = "Only the requester or an admin may cancel an override."
     override = _load_for_action(session, ctx, override_id, "cancel", owner_or_admin, reason)
     principal = ctx.principal
-    if override.state == S.pending or (override.state == S.approved and override.apply_started_at is None):
+    if override.state == S.pending or (override.state == S.approved and override.add_sent_at is None):
         return transition(
             session,
             override,
@@ -703,7 +703,7 @@ def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str)
 def revoke(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """An admin ends an approved or active override now."""
     override = _load_for_action(session, ctx, override_id, "revoke", admin, "Revoking needs the admin role.")
-    if override.state == S.approved and override.apply_started_at is None:
+    if override.state == S.approved and override.add_sent_at is None:
         return transition(
             session,
             override,

@@ -3,8 +3,8 @@
 Per target and batch: read the map; for each override decide — add, adopt or conflict; add the rows
 (always `active=1`); read the map again to learn their ids (mailcow returns none); record each one
 `active` with its id. Adoption is what makes a crash safe: an override whose earlier attempt may have
-added its row (`apply_started_at` was already set when it was claimed) takes a row with exactly its
-content as its own instead of adding a second one. A row for the destination that tlsoverride did not
+added its row (`add_sent_at` is set before any add goes out) takes a row with exactly its content as
+its own instead of adding a second one. A row for the destination that tlsoverride did not
 write is a conflict: it is snapshotted, never overwritten, and an admin decides.
 """
 
@@ -102,7 +102,7 @@ async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -
         try:
             after = PolicyMap(await client.list_policies())
         except MailcowError as exc:
-            # Whatever was added is adopted on the next attempt (apply_started_at is set).
+            # Whatever was added is adopted on the next attempt (add_sent_at is set).
             for job in to_add:
                 await ctx.retry_later(job, "apply", exc)
             await _record_all(ctx, applied)

@@ -15,7 +15,7 @@ CRASH_ENV = "TLSO_WORKER_CRASH_AT"
 
 POINTS = frozenset(
     {
-        "after_claim",  # apply claimed (lease, apply_started_at), nothing sent yet
+        "after_claim",  # apply claimed (lease), nothing sent yet
         "after_add",  # mailcow added our row; nothing recorded
         "before_record_apply",  # row added and found; the `active` transition not committed
         "after_replace_delete",  # the foreign row of a conflict deleted; not recorded

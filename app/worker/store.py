@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, literal, or_, update
+from sqlalchemy import Engine, func, or_, update
 from sqlmodel import Session, col, select
 
 from app.audit.models import AuditEvent
 from app.audit.service import record
 from app.core.config import Settings
-from app.core.db import UTCDateTime, transaction, utcnow
+from app.core.db import transaction, utcnow
 from app.overrides import service
 from app.overrides.models import Override, OverrideState
 from app.targets.models import MailcowTarget
@@ -51,9 +51,13 @@ class Job:
     attempts: int
     conflict: dict[str, Any] | None
     end_reason: str | None
-    first_attempt: bool  # no add is outstanding for it, so no row in mailcow can be an unrecorded one of ours
     due_at: datetime | None
-    add_sent_at: datetime | None = None  # an add sent whose outcome is not recorded; it may land late
+    add_sent_at: datetime | None  # an add sent whose outcome is not recorded; it may land late
+
+    @property
+    def first_attempt(self) -> bool:
+        """No add is outstanding, so no row in mailcow can be an unrecorded one of ours."""
+        return self.add_sent_at is None
 
     @property
     def conflict_status(self) -> str | None:
@@ -92,8 +96,6 @@ def claim(
         if not rows:
             return []
         values: dict[str, Any] = {"lease_owner": owner, "lease_until": lease_until, "next_attempt_at": lease_until}
-        if state == S.approved:
-            values["apply_started_at"] = func.coalesce(col(Override.apply_started_at), literal(now, UTCDateTime()))
         # The rows are locked (PostgreSQL) or the database is (SQLite): one statement leases them all.
         session.execute(
             update(Override)
@@ -113,7 +115,6 @@ def claim(
                 attempts=row.attempts,
                 conflict=row.conflict,
                 end_reason=row.end_reason,
-                first_attempt=row.add_sent_at is None,
                 due_at=row.next_attempt_at,
                 add_sent_at=row.add_sent_at,
             )
