@@ -247,11 +247,13 @@ def _start_dev_standin(settings: Settings, host: str) -> tuple[Settings, Callabl
     """Serve the mailcow stand-in on a free loopback port (a thread of this process), with a fresh key."""
     import secrets
 
+    from app.core.threaded_server import ThreadedServer
     from app.mailcow.standin import StandinKey, create_standin_app
 
     key = "-".join(secrets.token_hex(3).upper() for _ in range(5))
-    url, stop = _serve_in_thread(create_standin_app([StandinKey(key)]), host)
-    return settings.model_copy(update={"mailcow_url": url, "mailcow_api_key": SecretStr(key)}), stop
+    server = ThreadedServer(create_standin_app([StandinKey(key)]), host, lifespan="off")
+    server.start()
+    return settings.model_copy(update={"mailcow_url": server.url, "mailcow_api_key": SecretStr(key)}), server.stop
 
 
 def _dev_worker_timing(settings: Settings, *, standin: bool) -> Settings:
@@ -270,39 +272,12 @@ def _dev_worker_timing(settings: Settings, *, standin: bool) -> Settings:
     return settings.model_copy(update={k: v for k, v in wanted.items() if f"TLSO_{k.upper()}" not in os.environ})
 
 
-def _serve_in_thread(app: Any, host: str) -> tuple[str, Callable[[], None]]:
-    import asyncio
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", log_config=None))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="standin", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    netloc = f"[{host}]" if ":" in host else host
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
-
-    return f"http://{netloc}:{port}", stop
-
-
 def _start_dev_worker(engine: Any, settings: Settings) -> Callable[[], None]:
     """The worker as a thread with its own event loop; the returned function stops it."""
     import asyncio
     import threading
 
-    from app.worker.loop import Worker
+    from app.worker.loop import serve
 
     started = threading.Event()
     control: dict[str, Any] = {}
@@ -312,11 +287,7 @@ def _start_dev_worker(engine: Any, settings: Settings) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
         control["stop"] = lambda: loop.call_soon_threadsafe(stop.set)
         started.set()
-        worker = Worker(engine, settings)
-        try:
-            await worker.run(stop)
-        finally:
-            await worker.aclose()
+        await serve(engine, settings, stop)
 
     thread = threading.Thread(target=lambda: asyncio.run(main()), name="worker", daemon=True)
     thread.start()

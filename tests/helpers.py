@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -14,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from app.core.db import transaction, utcnow
+from app.core.threaded_server import ThreadedServer
 from app.overrides import service
 from app.overrides.models import Override, OverrideState
 
@@ -96,56 +94,8 @@ def apply_now(engine: Engine, override_id: int, mailcow_id: int = 7) -> Override
     )
 
 
-class LiveServer:
-    """An ASGI app under a real uvicorn on a loopback port, in a thread. `stop()` and `start()` again
-    reuse the port (the app and its state survive), so a test can take a server away for a while."""
-
-    def __init__(self, app: Any, *, lifespan: str = "auto") -> None:
-        self.app, self.lifespan = app, lifespan
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._running: tuple[Any, threading.Thread, socket.socket] | None = None
-
-    def start(self) -> None:
-        import uvicorn
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            log_config=None,
-            lifespan=self.lifespan,  # type: ignore[arg-type]
-            ws="none",
-            http="h11",
-            timeout_graceful_shutdown=1,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        self._running = (server, thread, sock)
-
-    def stop(self) -> None:
-        if self._running is None:
-            return
-        server, thread, sock = self._running
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        self._running = None
-
-    def __enter__(self) -> LiveServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+# The API, the stand-in and webhook receivers under a real uvicorn (the same class dev mode uses).
+LiveServer = ThreadedServer
 
 
 def free_port() -> int:

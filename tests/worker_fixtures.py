@@ -330,17 +330,12 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-class ServedStandin(LiveServer):
-    """The stand-in over real HTTP; stop() and start() again on the same port (the rows survive: they
-    live in the app) make mailcow unreachable for a while."""
-
-    def __init__(self, app: Starlette) -> None:
-        super().__init__(app, lifespan="off")
+ServedStandin = LiveServer  # the stand-in over real HTTP; stop() and start() again make mailcow unreachable
 
 
 @pytest.fixture
 def served_standin(standin_app: Starlette) -> Iterator[ServedStandin]:
-    served = ServedStandin(standin_app)
+    served = LiveServer(standin_app, lifespan="off")
     served.start()
     yield served
     served.stop()

@@ -251,19 +251,22 @@ def run_worker(engine: Engine, settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        worker = Worker(engine, settings)
-        targets = ", ".join(f"{t.name}={t.url}" for t in worker.targets.values()) or "none configured"
-        log.info("worker %s started; targets: %s; poll %.1fs", worker.owner, targets, settings.worker_poll_seconds)
-        if not worker.targets:
-            log.warning(
-                "no mailcow target is configured (TLSO_MAILCOW_URL + key, TLSO_MAILCOW_TARGETS): nothing applies"
-            )
-        if os.environ.get(CRASH_ENV):
-            log.warning("fault injection is armed: %s=%s", CRASH_ENV, os.environ[CRASH_ENV])
-        try:
-            await worker.run(stop)
-        finally:
-            await worker.aclose()
-            log.info("worker %s stopped", worker.owner)
+        await serve(engine, settings, stop)
 
     asyncio.run(main())
+
+
+async def serve(engine: Engine, settings: Settings, stop: asyncio.Event) -> None:
+    """One worker from start to `stop` (its own process, or a thread of dev mode)."""
+    worker = Worker(engine, settings)
+    targets = ", ".join(f"{t.name}={t.url}" for t in worker.targets.values()) or "none configured"
+    log.info("worker %s started; targets: %s; poll %.1fs", worker.owner, targets, settings.worker_poll_seconds)
+    if not worker.targets:
+        log.warning("no mailcow target is configured (TLSO_MAILCOW_URL + key, TLSO_MAILCOW_TARGETS): nothing applies")
+    if os.environ.get(CRASH_ENV):
+        log.warning("fault injection is armed: %s=%s", CRASH_ENV, os.environ[CRASH_ENV])
+    try:
+        await worker.run(stop)
+    finally:
+        await worker.aclose()
+        log.info("worker %s stopped", worker.owner)
