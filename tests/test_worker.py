@@ -629,12 +629,14 @@ async def test_leases_are_renewed_while_mailcow_is_slow(
 ) -> None:
     override_id = approved(client, auth, "example.org")
     slow = SlowTransport(standin_app)
-    slow.delay = 0.4  # list, add, list: about 1.2 s, four times the lease
+    slow.delay = 0.6  # list, add, list: about 1.8 s, three times the lease
     worker = Worker(
-        engine, settings.model_copy(update={"worker_lease_seconds": 0.3}), owner="w1", transports={"default": slow}
+        engine, settings.model_copy(update={"worker_lease_seconds": 0.6}), owner="w1", transports={"default": slow}
     )
     try:
         ticking = asyncio.create_task(worker.tick())
+        while load(engine, override_id).lease_owner != "w1":  # w1 holds it; from now on nobody else may
+            await asyncio.sleep(0.02)
         stolen = []
         while not ticking.done():
             await asyncio.sleep(0.1)
@@ -652,11 +654,19 @@ async def test_the_reconcile_lease_is_renewed_while_mailcow_is_slow(
     from app.targets.service import claim_reconcile
 
     slow = SlowTransport(standin_app)
-    slow.delay = 1.2  # one list call, four times the lease
-    quick = settings.model_copy(update={"worker_lease_seconds": 0.3})
+    slow.delay = 1.8  # one list call, three times the lease
+    quick = settings.model_copy(update={"worker_lease_seconds": 0.6})
     worker = Worker(engine, quick, owner="w1", transports={"default": slow})
+
+    def holder() -> str | None:
+        with Session(engine) as session:
+            target = session.get(MailcowTarget, "default")
+            return target.lease_owner if target else None
+
     try:
         ticking = asyncio.create_task(worker.tick())
+        while holder() != "w1":  # w1 holds it; from now on nobody else may
+            await asyncio.sleep(0.02)
         stolen: list[str] = []
         while not ticking.done():
             await asyncio.sleep(0.1)

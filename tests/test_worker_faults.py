@@ -11,21 +11,17 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
 from app.core.config import Settings
 from app.core.db import make_engine
-from app.core.migrations import upgrade
 from app.mailcow.standin import MailcowStandin
 from app.overrides.models import OverrideState
-from tests.conftest import PG_ADMIN_URL
 from tests.worker_fixtures import *  # noqa: F403  (standin, standin_app, served_standin, worker_processes)
 from tests.worker_fixtures import (
     ServedStandin,
@@ -159,38 +155,22 @@ def test_mailcow_500s_empty_bodies_and_an_outage_are_waited_out(
     assert_chain_valid(engine)
 
 
-@pytest.fixture
-def restartable_database() -> Iterator[str]:
-    """A PostgreSQL database of its own, built here: conftest's admin connections would not survive the restart."""
-    name = f"tlso_restart_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = str(sa.make_url(PG_ADMIN_URL).set(database=name))
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 @pytest.mark.skipif(
     os.environ.get("TLSO_TEST_PG_RESTART") != "1",
     reason="restarts the PostgreSQL server (disturbs other tests): set TLSO_TEST_PG_RESTART=1",
 )
+@pytest.mark.parametrize("backend", ["postgres"])
 def test_a_database_restart_is_waited_out(
-    restartable_database: str,
+    database_url: str,
     standin: MailcowStandin,
     served_standin: ServedStandin,
     worker_processes: list[WorkerProcess],
     tmp_path: Path,
 ) -> None:
-    engine = make_engine(restartable_database)
+    engine = make_engine(database_url)  # its own: the conftest engine's pool would not survive the restart
     try:
         ids = seed_approved(engine, 30)
-        workers = Workers(restartable_database, served_standin.url, tmp_path, worker_processes)
+        workers = Workers(database_url, served_standin.url, tmp_path, worker_processes)
         worker = workers.start(TLSO_WORKER_BATCH_SIZE="3")
         wait_for(lambda: S.active in states(engine, ids).values(), 20, "the first applies", worker)
         _restart_postgres()  # mid-way: some applied, some in flight, some waiting

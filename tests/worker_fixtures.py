@@ -27,11 +27,10 @@ from app.audit.service import record, verify_chain
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.mailcow.standin import Fault, MailcowStandin, StandinKey, create_standin_app
-from app.overrides import service
 from app.overrides.models import Override, OverrideState
 from app.worker.loop import Worker
 from tests.conftest import make_settings
-from tests.helpers import LiveServer
+from tests.helpers import COMMENT, LiveServer, load  # noqa: F401  (re-exported for the worker tests)
 from tests.mailcow_fixtures import BASE, KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,6 @@ S = OverrideState
 ALICE = ("alice", "requester")
 BOB = ("bob", "approver")
 ROOT_ADMIN = ("root", "admin")
-COMMENT = {"comment": "Checked the diagnosis and the ticket."}
 
 
 def worker_settings(**overrides: Any) -> Settings:
@@ -147,11 +145,6 @@ def seed_approved(engine: Engine, count: int, prefix: str = "d", policy: str = "
             ids.append(override.id or 0)
             record(session, actor="seed", action="override.approved", override_id=override.id, after={"n": n})
     return ids
-
-
-def load(engine: Engine, override_id: int) -> Override:
-    with transaction(engine) as session:
-        return service.load(session, override_id)
 
 
 def states(engine: Engine, ids: list[int]) -> dict[int, OverrideState]:
