@@ -617,7 +617,7 @@ async def test_an_unencodable_sni_name_is_a_handshake_failure() -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         # What dnspython makes of a 20-octet binary label: 80 characters, too long for IDNA.
-        outcome = await probe_smtp("127.0.0.1", port, "\\255" * 20 + ".example.test", "h.invalid", 2.0)
+        outcome = await probe_smtp("127.0.0.1", port, "\\255" * 20 + ".example.test", "h.invalid", 2.0, 4.0)
     finally:
         server.close()
         await server.wait_closed()

@@ -152,7 +152,6 @@ class _HostState:
     addresses: list[_Planned] = field(default_factory=list)
     tlsa: _Tlsa | None = None
     checks: dict[str, _AddressCheck] = field(default_factory=dict)
-    result: MxHost | None = None
 
 
 class _Run:
@@ -244,10 +243,9 @@ class _Run:
     async def _check_host(self, host: _HostState) -> None:
         """Steps 2 to 5 for one MX host with addresses: TLSA, probes, match."""
         assert host.a is not None and host.aaaa is not None
+        if all(a.tried == "no" for a in host.addresses):
+            return  # Postfix never gets to it: host_result() says so
         usable = _usable_answers(host.a, host.aaaa)
-        if not usable or all(a.tried == "no" for a in host.addresses):
-            host.result = self.host_result(host)
-            return
         canonical = usable[0].canonical_name
         host.tlsa = await self._check_tlsa(host.name, canonical, host_secure=_answers_security(usable) == "secure")
         level = _postfix_level(host.tlsa.result)
@@ -260,7 +258,6 @@ class _Run:
                 if planned.probe
             )
         )
-        host.result = self.host_result(host)
 
     async def _check_tlsa(self, host: str, canonical: dns.name.Name, *, host_secure: bool) -> _Tlsa:
         """Step 3: `_25._tcp` at the CNAME-expanded name, then at the original name (RFC 7672 §2.2.2)."""
@@ -371,8 +368,6 @@ class _Run:
 
     def host_result(self, host: _HostState) -> MxHost:
         """The host as far as it got: complete, or cut short by the caps or the deadline."""
-        if host.result is not None:
-            return host.result
         if host.beyond_cap:
             return _unchecked_host(
                 host, f"{host.name}: not checked: only the first {self.config.max_mx_hosts} MX hosts are checked"

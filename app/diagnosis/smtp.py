@@ -51,21 +51,20 @@ class _Session:
 
 
 async def probe_smtp(
-    address: str, port: int, sni: str | None, helo_name: str, timeout: float, deadline: float | None = None
+    address: str, port: int, sni: str | None, helo_name: str, timeout: float, deadline: float
 ) -> ProbeOutcome:
     """Never raises: a failure is recorded with the stage it happened at.
 
-    `timeout` bounds each step; `deadline` (default twice `timeout`) the whole conversation, so a server
+    `timeout` bounds each step; `deadline` (DiagnosisConfig.probe_deadline) the whole conversation, so a server
     that drips one reply line just inside `timeout` cannot hold the probe for long. `sni` None sends
     no SNI, as Postfix below the dane level without `servername=`."""
     started = time.monotonic()
-    limit = deadline if deadline is not None else 2 * timeout
     session = _Session(port=port, sni=sni)
     failed_stage: Stage | None = None
     error: str | None = None
     writer: asyncio.StreamWriter | None = None
     try:
-        async with asyncio.timeout(limit):
+        async with asyncio.timeout(deadline):
             try:
                 reader, opened = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
             except (OSError, TimeoutError) as exc:
@@ -78,7 +77,7 @@ async def probe_smtp(
         # Only the overall deadline gets here (every step handles its own timeout). Once the chain is
         # recorded, what remains is the courtesy EHLO/QUIT: nothing is missing.
         if not session.chain_der:
-            failed_stage, error = session.stage, f"the probe did not finish within its deadline of {limit:g} s"
+            failed_stage, error = session.stage, f"the probe did not finish within its deadline of {deadline:g} s"
     finally:
         if writer is not None:
             await _close(writer)
