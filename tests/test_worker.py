@@ -23,7 +23,7 @@ from sqlmodel import Session
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.mailcow.client import MailcowClient, MailcowRejected
-from app.mailcow.standin import Fault, MailcowStandin
+from app.mailcow.standin import MailcowStandin
 from app.overrides.models import Override, OverrideState
 from app.targets.models import MailcowTarget
 from app.worker import apply as apply_module
@@ -36,7 +36,6 @@ from tests.worker_fixtures import (
     BOB,
     COMMENT,
     ROOT_ADMIN,
-    ServedStandin,
     SwitchableTransport,
     approved,
     assert_chain_valid,
@@ -965,34 +964,3 @@ async def test_a_human_row_identical_to_ours_is_a_conflict_when_we_never_sent_an
     assert revoked.status_code == 200, revoked.text
     await settle(worker)
     assert [(r["dest"], r["policy"]) for r in standin.rows()] == [("example.org", "encrypt")]  # never touched
-
-
-@SQLITE_ONLY
-async def test_an_add_that_lands_after_a_cancel_is_removed_not_orphaned(
-    client: TestClient, auth: Auth, engine: Engine, standin: MailcowStandin, served_standin: ServedStandin
-) -> None:
-    settings = worker_settings(
-        mailcow_url=served_standin.url,
-        mailcow_timeout_seconds=0.3,
-        mailcow_attempts=1,
-        mailcow_add_settle_seconds=3.0,
-    )
-    client.app.state.settings = settings  # type: ignore[attr-defined]
-    override_id = approved(client, auth, "example.org")
-    standin.add_fault(Fault(op="add", mode="timeout", count=1, delay=1.5))  # committed 1.5 s later
-    worker = Worker(engine, settings, owner="w1")
-    try:
-        await worker.tick()  # the add times out on our side
-        assert load(engine, override_id).state == S.approved
-        cancelled = client.post(f"/v1/overrides/{override_id}/cancel", json=COMMENT, headers=auth("alice", "requester"))
-        assert cancelled.json()["state"] == "removing", cancelled.text
-        await worker.tick()  # nothing in the map yet, but the add may still land: wait
-        assert load(engine, override_id).state == S.removing
-        await asyncio.sleep(2.0)  # ... it lands
-        assert len(standin.rows()) == 1
-        set_columns(engine, override_id, next_attempt_at=utcnow())
-        await worker.tick()
-    finally:
-        await worker.aclose()
-    assert load(engine, override_id).state == S.cancelled
-    assert standin.rows() == []

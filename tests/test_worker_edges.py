@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
+from app.core.config import Settings
 from app.core.db import utcnow
 from app.mailcow.standin import Fault, MailcowStandin
 from app.overrides.models import OverrideState
@@ -53,61 +54,63 @@ async def test_a_cancel_before_any_add_is_immediate_and_leaves_a_humans_identica
     assert [(r["dest"], r["policy"]) for r in standin.rows()] == [("example.org", "encrypt")], "human row deleted"
 
 
-@SQLITE_ONLY
-async def test_the_settle_time_counts_from_the_last_unanswered_attempt(
-    client: TestClient, auth: Auth, engine: Engine, standin: MailcowStandin, served_standin: ServedStandin
-) -> None:
+def _slow_mailcow(client: TestClient, served: ServedStandin, attempts: int) -> Settings:
+    """A mailcow over real HTTP whose answers can time out (0.5 s), with a short wait for late adds."""
     settings = worker_settings(
-        mailcow_url=served_standin.url,
+        mailcow_url=served.url,
         mailcow_timeout_seconds=0.5,
-        mailcow_attempts=3,
+        mailcow_attempts=attempts,
         mailcow_add_settle_seconds=5.0,
     )
     client.app.state.settings = settings  # type: ignore[attr-defined]
+    return settings
+
+
+LATE_ADDS = {
+    # the only attempt's answer is lost; mailcow commits 1.5 s later
+    "one lost answer": (1, [Fault(op="add", mode="timeout", count=1, delay=1.5)], 0.5),
+    # two slow 500s (retried), then a lost answer: the wait counts from the end of the batch
+    "lost after retries": (
+        3,
+        [Fault(op="add", mode="http500", count=2, delay=0.4), Fault(op="add", mode="timeout", count=1, delay=2.0)],
+        1.3,
+    ),
+    # attempt 1's answer is lost, attempt 2 gets an empty 200: that says nothing of attempt 1
+    "refusal after a retry": (
+        2,
+        [Fault(op="add", mode="timeout", count=1, delay=1.5), Fault(op="add", mode="empty", count=1)],
+        0.5,
+    ),
+}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("case", LATE_ADDS)
+async def test_an_add_that_lands_after_a_cancel_is_removed_not_orphaned(
+    client: TestClient,
+    auth: Auth,
+    engine: Engine,
+    standin: MailcowStandin,
+    served_standin: ServedStandin,
+    case: str,
+) -> None:
+    attempts, faults, batch_at_least = LATE_ADDS[case]
+    settings = _slow_mailcow(client, served_standin, attempts)
     override_id = approved(client, auth, "example.org")
-    # two slow 5xx answers (retried by the client), then an attempt whose answer is lost and that commits late
-    standin.add_fault(Fault(op="add", mode="http500", count=2, delay=0.4))
-    standin.add_fault(Fault(op="add", mode="timeout", count=1, delay=2.0))
+    for one in faults:
+        standin.add_fault(one)
     worker = Worker(engine, settings, owner="w1")
     try:
         started = utcnow()
         await worker.tick()
         assert load(engine, override_id).state == S.approved
-        # 0.4 s + 0.4 s of 500s, then 0.5 s until the lost answer times out: the marker is set after that.
-        sent = load(engine, override_id).add_sent_at
-        assert sent is not None and (sent - started).total_seconds() >= 1.3
+        sent = load(engine, override_id).add_sent_at  # set when the batch ended, not when it began
+        assert sent is not None and (sent - started).total_seconds() >= batch_at_least
         cancelled = client.post(f"/v1/overrides/{override_id}/cancel", json=COMMENT, headers=auth("alice", "requester"))
         assert cancelled.json()["state"] == "removing", cancelled.text
         await worker.tick()
         assert load(engine, override_id).state == S.removing  # waits: the unanswered add may still land
-        await asyncio.sleep(2.5)  # the third attempt lands
-        assert len(standin.rows()) == 1
-        set_columns(engine, override_id, next_attempt_at=utcnow())
-        await worker.tick()
-    finally:
-        await worker.aclose()
-    assert load(engine, override_id).state == S.cancelled and standin.rows() == []
-
-
-@SQLITE_ONLY
-async def test_a_refusal_after_a_retry_still_waits_for_the_first_attempt(
-    client: TestClient, auth: Auth, engine: Engine, standin: MailcowStandin, served_standin: ServedStandin
-) -> None:
-    settings = worker_settings(
-        mailcow_url=served_standin.url, mailcow_timeout_seconds=0.5, mailcow_attempts=2, mailcow_add_settle_seconds=5.0
-    )
-    client.app.state.settings = settings  # type: ignore[attr-defined]
-    override_id = approved(client, auth, "example.org")
-    standin.add_fault(Fault(op="add", mode="timeout", count=1, delay=1.5))  # attempt 1: answer lost, commits at 1.5 s
-    standin.add_fault(Fault(op="add", mode="empty", count=1))  # attempt 2: empty 200 (a transient DB error)
-    worker = Worker(engine, settings, owner="w1")
-    try:
-        await worker.tick()
-        cancelled = client.post(f"/v1/overrides/{override_id}/cancel", json=COMMENT, headers=auth("alice", "requester"))
-        assert cancelled.json()["state"] == "removing", cancelled.text
-        await worker.tick()
-        assert load(engine, override_id).state == S.removing  # the empty 200 says nothing of attempt 1
-        await asyncio.sleep(2.0)  # attempt 1 lands
+        await asyncio.sleep(2.5)  # ... it lands
         assert len(standin.rows()) == 1
         set_columns(engine, override_id, next_attempt_at=utcnow())
         await worker.tick()
@@ -120,10 +123,7 @@ async def test_a_refusal_after_a_retry_still_waits_for_the_first_attempt(
 async def test_our_own_late_row_is_adopted_not_a_conflict(
     client: TestClient, auth: Auth, engine: Engine, standin: MailcowStandin, served_standin: ServedStandin
 ) -> None:
-    settings = worker_settings(
-        mailcow_url=served_standin.url, mailcow_timeout_seconds=0.5, mailcow_attempts=2, mailcow_add_settle_seconds=5.0
-    )
-    client.app.state.settings = settings  # type: ignore[attr-defined]
+    settings = _slow_mailcow(client, served_standin, attempts=2)
     override_id = approved(client, auth, "example.org")
     standin.add_fault(Fault(op="add", mode="timeout", count=1, delay=1.5))
     standin.add_fault(Fault(op="add", mode="empty", count=1))
