@@ -386,15 +386,18 @@ class _Run:
             unfinished = ("not-tried", _NOT_TRIED.format(limit=self.config.mx_address_limit))
         elif host.tlsa is None:
             unfinished = ("not-checked", f"not checked: {self._deadline_text()} before its TLSA lookup")
+        known = {
+            "name": host.name,
+            "preference": host.preference,
+            "implicit": host.implicit,
+            "canonical_name": canonical,
+            "dnssec": dnssec,
+            "address_lookups": lookups,
+        }
         if unfinished is not None:
             status, why = unfinished
             return MxHost(
-                name=host.name,
-                preference=host.preference,
-                implicit=host.implicit,
-                canonical_name=canonical,
-                dnssec=dnssec,
-                address_lookups=lookups,
+                **known,
                 postfix_level="unknown",
                 status=status,
                 would_deliver=None,
@@ -418,12 +421,7 @@ class _Run:
         if notes:
             explanation += f" (note: {'; '.join(notes)})"
         return MxHost(
-            name=host.name,
-            preference=host.preference,
-            implicit=host.implicit,
-            canonical_name=canonical,
-            dnssec=dnssec,
-            address_lookups=lookups,
+            **known,
             postfix_level=level,
             tlsa=tlsa.result,
             status=status,
