@@ -7,7 +7,8 @@ The quirks are documented in /work/shared/mailcow-api.md; the ones handled here:
 * Logical errors come back as HTTP 200 with `danger`/`error` entries; an HTTP 200 with an EMPTY body
   is a server-side DB error and the statement was not applied (§5).
 * 401/403 are never retried: ten auth failures in ten minutes get our IP banned by fail2ban (§1).
-* add: no id in the answer, `active` must always be sent (missing means inactive), a policy outside
+* add: no id in the answer, `active` must always be sent (missing means inactive; `0` adds an inactive
+  row in one call), a policy outside
   the ENUM gives an empty body (checked here first), and a retried add after a lost response finds
   its own row: "tls_policy_map_entry_exists" (§3), which callers resolve with `find_policy`.
 * get: `{}` means "none", `/{id}` adds a stray `"0": null`, the list order is undefined (§7).
@@ -299,14 +300,14 @@ class MailcowClient:
         best = exact or matches
         return best[0] if best else None
 
-    async def add_policy(self, dest: str, policy: str, parameters: str = "") -> None:
-        """Add an ACTIVE row; mailcow returns no id, so use `find_policy(dest)` afterwards."""
+    async def add_policy(self, dest: str, policy: str, parameters: str = "", *, active: bool = True) -> None:
+        """Add a row (active unless told otherwise); mailcow returns no id, so use `find_policy(dest)` afterwards."""
         if not isinstance(dest, str) or not dest.strip():
             raise ValueError("dest must be a non-empty string")
         policy = _check_policy(policy)
         _check_parameters(parameters)
-        # `active` must be sent: mailcow stores a missing one as 0, an inactive row
-        body = {"dest": dest, "policy": policy, "parameters": parameters, "active": 1}
+        # `active` is always sent: mailcow stores a missing one as 0, an inactive row
+        body = {"dest": dest, "policy": policy, "parameters": parameters, "active": 1 if active else 0}
         await self._call("add", "POST", f"{API}/add/tls-policy-map", body, self._parse_added)
 
     async def edit_policy(self, id: int, **attrs: Any) -> None:
