@@ -883,10 +883,10 @@ async def test_an_apply_that_fails_after_replacing_puts_the_foreign_row_back(
     _replace(client, auth, override_id)
     real_add = MailcowClient.add_policy
 
-    async def refuse_ours(self: Any, dest: str, policy: str, parameters: str = "") -> None:
+    async def refuse_ours(self: Any, dest: str, policy: str, parameters: str = "", *, active: bool = True) -> None:
         if policy == "encrypt":  # ours; the restore adds the original `may` row
             raise MailcowRejected("add: parameters invalid", msg_key="tls_policy_map_parameter_invalid")
-        await real_add(self, dest, policy, parameters)
+        await real_add(self, dest, policy, parameters, active=active)
 
     monkeypatch.setattr(MailcowClient, "add_policy", refuse_ours)
     await settle(worker, 4)

@@ -20,7 +20,6 @@ The quirks are documented in /work/shared/mailcow-api.md; the ones handled here:
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import logging
@@ -34,7 +33,6 @@ from typing import Any, Final, Self, TypeVar
 from urllib.request import Request as UrllibRequest
 
 import httpx
-import idna
 from prometheus_client import Counter, Histogram
 from tenacity import (
     AsyncRetrying,
@@ -44,6 +42,8 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
+
+from app.mailcow.dest import dest_key, lookup_candidates
 
 log = logging.getLogger("app.mailcow")
 
@@ -177,20 +177,6 @@ class PolicyRow:
     modified: str | None
 
 
-def dest_key(text: str) -> str:
-    """How mailcow compares `dest` (utf8mb4_general_ci, the unique index): case and trailing spaces ignored."""
-    return text.rstrip(" ").lower()
-
-
-def _dest_candidates(dest: str) -> set[str]:
-    wanted = dest.strip(" \t\n\r\0\x0b")
-    keys = {dest_key(wanted)}
-    if not wanted.isascii():
-        with contextlib.suppress(idna.IDNAError):  # add stores the IDNA (punycode) form
-            keys.add(dest_key(idna.encode(wanted, uts46=True).decode("ascii")))
-    return keys
-
-
 # --------------------------------------------------------------------------------------------------
 # The client
 # --------------------------------------------------------------------------------------------------
@@ -293,7 +279,7 @@ class MailcowClient:
 
     async def find_policy(self, dest: str) -> PolicyRow | None:
         """The row whose dest matches, case-insensitively as mailcow's unique index does, or None."""
-        wanted = _dest_candidates(dest)
+        wanted = lookup_candidates(dest)
         rows = await self.list_policies()
         matches = [row for row in rows if dest_key(row.dest) in wanted]
         exact = [row for row in matches if row.dest == dest]

@@ -21,7 +21,8 @@ from sqlmodel import Session, col, select
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.core.errors import NotFound, ServiceUnavailable
-from app.mailcow.client import MailcowAuthError, MailcowError, PolicyRow, dest_key
+from app.mailcow.client import MailcowAuthError, MailcowError, PolicyRow
+from app.mailcow.dest import dest_forms, dest_key
 from app.mailcow.targets import Target, configured_targets
 from app.overrides.models import Override, OverrideState
 from app.overrides.service import target_names
@@ -84,19 +85,29 @@ class PolicyMap:
         self.by_dest = {dest_key(row.dest): row for row in self.rows}
 
     def at(self, destination: str) -> PolicyRow | None:
+        """The row whose dest is `destination` (the only place tlsoverride ever puts its own rows)."""
         return self.by_dest.get(dest_key(destination))
+
+    def holding(self, destination: str) -> PolicyRow | None:
+        """The row that holds `destination`: at its dest, or else where mailcow's add put the same name typed
+        with a deviation character (`straße.example` → `strasse.example`, mailcow-api.md §3)."""
+        for key in dest_forms(destination):
+            row = self.by_dest.get(key)
+            if row is not None:
+                return row
+        return None
 
 
 def drift_of(wanted: Wanted, policy_map: PolicyMap) -> dict[str, Any] | None:
     """How an ACTIVE override's row differs from what it should be; None when it is as applied.
 
     kinds: `missing` (no row for the destination), `recreated` (our content under another id: someone
-    re-added it), `replaced` (a row we did not write now holds the destination), `edited` (our row,
-    changed by hand: the differing fields are listed).
+    re-added it), `replaced` (a row we did not write now holds the destination, in either of its forms:
+    see `PolicyMap.holding`), `edited` (our row, changed by hand: the differing fields are listed).
     """
     row = policy_map.by_id.get(wanted.mailcow_id) if wanted.mailcow_id is not None else None
     if row is None:
-        other = policy_map.at(wanted.destination)
+        other = policy_map.holding(wanted.destination)
         if other is None:
             return {"kind": "missing", "expected": wanted.expected(), "found": None}
         if is_our_content(other, wanted.destination, wanted.policy, wanted.parameters) and other.active == 1:

@@ -21,7 +21,8 @@ from sqlmodel import Session
 from app.core.db import transaction, utcnow
 from app.core.errors import AppError
 from app.core.metrics import WORKER_JOBS
-from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected, dest_key
+from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected
+from app.mailcow.dest import dest_key
 from app.overrides import service
 from app.overrides.models import OverrideState
 from app.targets.service import PolicyMap, is_our_content, row_dict
