@@ -68,9 +68,8 @@ class JobContext:
             await self.pause(job.target, text)
         wait = await self.db(store.release, self.engine, self.settings, job, self.owner, text, delay)
         WORKER_JOBS.labels(job_kind, "retry").inc()
-        log.warning(
-            "%s of override %s on %s failed (%s); next attempt in %.1fs", job_kind, job.id, job.target, text, wait
-        )
+        when = "when the target's pause ends" if job.target in self.auth_failed else f"in {wait:.1f}s"
+        log.warning("%s of override %s on %s failed (%s); next attempt %s", job_kind, job.id, job.target, text, when)
 
     async def pause(self, target: str, reason: str) -> None:
         config = self.targets.get(target)
