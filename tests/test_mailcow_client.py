@@ -80,6 +80,15 @@ async def test_add_find_get_list_edit_delete(app: Starlette, standin: MailcowSta
     assert json.loads(add_call["body"])["active"] == 1  # always sent: a missing active is inactive
 
 
+async def test_add_inactive_stores_the_row_inactive_in_one_call(app: Starlette, standin: MailcowStandin) -> None:
+    async with mailcow_client(app) as client:
+        await client.add_policy("example.org", "may", active=False)
+        row = await client.find_policy("example.org")
+    assert row is not None and row.active == 0
+    assert [(state["op"], state["active"]) for state in standin.history()] == [("insert", 0)]
+    assert [call["op"] for call in api_calls(standin)] == ["add", "get"]
+
+
 async def test_find_policy_matches_like_the_collation(app: Starlette, standin: MailcowStandin) -> None:
     standin.seed_row("Mixed.Example ", "may")
     standin.seed_row(".sub.example", "encrypt")

@@ -258,7 +258,13 @@ async def test_add_success_shape_and_escaping(app: Starlette) -> None:
         ("Example.ORG", "example.org"),
         ("bücher.example", "xn--bcher-kva.example"),
         ("  padded.example \n", "padded.example"),
+        # transitional UTS #46: the four deviation characters are mapped as IDNA2003 did (§3)
         ("straße.example", "strasse.example"),
+        ("STRASSE.example", "strasse.example"),
+        ("a\u03c2.example", "xn--a-0mb.example"),  # final sigma becomes sigma: xn--a-ymb in IDNA2008
+        ("\u0915\u094d\u200d\u0937.example", "xn--11b2ezc.example"),  # ZWJ dropped
+        ("\u0915\u094d\u200c\u0937.example", "xn--11b2ezc.example"),  # ZWNJ dropped
+        ("xn--strae-oqa.example", "xn--strae-oqa.example"),  # an A-label sent as such is kept
         ("\uff25\uff38\uff21\uff2d\uff30\uff2c\uff25.net", "example.net"),  # fullwidth,
     ],
 )

@@ -9,6 +9,7 @@ untouched), metrics. Every test ends with a valid audit chain.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -882,10 +883,10 @@ async def test_an_apply_that_fails_after_replacing_puts_the_foreign_row_back(
     _replace(client, auth, override_id)
     real_add = MailcowClient.add_policy
 
-    async def refuse_ours(self: Any, dest: str, policy: str, parameters: str = "") -> None:
+    async def refuse_ours(self: Any, dest: str, policy: str, parameters: str = "", *, active: bool = True) -> None:
         if policy == "encrypt":  # ours; the restore adds the original `may` row
             raise MailcowRejected("add: parameters invalid", msg_key="tls_policy_map_parameter_invalid")
-        await real_add(self, dest, policy, parameters)
+        await real_add(self, dest, policy, parameters, active=active)
 
     monkeypatch.setattr(MailcowClient, "add_policy", refuse_ours)
     await settle(worker, 4)
@@ -925,7 +926,7 @@ async def test_a_replaced_row_mailcow_cannot_take_back_is_reported_not_restored(
 
 
 @SQLITE_ONLY
-async def test_an_inactive_original_comes_back_inactive_even_when_the_edit_fails_once(
+async def test_an_original_left_active_by_an_interrupted_restore_is_set_inactive_even_when_the_edit_fails_once(
     client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin
 ) -> None:
     standin.seed_row("example.org", "may", "", active=0)
@@ -933,9 +934,15 @@ async def test_an_inactive_original_comes_back_inactive_even_when_the_edit_fails
     await worker.tick()
     _replace(client, auth, override_id)
     await worker.tick()
-    assert load(engine, override_id).state == S.active
+    override = load(engine, override_id)
+    assert override.state == S.active and override.mailcow_id is not None and override.conflict
     expire_now(engine, override_id)
-    fault(standin, "edit", "http500", count=10)  # re-added active; setting it inactive fails
+    store.expire_due(engine, worker_settings(), 10)  # its removal starts; it runs below
+    # An older version restored by adding the row active and then editing it; it died in between.
+    del standin.table.rows[override.mailcow_id]
+    standin.seed_row("example.org", "may", "", active=1)
+    set_columns(engine, override_id, conflict={**override.conflict, "status": "restoring"})
+    fault(standin, "edit", "http500", count=10)  # setting it inactive fails
     await worker.tick()
     assert load(engine, override_id).state == S.removing
     standin.clear_faults()
@@ -944,6 +951,26 @@ async def test_an_inactive_original_comes_back_inactive_even_when_the_edit_fails
     assert override.state == S.expired and override.conflict and override.conflict["status"] == "restored"
     row = mailcow_rows(standin)["example.org"]
     assert (row["policy"], row["active"]) == ("may", 0)
+
+
+@SQLITE_ONLY
+async def test_an_inactive_original_is_restored_in_one_call_and_never_live(
+    client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin
+) -> None:
+    standin.seed_row("example.org", "may", "", active=0)
+    override_id = approved(client, auth, "example.org")
+    await worker.tick()
+    _replace(client, auth, override_id)
+    await worker.tick()
+    expire_now(engine, override_id)
+    standin.calls.clear()
+    await worker.tick()
+    assert load(engine, override_id).state == S.expired
+    # Postfix reads the map per delivery: an original that was inactive must not apply for a moment either.
+    restored = [state for state in standin.history("example.org") if state["policy"] == "may"]
+    assert [(state["op"], state["active"]) for state in restored] == [("seed", 0), ("delete", 0), ("insert", 0)]
+    assert [call["op"] for call in calls(standin, "add", "edit")] == ["add"]
+    assert json.loads(calls(standin, "add")[0]["body"])["active"] == 0
 
 
 @SQLITE_ONLY

@@ -24,6 +24,7 @@ from app.mailcow.standin import MailcowStandin
 from app.overrides.models import OverrideState
 from tests.worker_fixtures import *  # noqa: F403  (standin, standin_app, served_standin, worker_processes)
 from tests.worker_fixtures import (
+    COMMENT,
     ServedStandin,
     WorkerProcess,
     approved,
@@ -213,3 +214,35 @@ def test_a_rejected_key_is_not_retried_into_a_ban(
     failures = len(standin.auth_failures)
     assert 1 <= failures <= 3, standin.auth_failures
     assert load(engine, override_id).state == S.approved and standin.rows() == []
+
+
+def test_a_restart_with_the_corrected_key_removes_a_revoked_override_at_once(
+    client: TestClient, auth: Auth, engine: Engine, standin: MailcowStandin, workers: Workers
+) -> None:
+    """The pause after a refused key lives in the database (so that a restart with the same wrong key does
+    not hammer mailcow into a ban), but it is for that key: restarted with the corrected key, the worker
+    removes the override revoked meanwhile at once, not after TLSO_MAILCOW_AUTH_BACKOFF_SECONDS (900 s)."""
+    override_id = approved(client, auth, "example.org")
+    worker = workers.start()
+    wait_for(lambda: load(engine, override_id).state == S.active, 20, "the apply", worker)
+    worker.stop()
+    revoked = client.post(f"/v1/overrides/{override_id}/revoke", json=COMMENT, headers=auth("root", "admin"))
+    assert revoked.status_code == 200, revoked.text
+
+    wrong = workers.start(TLSO_MAILCOW_API_KEY="WRONG0-000000-000000-000000-000000")
+    wait_for(lambda: len(standin.auth_failures) == 1, 20, "the key refused", wrong)
+    time.sleep(1.0)  # ten polls: the pause holds it back
+    wrong.stop()
+    again = workers.start(TLSO_MAILCOW_API_KEY="WRONG0-000000-000000-000000-000000")  # the same wrong key
+    time.sleep(2.0)
+    again.stop()
+    assert len(standin.auth_failures) == 1 and load(engine, override_id).state == S.removing
+    assert list(mailcow_rows(standin)) == ["example.org"]
+
+    fixed = workers.start()  # TLSO_MAILCOW_API_KEY corrected
+    started = time.monotonic()
+    wait_for(lambda: load(engine, override_id).state == S.revoked, 20, "the removal with the corrected key", fixed)
+    assert time.monotonic() - started < 15  # the next poll, not the 900 s pause
+    assert standin.rows() == [] and len(standin.auth_failures) == 1
+    assert "the key configured here is another one" in fixed.output()
+    assert_chain_valid(engine)

@@ -60,7 +60,9 @@ Stage = Literal["connect", "banner", "ehlo", "starttls", "handshake"]
 
 Severity = Literal["info", "warning", "error"]
 
-FindingRule = Literal["domain_passes", "policy_useless", "weaker_than_recommended", "diagnosis_inconclusive"]
+FindingRule = Literal[
+    "domain_passes", "policy_useless", "weaker_than_recommended", "diagnosis_inconclusive", "idna_deviation"
+]
 
 
 class _Model(BaseModel):

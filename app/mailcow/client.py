@@ -7,7 +7,8 @@ The quirks are documented in /work/shared/mailcow-api.md; the ones handled here:
 * Logical errors come back as HTTP 200 with `danger`/`error` entries; an HTTP 200 with an EMPTY body
   is a server-side DB error and the statement was not applied (§5).
 * 401/403 are never retried: ten auth failures in ten minutes get our IP banned by fail2ban (§1).
-* add: no id in the answer, `active` must always be sent (missing means inactive), a policy outside
+* add: no id in the answer, `active` must always be sent (missing means inactive; `0` adds an inactive
+  row in one call), a policy outside
   the ENUM gives an empty body (checked here first), and a retried add after a lost response finds
   its own row: "tls_policy_map_entry_exists" (§3), which callers resolve with `find_policy`.
 * get: `{}` means "none", `/{id}` adds a stray `"0": null`, the list order is undefined (§7).
@@ -19,7 +20,6 @@ The quirks are documented in /work/shared/mailcow-api.md; the ones handled here:
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import logging
@@ -33,7 +33,6 @@ from typing import Any, Final, Self, TypeVar
 from urllib.request import Request as UrllibRequest
 
 import httpx
-import idna
 from prometheus_client import Counter, Histogram
 from tenacity import (
     AsyncRetrying,
@@ -43,6 +42,8 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
+
+from app.mailcow.dest import dest_key, lookup_candidates
 
 log = logging.getLogger("app.mailcow")
 
@@ -176,20 +177,6 @@ class PolicyRow:
     modified: str | None
 
 
-def dest_key(text: str) -> str:
-    """How mailcow compares `dest` (utf8mb4_general_ci, the unique index): case and trailing spaces ignored."""
-    return text.rstrip(" ").lower()
-
-
-def _dest_candidates(dest: str) -> set[str]:
-    wanted = dest.strip(" \t\n\r\0\x0b")
-    keys = {dest_key(wanted)}
-    if not wanted.isascii():
-        with contextlib.suppress(idna.IDNAError):  # add stores the IDNA (punycode) form
-            keys.add(dest_key(idna.encode(wanted, uts46=True).decode("ascii")))
-    return keys
-
-
 # --------------------------------------------------------------------------------------------------
 # The client
 # --------------------------------------------------------------------------------------------------
@@ -292,21 +279,21 @@ class MailcowClient:
 
     async def find_policy(self, dest: str) -> PolicyRow | None:
         """The row whose dest matches, case-insensitively as mailcow's unique index does, or None."""
-        wanted = _dest_candidates(dest)
+        wanted = lookup_candidates(dest)
         rows = await self.list_policies()
         matches = [row for row in rows if dest_key(row.dest) in wanted]
         exact = [row for row in matches if row.dest == dest]
         best = exact or matches
         return best[0] if best else None
 
-    async def add_policy(self, dest: str, policy: str, parameters: str = "") -> None:
-        """Add an ACTIVE row; mailcow returns no id, so use `find_policy(dest)` afterwards."""
+    async def add_policy(self, dest: str, policy: str, parameters: str = "", *, active: bool = True) -> None:
+        """Add a row (active unless told otherwise); mailcow returns no id, so use `find_policy(dest)` afterwards."""
         if not isinstance(dest, str) or not dest.strip():
             raise ValueError("dest must be a non-empty string")
         policy = _check_policy(policy)
         _check_parameters(parameters)
-        # `active` must be sent: mailcow stores a missing one as 0, an inactive row
-        body = {"dest": dest, "policy": policy, "parameters": parameters, "active": 1}
+        # `active` is always sent: mailcow stores a missing one as 0, an inactive row
+        body = {"dest": dest, "policy": policy, "parameters": parameters, "active": 1 if active else 0}
         await self._call("add", "POST", f"{API}/add/tls-policy-map", body, self._parse_added)
 
     async def edit_policy(self, id: int, **attrs: Any) -> None:

@@ -30,6 +30,9 @@ Everything under `/__standin__/` is a control API that real mailcow does NOT hav
   whether it sent a cookie, the body); the API key is never stored. `DELETE` clears it.
 * `POST /__standin__/keys` adds or replaces an API key (`StandinKey` fields); the key is not echoed.
 
+In process (tests), `MailcowStandin.history()` lists every state a row was ever in (after each insert,
+update or delete): whether Postfix could ever have seen a row active, for instance.
+
 Run it for dev mode or another process: `python -m app.mailcow.standin --port 8081 --api-key KEY`.
 """
 
@@ -455,6 +458,11 @@ class PolicyTable:
         self._now = now
         self.rows: dict[int, PolicyRecord] = {}
         self.next_id = 1
+        # Every state a row was ever in (after each insert, update or delete): what Postfix could have seen.
+        self.history: list[dict[str, Any]] = []
+
+    def _remember(self, op: str, row: PolicyRecord) -> None:
+        self.history.append({"op": op, **row.as_json()})
 
     def timestamp(self) -> str:
         return self._now().strftime("%Y-%m-%d %H:%M:%S")
@@ -495,6 +503,7 @@ class PolicyTable:
         row = PolicyRecord(self.next_id, dest, canonical, parameters, active, self.timestamp())
         self.rows[row.id] = row
         self.next_id += 1
+        self._remember("insert", row)
         return row
 
     def update(self, where_id: Any, dest: str, policy: str, parameters: str, active: int) -> None:
@@ -507,11 +516,13 @@ class PolicyTable:
         if new != (target.dest, target.policy, target.parameters, target.active):
             target.dest, target.policy, target.parameters, target.active = new
             target.modified = self.timestamp()
+            self._remember("update", target)
 
     def delete(self, where_id: Any) -> None:
         number = _mysql_number(where_id)
         for row in [r for r in self.rows.values() if float(r.id) == number]:
             del self.rows[row.id]
+            self._remember("delete", row)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -662,6 +673,12 @@ class MailcowStandin:
         with self._lock:
             return [self.table.rows[i].as_json() for i in sorted(self.table.rows)]
 
+    def history(self, dest: str | None = None) -> list[dict[str, Any]]:
+        """Each state rows were in, in order (`op`: seed, insert, update, delete), optionally for one dest."""
+        with self._lock:
+            key = collation_key(dest) if dest is not None else None
+            return [dict(h) for h in self.table.history if key is None or collation_key(h["dest"]) == key]
+
     def seed_row(
         self,
         dest: str,
@@ -685,6 +702,7 @@ class MailcowStandin:
                 raise ValueError(f"Duplicate entry '{new_id}' for key 'PRIMARY'")
             row = PolicyRecord(new_id, dest, policy, parameters, active, created or self.table.timestamp(), modified)
             self.table.rows[new_id] = row
+            self.table._remember("seed", row)
             self.table.next_id = max(self.table.next_id, new_id + 1)
             return row.as_json()
 

@@ -7,6 +7,12 @@ The default target (`TLSO_DEFAULT_TARGET`) is `TLSO_MAILCOW_URL` with `TLSO_MAIL
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
+import hashlib
+import hmac
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +26,49 @@ class TargetNotConfigured(Exception):
     """An override names a target that has no URL or no API key in the settings."""
 
 
+# scrypt (RFC 7914) with a random salt per fingerprint: costly to brute-force even for a weak key from
+# mailcow.conf, and useless as a key itself.
+_FINGERPRINT = "scrypt"
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(key: str, salt: bytes) -> bytes:
+    return hashlib.scrypt(key.encode(), salt=salt, **_SCRYPT)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
     url: str
     timeout: float
     _api_key: str = field(repr=False)
+
+    def key_fingerprint(self) -> str:
+        """A salted hash of this target's API key (`scrypt$<salt>$<hash>`): it tells one key from another
+        (`holds_key`) and reveals nothing of the key; it is what a pause records, never the key."""
+        salt = secrets.token_bytes(16)
+        return f"{_FINGERPRINT}${_b64(salt)}${_b64(_digest(self._api_key, salt))}"
+
+    def holds_key(self, fingerprint: str) -> bool:
+        """Whether `fingerprint` was made from the API key configured for this target now."""
+        kind, _, rest = fingerprint.partition("$")
+        salt_text, _, digest_text = rest.partition("$")
+        if kind != _FINGERPRINT or not salt_text or not digest_text:
+            return False
+        try:
+            salt, digest = _unb64(salt_text), _unb64(digest_text)
+        except (binascii.Error, ValueError):
+            return False
+        return hmac.compare_digest(_digest(self._api_key, salt), digest)
 
     def client(
         self,

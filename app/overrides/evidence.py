@@ -17,8 +17,9 @@ from app.core.db import reading
 from app.core.errors import TooManyRequests
 from app.core.idempotency import already_used
 from app.diagnosis.assess import assess_request
-from app.diagnosis.models import Diagnosis
+from app.diagnosis.models import Diagnosis, Finding
 from app.diagnosis.service import diagnose_within_budget
+from app.mailcow.dest import DEVIATION_NAMES, deviations_in, transitional_form, unicode_form
 from app.overrides.postfix import mx_domain_of
 from app.overrides.service import find_live
 
@@ -27,10 +28,46 @@ log = logging.getLogger("app.overrides.evidence")
 
 def findings_for(diagnosis: Any, policy: str, parameters: str, settings: Settings) -> list[dict[str, Any]]:
     """Findings as stored with the request; rules listed in TLSO_REFUSE_RULES refuse it."""
+    return _stored(assess_request(diagnosis, policy, parameters), settings)
+
+
+def destination_findings(destination: str, settings: Settings) -> list[dict[str, Any]]:
+    """Findings about the destination's name itself (no diagnosis needed): an IDNA deviation character."""
+    return _stored([finding] if (finding := idna_deviation(destination)) else [], settings)
+
+
+def _stored(findings: list[Finding], settings: Settings) -> list[dict[str, Any]]:
     return [
-        {**finding.model_dump(mode="json"), "refused": finding.rule in settings.refuse_rules}
-        for finding in assess_request(diagnosis, policy, parameters)
+        {**finding.model_dump(mode="json"), "refused": finding.rule in settings.refuse_rules} for finding in findings
     ]
+
+
+def idna_deviation(destination: str) -> Finding | None:
+    """Which form of a name with ß, ς, ZWJ or ZWNJ this override covers, and which mailcow's UI would store.
+
+    The override is stored in IDNA2008 form (see `app.overrides.postfix`); mailcow's UI stores the same
+    name typed by hand in UTS #46 transitional form, another name (app.mailcow.dest). Postfix looks the
+    policy up by the recipient domain exactly as the message carries it (no IDNA conversion for the
+    table lookup), so which row applies depends on which A-label the sender's software made.
+    """
+    found = deviations_in(destination)
+    other = transitional_form(destination)
+    if not found or other is None:
+        return None
+    name = unicode_form(destination)
+    which = ", ".join(DEVIATION_NAMES[ch] for ch in found)
+    return Finding(
+        rule="idna_deviation",
+        severity="warning",
+        message=(
+            f"{name} contains {which}, which IDNA2003 and IDNA2008 treat differently. This override is stored "
+            f"as {destination} (IDNA2008, the form Postfix 3.2 and later derives); mailcow's own UI would store "
+            f"{name} as {other} (transitional UTS #46), another name. Postfix looks the policy up by the "
+            f"recipient domain as the message carries it, so this override applies to mail for {destination} "
+            f"and not to mail whose sender converted the name to {other}; a hand-made row at {other} is "
+            "treated as a conflict."
+        ),
+    )
 
 
 class RecentDiagnoses:
@@ -77,9 +114,10 @@ def gather_evidence(
     (the one `GET /v1/diagnostics` uses); over it, the request is still taken, without evidence: an
     urgent request never waits."""
     settings: Settings = app.state.settings
+    named = destination_findings(destination, settings)
     domain = mx_domain_of(destination)
     if not settings.diagnosis_on_create or domain is None:
-        return None, []
+        return None, named
     with reading(app.state.engine) as peek:
         if already_used(peek, principal, idempotency_key) or find_live(peek, target, destination):
             return None, []
@@ -89,8 +127,8 @@ def gather_evidence(
             domain, anyio.from_thread.run(diagnose_within_budget, app, principal, domain)
         )
     except TooManyRequests as exc:
-        return {"error": f"not diagnosed: {exc.detail} See GET /v1/diagnostics/{domain}."}, []
+        return {"error": f"not diagnosed: {exc.detail} See GET /v1/diagnostics/{domain}."}, named
     except Exception as exc:  # evidence is best effort: a failed diagnosis must not block an urgent request
         log.warning("diagnosis of %s failed: %s", domain, exc)
-        return {"error": f"diagnosis failed: {exc}"}, []
-    return diagnosis.model_dump(mode="json"), findings_for(diagnosis, policy, parameters, settings)
+        return {"error": f"diagnosis failed: {exc}"}, named
+    return diagnosis.model_dump(mode="json"), findings_for(diagnosis, policy, parameters, settings) + named

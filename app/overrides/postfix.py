@@ -54,6 +54,16 @@ def _domain(name: str, field: str) -> str:
         raise PolicyInputError(field, "must be a domain name without spaces")
     if "@" in name or "*" in name:
         raise PolicyInputError(field, "must be a domain, not an address or a wildcard: Postfix never looks those up")
+    # IDNA2008 A-labels (UTS #46 non-transitional): `straße.example` is `xn--strae-oqa.example`. Why this
+    # form: Postfix looks smtp_tls_policy_maps up by the next-hop destination exactly as the message
+    # carries it, with no IDNA conversion (policy_create() in src/smtp/smtp_tls_policy.c queries
+    # `iter->dest`); it converts names to A-labels only for DNS, and since 3.2 non-transitionally unless
+    # `enable_idna2003_compatibility = yes` (src/util/midna_domain.c, postconf(5); vdukhovni/postfix).
+    # mailcow runs Postfix with `smtputf8_enable = no` (data/conf/postfix/main.cf), so the recipient domain
+    # arrives as the A-label the sender's software made: this form from IDNA2008 software (and from
+    # Postfix itself), `strasse.example` from IDNA2003/transitional software — which is also what
+    # mailcow's UI stores for `straße.example`. That form counts as a conflict (app.mailcow.dest) and the
+    # request says which form it covers (finding `idna_deviation`, app.overrides.evidence).
     try:
         ascii_name = idna.encode(name, uts46=True).decode("ascii")
     except idna.IDNAError as exc:

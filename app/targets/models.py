@@ -23,6 +23,9 @@ class MailcowTarget(SQLModel, table=True):
     last_reconcile_error: str | None = None
     rows_owned: int = Field(default=0)
     rows_foreign: int = Field(default=0)
-    # After an authentication failure nobody calls the target until then (fail2ban bans repeat offenders).
+    # After an authentication failure nobody calls the target until then (fail2ban bans repeat offenders)
+    # with a key that was refused: `refused_keys` holds their fingerprints (salted hashes, space-separated,
+    # see `Target.key_fingerprint`), so a worker or API process configured with another key goes on.
     paused_until: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     pause_reason: str | None = None
+    refused_keys: str | None = None

@@ -6,9 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 
-from app.core.auth import Principal, require
+from app.core.auth import CurrentPrincipal, Principal, require
 from app.core.db import SessionDep
 from app.core.errors import problem_responses
+from app.overrides.schemas import ActionBody
+from app.overrides.service import ActionContext
 from app.targets import service
 from app.targets.schemas import TargetPolicies, TargetRead
 
@@ -34,3 +36,22 @@ async def target_policies(request: Request, name: TargetName, _: Reader) -> Targ
     touched); `drift` says how an owned row differs from its override; `missing` lists active
     overrides whose row is gone."""
     return await service.live_policies(request.app.state.engine, request.app.state.settings, name)
+
+
+@router.post(
+    "/{name}/resume",
+    response_model=TargetRead,
+    summary="End a target's pause now (admin)",
+    responses=problem_responses(401, 403, 404, 409, 422),
+)
+def resume_target(
+    request: Request, name: TargetName, body: ActionBody, session: SessionDep, principal: CurrentPrincipal
+) -> TargetRead:
+    """After mailcow refused the API key, calls to the target pause (mailcow bans an IP after 10 failed
+    logins). Restarting with a corrected key ends the pause by itself; this ends it now — say why, e.g.
+    the key's allowed IPs were fixed in mailcow. Every apply and removal that waited is due at once,
+    removals first. 409 when the target is not paused."""
+    ctx = ActionContext(
+        principal=principal, settings=request.app.state.settings, engine=request.app.state.engine, session=session
+    )
+    return service.resume_target(session, ctx, name, body.comment)

@@ -16,7 +16,11 @@ class TargetRead(BaseModel):
     url: str | None
     last_reconcile_at: datetime | None
     last_reconcile_error: str | None
-    paused_until: datetime | None = Field(description="Calls are paused after an authentication failure.")
+    paused_until: datetime | None = Field(
+        description="Calls with the configured API key are paused until then: mailcow refused it (it bans an IP "
+        "after 10 failed logins). A corrected key, or `POST /v1/targets/{name}/resume`, ends the pause."
+    )
+    pause_reason: str | None = Field(default=None, description="What mailcow answered, while paused.")
     rows_owned: int = Field(description="Rows owned by overrides at the last reconcile.")
     rows_foreign: int = Field(description="Other rows (inventory, never touched) at the last reconcile.")
 

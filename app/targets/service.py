@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,13 +18,15 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy import Engine, or_, update
 from sqlmodel import Session, col, select
 
+from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
-from app.core.errors import NotFound, ServiceUnavailable
-from app.mailcow.client import MailcowAuthError, MailcowError, PolicyRow, dest_key
+from app.core.errors import InvalidTransition, NotFound, ServiceUnavailable
+from app.mailcow.client import MailcowAuthError, MailcowError, PolicyRow
+from app.mailcow.dest import dest_forms, dest_key
 from app.mailcow.targets import Target, configured_targets
 from app.overrides.models import Override, OverrideState
-from app.overrides.service import target_names
+from app.overrides.service import ActionContext, refuse, target_names
 from app.targets.models import MailcowTarget
 from app.targets.schemas import MissingRowRead, PolicyRowRead, TargetPolicies, TargetRead
 
@@ -84,19 +86,29 @@ class PolicyMap:
         self.by_dest = {dest_key(row.dest): row for row in self.rows}
 
     def at(self, destination: str) -> PolicyRow | None:
+        """The row whose dest is `destination` (the only place tlsoverride ever puts its own rows)."""
         return self.by_dest.get(dest_key(destination))
+
+    def holding(self, destination: str) -> PolicyRow | None:
+        """The row that holds `destination`: at its dest, or else where mailcow's add put the same name typed
+        with a deviation character (`straße.example` → `strasse.example`, mailcow-api.md §3)."""
+        for key in dest_forms(destination):
+            row = self.by_dest.get(key)
+            if row is not None:
+                return row
+        return None
 
 
 def drift_of(wanted: Wanted, policy_map: PolicyMap) -> dict[str, Any] | None:
     """How an ACTIVE override's row differs from what it should be; None when it is as applied.
 
     kinds: `missing` (no row for the destination), `recreated` (our content under another id: someone
-    re-added it), `replaced` (a row we did not write now holds the destination), `edited` (our row,
-    changed by hand: the differing fields are listed).
+    re-added it), `replaced` (a row we did not write now holds the destination, in either of its forms:
+    see `PolicyMap.holding`), `edited` (our row, changed by hand: the differing fields are listed).
     """
     row = policy_map.by_id.get(wanted.mailcow_id) if wanted.mailcow_id is not None else None
     if row is None:
-        other = policy_map.at(wanted.destination)
+        other = policy_map.holding(wanted.destination)
         if other is None:
             return {"kind": "missing", "expected": wanted.expected(), "found": None}
         if is_our_content(other, wanted.destination, wanted.policy, wanted.parameters) and other.active == 1:
@@ -190,26 +202,123 @@ def ensure_targets(engine: Engine, names: Iterable[str]) -> None:
     # Two workers starting together may both insert: the loser's commit fails; its next start finds the row.
 
 
-def paused_targets(session: Session, now: datetime | None = None) -> dict[str, datetime]:
+# ---- pauses after an authentication failure ----------------------------------------------------------
+#
+# mailcow bans an IP after 10 failed logins in 10 minutes, so a refused key pauses the target for
+# TLSO_MAILCOW_AUTH_BACKOFF_SECONDS. The pause names the key(s) refused (`refused_keys`, fingerprints):
+# a process configured with another key — the key was corrected — is not held back by it, while one
+# still running the refused key is (no retry loop into a ban during a rolling restart). Jobs that met
+# the refusal stay due: the pause alone holds them back, so they run as soon as it ends (its timer, a
+# corrected key, or an admin's resume), removals first as always.
+
+MAX_REFUSED_KEYS = 4
+
+
+@dataclass(frozen=True)
+class Pause:
+    target: str
+    until: datetime
+    reason: str | None
+    applies: bool  # it is for the key configured here (False: the configured key is another one)
+
+
+def is_paused(row: MailcowTarget | None, config: Target | None, now: datetime | None = None) -> bool:
+    """Calls to this target with this key are paused: a pause is running and it is for this key."""
     now = now or utcnow()
+    if row is None or config is None or row.paused_until is None or row.paused_until <= now:
+        return False
+    return any(config.holds_key(fingerprint) for fingerprint in (row.refused_keys or "").split())
+
+
+def running_pauses(session: Session, configs: Mapping[str, Target]) -> list[Pause]:
+    """Every running pause, and whether it holds back the keys configured here."""
+    now = utcnow()
     rows = session.exec(select(MailcowTarget).where(col(MailcowTarget.paused_until) > now)).all()
-    return {row.name: row.paused_until for row in rows if row.paused_until is not None}
+    return [
+        Pause(row.name, row.paused_until, row.pause_reason, is_paused(row, configs.get(row.name), now))
+        for row in rows
+        if row.paused_until is not None
+    ]
 
 
-def pause_target(engine: Engine, name: str, seconds: float, reason: str) -> datetime:
-    """Stop calling a target for a while (after an authentication failure)."""
-    until = utcnow() + timedelta(seconds=seconds)
+def pause_target(engine: Engine, config: Target, seconds: float, reason: str) -> datetime:
+    """Stop calling a target with this key for a while (mailcow refused it); returns the pause's end."""
+    # Hashing is deliberately slow: done before the transaction (holds_key caches what it computes), so
+    # that the row lock (on SQLite: the database) is held for milliseconds.
+    mine = config.key_fingerprint()
+    with Session(engine) as session:
+        seen = session.get(MailcowTarget, config.name)
+        for fingerprint in (seen.refused_keys or "").split() if seen else []:
+            config.holds_key(fingerprint)
     with transaction(engine) as session:
-        row = session.get(MailcowTarget, name, with_for_update=True)
+        now = utcnow()
+        row = session.get(MailcowTarget, config.name, with_for_update=True)
         if row is None:
-            row = MailcowTarget(name=name, reconcile_due_at=utcnow())
-        row.paused_until, row.pause_reason = until, reason[:500]
+            row = MailcowTarget(name=config.name, reconcile_due_at=now)
+        running = row.paused_until is not None and row.paused_until > now
+        keys = (row.refused_keys or "").split() if running else []
+        known = any(config.holds_key(fingerprint) for fingerprint in keys)
+        if not known:
+            keys = [*keys[-(MAX_REFUSED_KEYS - 1) :], mine]
+        until = now + timedelta(seconds=seconds)
+        if running and row.paused_until is not None:
+            until = max(until, row.paused_until)
+        row.paused_until, row.pause_reason, row.refused_keys = until, reason[:500], " ".join(keys)
         session.add(row)
+        if not known:  # once per pause and key, however many workers met the refusal
+            record(
+                session,
+                actor="system",
+                action="target.paused",
+                after={"target": config.name, "paused_until": until, "keys_refused": len(keys)},
+                comment=f"mailcow refused the API key: {reason[:300]}",
+            )
     return until
 
 
+def resume_target(session: Session, ctx: ActionContext, name: str, comment: str) -> TargetRead:
+    """An admin ends a target's pause now; every job that waited for it is due at once."""
+    if not ctx.principal.has("admin"):
+        raise refuse(ctx, None, f"resume target {name}", "Resuming a target needs the admin role.")
+    if name not in target_names(ctx.settings):
+        raise NotFound(f"There is no target {name!r}.")
+    now = utcnow()
+    row = session.get(MailcowTarget, name, with_for_update=True)
+    if row is None or row.paused_until is None or row.paused_until <= now:
+        raise InvalidTransition(f"Calls to {name} are not paused.")
+    before = {"paused_until": row.paused_until, "pause_reason": row.pause_reason}
+    row.paused_until = row.pause_reason = row.refused_keys = None
+    session.add(row)
+    due = _waiting_jobs_due(session, name, now)
+    record(
+        session,
+        actor=ctx.principal.actor,
+        via=ctx.principal.via,
+        action="target.resumed",
+        before=before,
+        after={"target": name, "jobs_due_now": due},
+        comment=comment,
+    )
+    session.flush()
+    return _target_read(name, configured_targets(ctx.settings).get(name), row)
+
+
+def _waiting_jobs_due(session: Session, name: str, now: datetime) -> int:
+    """The target's applies and removals waiting for a retry are due now (none in flight is touched)."""
+    result = session.execute(
+        update(Override)
+        .where(col(Override.target) == name, col(Override.state).in_([S.approved, S.removing]))
+        .where(col(Override.next_attempt_at) > now)
+        .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
+        .values(next_attempt_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def claim_reconcile(engine: Engine, names: Sequence[str], owner: str, lease: timedelta) -> list[str]:
-    """Lease the targets whose reconciliation is due and that nobody else is reconciling."""
+    """Lease the targets whose reconciliation is due and that nobody else is reconciling (the caller
+    leaves out the targets paused for its key)."""
     claimed = []
     for name in names:
         with transaction(engine) as session:
@@ -219,7 +328,6 @@ def claim_reconcile(engine: Engine, names: Sequence[str], owner: str, lease: tim
                 .where(col(MailcowTarget.name) == name)
                 .where(col(MailcowTarget.reconcile_due_at) <= now)
                 .where(or_(col(MailcowTarget.lease_until).is_(None), col(MailcowTarget.lease_until) < now))
-                .where(or_(col(MailcowTarget.paused_until).is_(None), col(MailcowTarget.paused_until) <= now))
                 .values(lease_owner=owner, lease_until=now + lease)
                 .execution_options(synchronize_session=False)
             )
@@ -273,13 +381,15 @@ def finish_reconcile(
 
 
 def _target_read(name: str, config: Target | None, row: MailcowTarget | None) -> TargetRead:
+    paused = is_paused(row, config)
     return TargetRead(
         name=name,
         configured=config is not None,
         url=_without_credentials(config.url) if config else None,
         last_reconcile_at=row.last_reconcile_at if row else None,
         last_reconcile_error=row.last_reconcile_error if row else None,
-        paused_until=row.paused_until if row and row.paused_until and row.paused_until > utcnow() else None,
+        paused_until=row.paused_until if row and paused else None,
+        pause_reason=row.pause_reason if row and paused else None,
         rows_owned=row.rows_owned if row else 0,
         rows_foreign=row.rows_foreign if row else 0,
     )
@@ -324,7 +434,7 @@ async def live_policies(engine: Engine, settings: Settings, name: str) -> Target
         try:
             rows = await client.list_policies()
         except MailcowAuthError as exc:
-            await asyncio.to_thread(pause_target, engine, name, settings.mailcow_auth_backoff_seconds, exc.message)
+            await asyncio.to_thread(pause_target, engine, config, settings.mailcow_auth_backoff_seconds, exc.message)
             raise ServiceUnavailable(f"mailcow {name} rejected our API key; calls are paused.") from exc
         except MailcowError as exc:
             raise ServiceUnavailable(f"mailcow {name} did not answer usefully ({exc.kind}).") from exc

@@ -5,7 +5,8 @@ Per target and batch: read the map; for each override decide — add, adopt or c
 `active` with its id. Adoption is what makes a crash safe: an override whose earlier attempt may have
 added its row (`add_sent_at` is set before any add goes out) takes a row with exactly its content as
 its own instead of adding a second one. A row for the destination that tlsoverride did not
-write is a conflict: it is snapshotted, never overwritten, and an admin decides.
+write is a conflict — also one at the name's transitional form, where mailcow's UI stores `straße.example`
+as `strasse.example` — it is snapshotted, never overwritten, and an admin decides.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from app.mailcow.client import (
     MailcowRejected,
     MailcowUnavailable,
     PolicyRow,
-    dest_key,
 )
+from app.mailcow.dest import dest_forms, dest_key
 from app.overrides import service
 from app.overrides.models import OverrideState
 from app.targets.service import PolicyMap, is_our_content, row_dict
@@ -62,7 +63,8 @@ async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -
     to_add: list[Job] = []
     applied: list[Applied] = []
     for job in jobs:
-        existing = before.at(job.destination)
+        # A row in either form of the name is someone's (ours are only ever at `destination` itself).
+        existing = before.holding(job.destination)
         if job.conflict_status == "replace":
             if not await _replace_foreign_row(ctx, client, job, before):
                 continue
@@ -180,7 +182,7 @@ async def _replace_foreign_row(ctx: JobContext, client: MailcowClient, job: Job,
     snapshot: dict[str, Any] = dict(conflict.get("row") or {})
     row = current.by_id.get(int(snapshot.get("id", 0)))
     try:
-        if row is not None and dest_key(row.dest) == dest_key(job.destination):
+        if row is not None and dest_key(row.dest) in dest_forms(job.destination):
             await client.delete_policies([row.id])
             crash_point("after_replace_delete")
             if await client.get_policy(row.id) is not None:
@@ -188,7 +190,7 @@ async def _replace_foreign_row(ctx: JobContext, client: MailcowClient, job: Job,
                 return False
             snapshot = row_dict(row)  # what was there just now is what comes back at the end
         else:
-            other = current.at(job.destination)
+            other = current.holding(job.destination)
             if other is not None:
                 # Yet another row holds the destination now: the admin decided about a different one.
                 await _conflict(ctx, job, other)

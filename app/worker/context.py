@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from app.core.config import Settings
 from app.core.metrics import WORKER_JOBS
 from app.mailcow.client import MailcowAuthError, MailcowClient, MailcowError
+from app.mailcow.targets import Target
 from app.targets.service import PolicyMap, pause_target
 from app.worker import store
 from app.worker.store import Job
@@ -28,6 +29,7 @@ class JobContext:
     engine: Engine
     settings: Settings
     owner: str
+    targets: dict[str, Target] = field(default_factory=dict)
     # Targets that answered 401/403 during this tick: nobody calls them again until the pause ends.
     auth_failed: set[str] = field(default_factory=set)
 
@@ -57,29 +59,34 @@ class JobContext:
     async def retry_later(
         self, job: Job, job_kind: str, error: BaseException | str, delay: float | None = None
     ) -> None:
-        """The attempt failed and will be retried: back off (long after an authentication failure)."""
+        """The attempt failed and will be retried: back off; after an authentication failure the target's
+        pause holds the job back instead, so that it runs the moment the pause ends (timer, corrected key,
+        resume) and never waits longer than the pause."""
         text = error if isinstance(error, str) else describe(error)
         if isinstance(error, MailcowAuthError):
-            delay = self.settings.mailcow_auth_backoff_seconds
+            delay = 0.0
             await self.pause(job.target, text)
         wait = await self.db(store.release, self.engine, self.settings, job, self.owner, text, delay)
         WORKER_JOBS.labels(job_kind, "retry").inc()
-        log.warning(
-            "%s of override %s on %s failed (%s); next attempt in %.1fs", job_kind, job.id, job.target, text, wait
-        )
+        when = "when the target's pause ends" if job.target in self.auth_failed else f"in {wait:.1f}s"
+        log.warning("%s of override %s on %s failed (%s); next attempt %s", job_kind, job.id, job.target, text, when)
 
     async def pause(self, target: str, reason: str) -> None:
-        if target in self.auth_failed:
+        config = self.targets.get(target)
+        if target in self.auth_failed or config is None:
             return
         self.auth_failed.add(target)
         seconds = self.settings.mailcow_auth_backoff_seconds
-        await self.db(pause_target, self.engine, target, seconds, reason)
+        await self.db(pause_target, self.engine, config, seconds, reason)
         log.error(
-            "mailcow target %s rejected our API key (%s): no calls to it for %.0fs; check TLSO_MAILCOW_API_KEY "
-            "and the key's allowed IPs (mailcow bans an IP after 10 failed logins in 10 minutes)",
+            "mailcow target %s rejected our API key (%s): no calls to it with this key for %.0fs; check "
+            "TLSO_MAILCOW_API_KEY and the key's allowed IPs (mailcow bans an IP after 10 failed logins in 10 "
+            "minutes). A corrected key ends the pause when the worker restarts; an admin can end it now "
+            "(POST /v1/targets/%s/resume)",
             target,
             reason,
             seconds,
+            target,
         )
 
 

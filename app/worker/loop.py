@@ -35,7 +35,7 @@ from app.mailcow.client import MailcowClient
 from app.mailcow.targets import Target, TargetNotConfigured, configured_targets
 from app.notify.service import deliver, sinks_from
 from app.overrides.models import OverrideState
-from app.targets.service import claim_reconcile, ensure_targets, paused_targets, renew_reconcile
+from app.targets.service import claim_reconcile, ensure_targets, renew_reconcile, running_pauses
 from app.worker import store
 from app.worker.apply import apply_batch
 from app.worker.context import JobContext
@@ -74,11 +74,12 @@ class Worker:
         self.settings = settings
         self.owner = owner or settings.worker_id or default_owner()
         self.targets: dict[str, Target] = configured_targets(settings)
-        self.ctx = JobContext(engine, settings, self.owner)
+        self.ctx = JobContext(engine, settings, self.owner, self.targets)
         self._transports = transports or {}
         self._clients: dict[str, MailcowClient] = {}
         self._http: httpx.AsyncClient | None = None
         self._targets_known = False
+        self._pauses_seen: set[tuple[str, datetime]] = set()  # pauses for another key, logged once
 
     def client(self, target: str) -> MailcowClient:
         if target not in self._clients:
@@ -174,8 +175,20 @@ class Worker:
                     await task
 
     def _paused(self) -> list[str]:
+        """The targets paused for the key configured here."""
         with Session(self.engine) as session:
-            return list(paused_targets(session))
+            pauses = running_pauses(session, self.targets)
+        for pause in pauses:
+            if not pause.applies and (pause.target, pause.until) not in self._pauses_seen:
+                self._pauses_seen.add((pause.target, pause.until))
+                log.warning(
+                    "mailcow target %s: calls are paused until %s for an API key mailcow refused (%s); the key "
+                    "configured here is another one, so calls go on, waiting jobs first",
+                    pause.target,
+                    pause.until.isoformat(),
+                    pause.reason,
+                )
+        return [pause.target for pause in pauses if pause.applies]
 
     async def _run_target(self, target: str, removals: list[Job], applies: list[Job]) -> None:
         try:
@@ -188,8 +201,8 @@ class Worker:
             await remove_batch(self.ctx, client, removals)
         if applies:
             if target in self.ctx.auth_failed:
-                for job in applies:
-                    await self.ctx.retry_later(job, "apply", "not tried: the target rejected our API key")
+                for job in applies:  # due again as soon as the target's pause ends
+                    await self.ctx.retry_later(job, "apply", "not tried: the target rejected our API key", 0.0)
             else:
                 await apply_batch(self.ctx, client, applies)
 

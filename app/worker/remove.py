@@ -21,7 +21,8 @@ from sqlmodel import Session
 from app.core.db import transaction, utcnow
 from app.core.errors import AppError
 from app.core.metrics import WORKER_JOBS
-from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected, dest_key
+from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected
+from app.mailcow.dest import dest_key
 from app.overrides import service
 from app.overrides.models import OverrideState
 from app.targets.service import PolicyMap, is_our_content, row_dict
@@ -151,17 +152,18 @@ async def _restore(
     if at_dest is not None and not is_our_content(at_dest, dest, policy, parameters):
         return {"restore_skipped": row_dict(at_dest), "reason": "another row holds the destination now"}
     try:
-        row = at_dest  # an earlier attempt re-added it already (perhaps not its `active` flag yet)
+        row = at_dest  # an earlier attempt re-added it already
         if row is None:
-            await client.add_policy(dest, policy, parameters)
+            # With its `active` flag in the same call: an inactive original added active and edited back
+            # afterwards would apply to mail in between (Postfix reads the map on every delivery).
+            await client.add_policy(dest, policy, parameters, active=active == 1)
             crash_point("after_restore")
             row = await client.find_policy(dest)
         if row is None:
             await ctx.retry_later(job, "remove", f"the restored row for {dest} is not in the map")
             return None
         if (active == 1) != (row.active == 1):
-            # add always creates active rows; an inactive original must come back inactive (Postfix
-            # ignores it), or its policy would start applying to mail.
+            # Only a row left by an older version (which added active, then edited): set the flag back.
             await client.edit_policy(row.id, active=1 if active == 1 else 0)
             row = await client.get_policy(row.id)
             if row is None or (active == 1) != (row.active == 1):
