@@ -23,9 +23,10 @@ from app.diagnosis import (
     is_clean,
     normalize_domain,
 )
-from app.diagnosis.engine import Family, not_global_reason, plan_addresses
+from app.diagnosis.config import not_global_reason
 from app.diagnosis.models import AddressResult, DnsLookup, MxHost, Security, SmtpProbe
 from app.diagnosis.resolver import Answer, DnsClient
+from app.diagnosis.rules import domain_verdict
 from app.diagnosis.smtp import probe_smtp
 from tests.lab.lab import Lab
 from tests.lab.topology import SCENARIO_DOMAINS
@@ -567,27 +568,6 @@ async def test_queries_and_probes_share_the_concurrency_limit(dane_lab: Lab, mon
     assert peak == 2
 
 
-@pytest.mark.parametrize(
-    ("groups", "limit", "expected"),
-    [
-        ([["ipv4"], ["ipv4"], ["ipv4"]], 5, [["yes"], ["yes"], ["yes"]]),
-        # Six hosts with one address each: the sixth is never tried.
-        ([["ipv4"]] * 6, 5, [["yes"]] * 5 + [["no"]]),
-        # Seven equal-preference addresses in random order: each one is tried in some deliveries.
-        ([["ipv4"] * 7], 5, [["maybe"] * 7]),
-        # IPv4/IPv6 balancing: the backup's only IPv4 address survives six IPv6 addresses before it.
-        ([["ipv6"] * 6, ["ipv4"]], 5, [["maybe"] * 6, ["yes"]]),
-        # Both families above half the limit: the first family gets the odd slot.
-        ([["ipv4"] * 3, ["ipv6"] * 3], 5, [["yes"] * 3, ["maybe"] * 3]),
-        ([["ipv4", "ipv6"] * 3], 5, [["maybe"] * 6]),
-        # smtp_mx_address_limit = 0: no limit.
-        ([["ipv4"] * 9], 0, [["yes"] * 9]),
-    ],
-)
-def test_plan_addresses_follows_postfix(groups: list[list[Family]], limit: int, expected: list[list[str]]) -> None:
-    assert plan_addresses(groups, limit) == expected
-
-
 # -- odd names ---------------------------------------------------------------------------------
 
 
@@ -678,7 +658,7 @@ def _diagnosis_with(addresses: list[AddressResult]) -> Diagnosis:
         explanation="",
         addresses=addresses,
     )
-    verdict, failure_class = engine._verdict(lookup, [host], True, False)
+    verdict, failure_class = domain_verdict(lookup, [host], True, False)
     return Diagnosis(
         domain="d.example",
         verdict=verdict,

@@ -1,4 +1,5 @@
-"""How a diagnosis runs (resolver, port, limits) and what counts as a valid recipient domain."""
+"""How a diagnosis runs (resolver, port, limits), what counts as a valid recipient domain, and which
+addresses may be probed without `allow_reserved`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import dns.exception
 import dns.name
 
 _LDH_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 class InvalidDomain(ValueError):
@@ -118,3 +122,36 @@ def normalize_domain(value: str) -> str:
     if labels[-1].isdigit():
         raise InvalidDomain(f"an IP address is not a recipient domain: {value!r}")
     return ascii_name
+
+
+def not_global_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address must not be probed without allow_reserved, or None for a global address.
+
+    IPv6 addresses that embed an IPv4 address (NAT64 64:ff9b::/96, 6to4 2002::/16, IPv4-compatible
+    ::/96, IPv4-mapped ::ffff:0:0/96) reach that IPv4 address, so it has to be global too."""
+    if not ip.is_global or ip.is_multicast:
+        return _reserved_kind(ip)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return "a local-use NAT64 address"
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None and (not embedded.is_global or embedded.is_multicast):
+            return f"an IPv6 address embedding {embedded}, {_reserved_kind(embedded)}"
+    return None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _reserved_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    for attribute in ("is_loopback", "is_private", "is_link_local", "is_multicast", "is_unspecified", "is_reserved"):
+        if getattr(ip, attribute):
+            return "a " + attribute.removeprefix("is_").replace("_", "-") + " address"
+    return "not a global address"
