@@ -29,7 +29,7 @@ from app.diagnosis.resolver import Answer, DnsClient
 from app.diagnosis.rules import domain_verdict
 from app.diagnosis.smtp import probe_smtp
 from tests.lab.lab import Lab
-from tests.lab.topology import SCENARIO_DOMAINS
+from tests.lab.topology import SCENARIO_DOMAINS, SELFTEST_SERVFAIL
 
 # domain: (verdict, failure_class, recommended policy, contingency policy) — dane.md §2.2/§2.3
 EXPECTED: dict[str, tuple[str, str | None, str | None, str | None]] = {
@@ -333,6 +333,42 @@ async def test_non_validating_resolver_is_class_k(dane_lab: Lab) -> None:
     assert not is_clean(diagnosis)
     # Our blind spot is not the recipient's problem: flagged as inconclusive, never refused.
     assert [f.rule for f in assess_request(diagnosis, "encrypt", "")] == ["diagnosis_inconclusive"]
+
+
+@pytest.mark.lab
+async def test_a_failing_self_test_is_undecided_and_a_bogus_answer_proves_validation(dane_lab: Lab) -> None:
+    # The self-test name answers SERVFAIL for a reason that has nothing to do with DNSSEC (its server
+    # refuses the zone). That decides nothing; a bogus answer elsewhere proves the resolver validates.
+    lame = dane_lab.config(selftest_name=SELFTEST_SERVFAIL)
+    bogus = await diagnose("bogus.test", lame)
+    assert bogus.selftest is not None and bogus.selftest.rcode == "SERVFAIL" and bogus.selftest.security == "error"
+    # EDE 7 (signature expired) on a fresh answer, 6 (DNSSEC bogus) from Unbound's cache.
+    assert bogus.mx is not None and bogus.mx.security == "bogus" and [e.code for e in bogus.mx.ede] in ([7], [6])
+    assert bogus.resolver_validates is True
+    assert (bogus.verdict, bogus.failure_class, bogus.recommended) == ("blocked", "F", None)
+    assert "does not validate" not in bogus.explanation and "No TLS policy can help" in bogus.explanation
+    for policy in ("none", "may", "encrypt", "fingerprint", "verify", "dane"):
+        assert rules(bogus, policy) == ["policy_useless"], policy
+    # The same without Extended DNS Errors (mailcow's unbound): the CD=1 answer is the proof.
+    plain = await diagnose(
+        "bogus.test", dane_lab.config(selftest_name=SELFTEST_SERVFAIL, resolver=dane_lab.resolver_without_ede)
+    )
+    assert (plain.resolver_validates, plain.verdict, plain.failure_class) == (True, "blocked", "F")
+    # AD=1 on any answer is proof too.
+    good = await diagnose("good.example.test", lame)
+    assert (good.resolver_validates, good.verdict) == (True, "ok")
+    # Nothing proves it for an unsigned domain: undecided, said so, never "does not validate".
+    unsigned = await diagnose("unsigned.test", lame)
+    assert unsigned.resolver_validates is None and unsigned.failure_class != "K"
+    assert "could not be confirmed" in unsigned.explanation and "SERVFAIL" in unsigned.explanation
+    assert not is_clean(unsigned)
+
+
+@pytest.mark.lab
+async def test_a_bogus_self_test_name_proves_validation(dane_lab: Lab) -> None:
+    diagnosis = await diagnose("unsigned.test", dane_lab.config(selftest_name="bogus.test."))
+    assert diagnosis.selftest is not None and diagnosis.selftest.security == "bogus"
+    assert diagnosis.resolver_validates is True
 
 
 @pytest.mark.lab

@@ -97,7 +97,7 @@ def host(name: str, addresses: list[AddressResult], **fields: Any) -> MxHost:
         name=name,
         preference=fields.pop("preference", 10),
         canonical_name=name,
-        dnssec="secure",
+        dnssec=fields.pop("dnssec", "secure"),
         postfix_level=fields.pop("postfix_level", "dane"),
         status=fields.pop("status", addresses[0].status if addresses else "no-address"),
         would_deliver=any_delivers(states) if states else False,
@@ -209,11 +209,23 @@ def test_one_failing_address_of_a_host_degrades_the_domain() -> None:
 
 def test_resolver_validates() -> None:
     secure_host = host("mx.d.example", [address(True)])
-    assert resolver_validates(True, lookup(ad=False), []) is True
-    assert resolver_validates(None, lookup(ad=True), []) is True
-    assert resolver_validates(False, lookup(ad=False), [secure_host]) is True
-    assert resolver_validates(False, lookup(ad=False), []) is False
-    assert resolver_validates(None, lookup(ad=False), []) is None
+    answered = lookup(ad=True)
+    unvalidated = lookup(ad=False)
+    servfail = lookup(ad=False, rcode="SERVFAIL", security="error")
+    bogus = lookup(ad=False, rcode="SERVFAIL", security="bogus")
+    assert resolver_validates(answered, unvalidated, []) is True
+    assert resolver_validates(None, answered, []) is True
+    assert resolver_validates(unvalidated, unvalidated, [secure_host]) is True
+    assert resolver_validates(unvalidated, unvalidated, []) is False
+    assert resolver_validates(None, unvalidated, []) is None
+    # A self-test that fails for another reason decides nothing; a bogus answer anywhere is proof.
+    assert resolver_validates(servfail, unvalidated, []) is None
+    assert resolver_validates(servfail, bogus, []) is True
+    assert resolver_validates(bogus, unvalidated, []) is True
+    assert resolver_validates(unvalidated, bogus, []) is True
+    bogus_tlsa = host("mx.d.example", [address(False, "tlsa-lookup-error")], dnssec="insecure")
+    bogus_tlsa = bogus_tlsa.model_copy(update={"tlsa": TlsaResult(state="error", base_domain="mx", lookups=[bogus])})
+    assert resolver_validates(servfail, unvalidated, [bogus_tlsa]) is True
 
 
 # -- recommend ------------------------------------------------------------------------------------

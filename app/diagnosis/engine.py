@@ -70,7 +70,7 @@ async def diagnose(domain: str, config: DiagnosisConfig) -> Diagnosis:
         run.deadline_hit = True
     mx = run.mx.lookup if run.mx is not None else _unanswered(name, config.diagnosis_deadline)
     hosts = [host_result(h, config, run.mx_secure) for h in run.hosts]
-    validates = resolver_validates(run.selftest_ok, mx, hosts)
+    validates = resolver_validates(run.selftest, mx, hosts)
     verdict: Verdict
     failure_class: FailureClass | None
     if run.deadline_hit and validates is not False:
@@ -89,6 +89,7 @@ async def diagnose(domain: str, config: DiagnosisConfig) -> Diagnosis:
         contingency=contingency,
         resolver=config.resolver_label,
         resolver_validates=validates,
+        selftest=run.selftest,
         deadline=config.diagnosis_deadline if run.deadline_hit else None,
         notes=run_notes(run.hosts, hosts, config),
     )
@@ -101,6 +102,7 @@ async def diagnose(domain: str, config: DiagnosisConfig) -> Diagnosis:
         explanation=explanation,
         resolver=config.resolver_label,
         resolver_validates=validates,
+        selftest=run.selftest,
         smtp_port=config.smtp_port,
         mx=mx,
         implicit_mx=run.implicit,
@@ -120,7 +122,7 @@ class _Run:
         self.slots = asyncio.Semaphore(config.concurrency)
         self.client = DnsClient(config.resolver, config.timeout, self.slots)
         self.mx_secure = False
-        self.selftest_ok: bool | None = None
+        self.selftest: DnsLookup | None = None
         self.mx: Answer | None = None
         self.hosts: list[HostFacts] = []
         self.implicit = False
@@ -131,12 +133,10 @@ class _Run:
         await asyncio.gather(self._selftest(), self._mail_exchangers())
 
     async def _selftest(self) -> None:
-        """Does the resolver validate? AD=1 on a zone known to be signed (dane.md §2.1 step 0)."""
+        """Does the resolver validate? AD=1 on a zone known to be signed (dane.md §2.1 step 0); how
+        the answer counts is rules.resolver_validates()."""
         answer = await self.client.lookup(dns.name.from_text(self.config.selftest_name), "DNSKEY", show_published=False)
-        if answer.rcode == "TIMEOUT":
-            return
-        # Any answer without AD (an error, or data the resolver did not validate) means DANE is off.
-        self.selftest_ok = answer.rcode == "NOERROR" and answer.lookup.ad
+        self.selftest = answer.lookup
 
     async def _mail_exchangers(self) -> None:
         self.mx = await self.client.lookup(dns.name.from_text(self.domain), "MX")

@@ -160,7 +160,12 @@ def host_advice(tlsa: TlsaResult, addresses: Sequence[AddressResult], danes: Seq
 
 
 def domain_explanation(
-    *, resolver_validates: bool | None, deadline: float | None = None, notes: Sequence[str] = (), **facts: Any
+    *,
+    resolver_validates: bool | None,
+    selftest: DnsLookup | None = None,
+    deadline: float | None = None,
+    notes: Sequence[str] = (),
+    **facts: Any,
 ) -> str:
     """One paragraph: the verdict, the cause as Postfix would log it, and the fix or the real options."""
     if deadline is not None and facts["failure_class"] != "K":
@@ -168,7 +173,11 @@ def domain_explanation(
     else:
         text = _domain_sentences(**facts)
     if resolver_validates is None:
-        text += " Note: the resolver's DNSSEC self-test got no answer, so validation could not be confirmed."
+        why = f"failed ({describe_failure(selftest)})" if selftest is not None else "got no answer"
+        text += (
+            f" Note: the resolver's DNSSEC self-test {why} and no other answer proved validation (AD bit or a "
+            "DNSSEC failure), so validation could not be confirmed."
+        )
     for note in notes:
         text += f" {note}"
     return text

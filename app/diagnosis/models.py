@@ -234,6 +234,10 @@ class Diagnosis(_Model):
     explanation: str
     resolver: str
     resolver_validates: bool | None
+    """True when an answer proved DNSSEC validation (AD=1, or a bogus answer), False when the self-test
+    was answered without AD and nothing proved it, None when it could not be told."""
+    selftest: DnsLookup | None = None
+    """The resolver self-test: DNSKEY of a zone known to be signed (`dns_selftest_name`)."""
     smtp_port: int
     mx: DnsLookup | None
     implicit_mx: bool = False

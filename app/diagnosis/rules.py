@@ -39,11 +39,21 @@ Tried = Literal["yes", "maybe", "no"]
 """Does Postfix try an address: always, in some deliveries (equal-preference order is random), never."""
 
 
-def resolver_validates(selftest_ok: bool | None, mx: DnsLookup, hosts: Sequence[MxHost]) -> bool | None:
-    """True once any answer proves validation, False when the self-test says it does not, else None."""
-    if selftest_ok or mx.ad or any(h.dnssec == "secure" for h in hosts):
+def resolver_validates(selftest: DnsLookup | None, mx: DnsLookup, hosts: Sequence[MxHost]) -> bool | None:
+    """Does the resolver validate? True once any answer proves it, False when the self-test says it
+    does not and nothing else proves it, None when that cannot be told.
+
+    Proof is AD=1 or a bogus answer (a SERVFAIL for a DNSSEC reason: only a validating resolver
+    gives one) on any query: the self-test, the MX, a host's addresses or its TLSA records. A
+    self-test answered without AD (NOERROR or NXDOMAIN for a name known to be signed) says the
+    resolver does not validate; a self-test that fails otherwise (SERVFAIL, REFUSED, no answer)
+    decides nothing."""
+    lookups = [mx, *(lk for h in hosts for lk in (*h.address_lookups, *(h.tlsa.lookups if h.tlsa else [])))]
+    if selftest is not None:
+        lookups.append(selftest)
+    if any(lk.ad or lk.security == "bogus" for lk in lookups) or any(h.dnssec == "secure" for h in hosts):
         return True
-    if selftest_ok is False:
+    if selftest is not None and selftest.rcode in ("NOERROR", "NXDOMAIN"):
         return False
     return None
 

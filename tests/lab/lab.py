@@ -258,7 +258,7 @@ remote-control:
         )
         stubs = "".join(
             f'stub-zone:\n    name: "{zone}."\n    stub-addr: 127.0.0.1@{self.auth_port}\n'
-            for zone in ("test", "example.test", "unsigned.test", "bogus.test")
+            for zone in ("test", "example.test", "unsigned.test", "bogus.test", "lame.lab")
         )
         (run / "unbound-extra.conf").touch()
         (run / "unbound.conf").write_text(self._unbound_conf("unbound", self.resolver_port, ede=True, stubs=stubs))

@@ -90,6 +90,11 @@ LONG_HOSTS = {
     "longertlsa": "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "e" * 45 + ".example.test",
 }
 
+SELFTEST_SERVFAIL = "lame.lab."
+"""Unbound's stub for `lame.lab.` points at NSD, which serves no such zone and refuses every query:
+Unbound answers SERVFAIL for a reason that has nothing to do with DNSSEC (a self-test name that fails
+for an unrelated cause)."""
+
 SLOW_DOMAINS: tuple[str, ...] = ("drip.example.test", "slowpair.example.test")
 """Deadline scenarios (not in SCENARIO_DOMAINS: each one waits for a probe deadline)."""
 
