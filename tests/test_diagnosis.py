@@ -28,6 +28,7 @@ from app.diagnosis.models import AddressResult, DnsLookup, MxHost, Security, Smt
 from app.diagnosis.resolver import Answer, DnsClient
 from app.diagnosis.rules import domain_verdict
 from app.diagnosis.smtp import probe_smtp
+from app.overrides.postfix import PolicyInputError, normalise_destination
 from tests.lab.lab import Lab
 from tests.lab.topology import SCENARIO_DOMAINS, SELFTEST_SERVFAIL
 
@@ -233,6 +234,19 @@ def test_stale_hosts_get_advice(results: dict[str, Diagnosis]) -> None:
 
 
 @pytest.mark.lab
+def test_a_pinned_certificate_failure_says_the_certificate_was_reissued(results: dict[str, Diagnosis]) -> None:
+    # mx8 serves a new certificate for the same key; the `3 0 1` record pins the previous one.
+    host = results["stale301.example.test"].hosts[0]
+    detail = host.addresses[0].detail
+    assert "re-issued" in detail and f"3 0 1 {host.tlsa_3_0_1}" in detail
+    assert "served key" not in detail and "served key" not in " ".join(host.advice)
+    assert any(f"3 1 1 {host.tlsa_3_1_1}" in advice and "re-issue" in advice for advice in host.advice)
+    # A changed key is still called one.
+    stale = results["stale.example.test"].hosts[0]
+    assert "served key" in stale.addresses[0].detail and "re-issued" not in stale.addresses[0].detail
+
+
+@pytest.mark.lab
 def test_dane_ta_matches_the_issuer_and_checks_the_name(results: dict[str, Diagnosis]) -> None:
     ta = results["ta.example.test"].hosts[0].addresses[0]
     assert ta.status == "pass" and ta.matched[0].startswith("2 1 1 ") and ta.matched[0].endswith("at depth 1")
@@ -396,6 +410,11 @@ async def test_input_is_normalised(dane_lab: Lab) -> None:
         "*.example.test",
         "[::1]",
         "a b.test",
+        # A-labels that are not punycode of a valid IDNA label: refused before any lookup.
+        "xn--zz.example",
+        "mx.XN--ZZ.example",
+        "xn--a.example",
+        "xn--ls8h.example",
     ],
 )
 async def test_garbage_domains_are_rejected(value: str) -> None:
@@ -407,6 +426,23 @@ async def test_garbage_domains_are_rejected(value: str) -> None:
 def test_normalize_domain() -> None:
     assert normalize_domain("Bücher.Example.") == "xn--bcher-kva.example"
     assert normalize_domain("XN--BCHER-KVA.example") == "xn--bcher-kva.example"
+    assert normalize_domain("xn--strae-oqa.example") == "xn--strae-oqa.example"
+    with pytest.raises(InvalidDomain, match="A-label"):
+        normalize_domain("xn--zz.example")
+
+
+@pytest.mark.parametrize("value", ["xn--zz.example", "mx.xn--zz.example", "xn--a.example", "xn--bcher-kva.example"])
+def test_a_labels_are_judged_alike_for_diagnosis_and_requests(value: str) -> None:
+    # The diagnostics endpoint and a request's destination accept and refuse the same A-labels.
+    try:
+        expected: str | None = normalise_destination(value)
+    except PolicyInputError:
+        expected = None
+    try:
+        ours: str | None = normalize_domain(value)
+    except InvalidDomain:
+        ours = None
+    assert ours == expected
 
 
 @pytest.mark.parametrize(
@@ -757,6 +793,32 @@ def test_unprobed_addresses_beside_a_passing_one_are_clean() -> None:
 )
 def test_reserved_addresses_embedded_in_ipv6(address: str, refused: bool) -> None:
     assert (not_global_reason(ipaddress.ip_address(address)) is not None) == refused
+
+
+@pytest.mark.parametrize(
+    ("address", "named"),
+    [
+        ("0.0.0.0", "the unspecified address"),
+        ("::", "the unspecified address"),
+        ("0.1.2.3", "a 'this network' address (0.0.0.0/8)"),
+        ("::ffff:127.0.0.1", "an IPv4-mapped IPv6 address of 127.0.0.1, a loopback address"),
+        ("::ffff:0.0.0.0", "an IPv4-mapped IPv6 address of 0.0.0.0, the unspecified address"),
+        ("::1", "the loopback address"),
+        ("127.0.0.5", "a loopback address"),
+        ("10.1.2.3", "a private address (RFC 1918)"),
+        ("169.254.1.1", "a link-local address"),
+        ("fe80::1", "a link-local address"),
+        ("fd00::1", "a unique local address (fc00::/7)"),
+        ("192.0.2.1", "a documentation address"),
+        ("2001:db8::1", "a documentation address"),
+        ("100.64.0.1", "a shared address (carrier-grade NAT, 100.64.0.0/10)"),
+        ("255.255.255.255", "the broadcast address"),
+        ("224.0.0.1", "a multicast address"),
+        ("64:ff9b::7f00:1", "an IPv6 address embedding 127.0.0.1, a loopback address"),
+    ],
+)
+def test_reserved_addresses_are_named_for_what_they_are(address: str, named: str) -> None:
+    assert not_global_reason(ipaddress.ip_address(address)) == named
 
 
 def _failing(rdtype: str, security: Security) -> Callable[..., Awaitable[Answer]]:

@@ -63,6 +63,8 @@ def test_diagnosis_input_auth_and_rate_limit(client: TestClient, auth: Callable[
     bad = client.get("/v1/diagnostics/not a domain", headers=auth("alice", "requester"))
     assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
     assert bad.json()["errors"][0]["field"] == "path.domain"
+    alabel = client.get("/v1/diagnostics/xn--zz.example", headers=auth("alice", "requester"))
+    assert alabel.status_code == 422 and "A-label" in alabel.json()["errors"][0]["message"]
     statuses = [
         client.get("/v1/diagnostics/good.example.test", headers=auth("bob", "approver")).status_code for _ in range(6)
     ]

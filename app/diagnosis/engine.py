@@ -293,7 +293,8 @@ class _Run:
         if outcome.chain and level == "dane":
             dane = match_dane(outcome.chain, tlsa.records, reference_names, datetime.now(UTC))
         if override.chain:
-            candidates = [*reference_names, *(override.probe.chain[0].dns_names)]
+            # The MX host's names first: `verify` matches the host name by default.
+            candidates = [*reference_names[1:], reference_names[0], *(override.probe.chain[0].dns_names)]
             pkix = await asyncio.to_thread(pkix_check, override.chain, candidates, self.config.ca_file)
             pkix_names, pkix_error = pkix.names, pkix.error
         status, would, tls = judge_address(level, tlsa.result, outcome.probe, dane, self.mx_secure, family)

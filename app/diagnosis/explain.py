@@ -36,6 +36,13 @@ def address_detail(
     if status == "pass":
         return f"{dane.detail if dane else 'DANE match'}{tls}"
     if status == "tlsa-mismatch":
+        if leaf and pins_certificates_only(tlsa):
+            # The records pin a whole certificate: a re-issue breaks them even when the key stays.
+            return (
+                f"the served certificate (3 0 1 {leaf.tlsa_3_0_1}) is not the one the `3 0 1` records at "
+                f"_25._tcp.{tlsa.base_domain} pin: the certificate was re-issued (its key may be unchanged; "
+                "these records pin the whole certificate)"
+            )
         served = f"the served key (3 1 1 {leaf.tlsa_3_1_1})" if leaf else "the served certificate"
         extra = f"; {dane.detail}" if dane and dane.detail else ""
         return f"{served} matches no usable TLSA record at _25._tcp.{tlsa.base_domain}{extra}"
@@ -66,6 +73,12 @@ def address_detail(
     if status == "tlsa-unusable":
         return f"no TLSA record is usable for SMTP: Postfix falls back to mandatory unauthenticated TLS{tls}"
     return status
+
+
+def pins_certificates_only(tlsa: TlsaResult) -> bool:
+    """Every usable record is DANE-EE with selector 0: they pin whole certificates, not keys."""
+    usable = [r for r in tlsa.records if r.usable]
+    return bool(usable) and all(r.usage == 3 and r.selector == 0 for r in usable)
 
 
 def host_explanation(
@@ -128,11 +141,16 @@ def host_advice(tlsa: TlsaResult, addresses: Sequence[AddressResult], danes: Seq
             )
         published = {r.data for r in tlsa.records}
         for digest, leaf in leaves.items():
-            if any(a.status == "tlsa-mismatch" for a in addresses):
-                where = "appears in" if digest in published or leaf.tlsa_3_0_1 in published else "is not in"
+            if not any(a.status == "tlsa-mismatch" for a in addresses):
+                continue
+            if pins_certificates_only(tlsa):
                 advice.append(
-                    f"the served key {where} the TLSA RRset; the record that would match it is `3 1 1 {digest}`"
+                    "the served certificate is not in the TLSA RRset (it was re-issued); `3 1 1 "
+                    f"{digest}` matches its key and survives every re-issue that keeps the key"
                 )
+                continue
+            where = "appears in" if digest in published or leaf.tlsa_3_0_1 in published else "is not in"
+            advice.append(f"the served key {where} the TLSA RRset; the record that would match it is `3 1 1 {digest}`")
         for dane in danes:
             if dane and dane.passed and any(m.startswith("2 ") and "depth 1" in m for m in dane.matched):
                 chain = next((a.probe.chain for a in addresses if a.probe and len(a.probe.chain) > 1), [])
