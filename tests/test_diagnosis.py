@@ -28,7 +28,7 @@ from app.diagnosis.models import AddressResult, DnsLookup, MxHost, Security, Smt
 from app.diagnosis.resolver import Answer, DnsClient
 from app.diagnosis.rules import domain_verdict
 from app.diagnosis.smtp import probe_smtp
-from app.overrides.postfix import PolicyInputError, normalise_destination
+from app.overrides.postfix import PolicyInputError, normalise_destination, normalise_parameters
 from tests.lab.lab import Lab
 from tests.lab.topology import SCENARIO_DOMAINS, SELFTEST_SERVFAIL
 
@@ -60,6 +60,8 @@ EXPECTED: dict[str, tuple[str, str | None, str | None, str | None]] = {
     "longertlsa.example.test": ("ok", "J", None, None),
     "badlen.example.test": ("ok", "C", None, None),
     "taexpired.example.test": ("blocked", "H", "fingerprint", None),
+    # TLS 1.1 only: no authenticating override works; encrypt with protocols= admitting TLS 1.1 does.
+    "legacy.example.test": ("blocked", None, "encrypt", None),
 }
 
 # The key each recommended `fingerprint` must pin, by lab server (`:default`: its certificate for
@@ -150,6 +152,61 @@ def test_no_starttls_recommends_may_and_says_plaintext(results: dict[str, Diagno
     assert diagnosis.hosts[0].pkey_fingerprint is None
     assert "PLAINTEXT" in diagnosis.recommended.reason
     assert "unencrypted" in diagnosis.explanation
+
+
+@pytest.mark.lab
+def test_a_legacy_tls_host_gets_encrypt_with_protocols(results: dict[str, Diagnosis], dane_lab: Lab) -> None:
+    diagnosis = results["legacy.example.test"]
+    address = diagnosis.hosts[0].addresses[0]
+    # The verdict probe negotiates as mailcow's Postfix: TLS 1.2 or later, so the handshake fails.
+    assert address.probe is not None and address.probe.protocols == ">=TLSv1.2" and address.probe.security_level == 1
+    assert (address.status, address.would_deliver) == ("handshake-failed", False)
+    # What the host can do beyond that is reported apart.
+    legacy = address.probe_legacy
+    assert legacy is not None and (legacy.protocols, legacy.security_level, legacy.sni) == (">=TLSv1", 0, None)
+    assert (
+        legacy.tls_version == "TLSv1.1"
+        and legacy.chain[0].pkey_fingerprint == dane_lab.server("mx16")["pkey_fingerprint"]
+    )
+    assert "speaks only TLSv1.1" in address.detail and "Cannot start TLS" in address.detail
+    recommended = diagnosis.recommended
+    assert recommended is not None
+    assert (recommended.policy, recommended.parameters, recommended.plaintext) == (
+        "encrypt",
+        "protocols=>=TLSv1.1",
+        False,
+    )
+    assert "not authenticated" in recommended.reason and "upgrade" in recommended.reason
+    # Nothing authenticating works, and plaintext `may` is never offered where encrypt delivers.
+    assert recommended.alternatives == []
+    # The recommendation is valid Postfix grammar, exactly as the request validation stores it.
+    assert normalise_parameters(recommended.parameters, recommended.policy) == recommended.parameters
+    assert any("speaks only TLSv1.1" in advice for advice in diagnosis.hosts[0].advice)
+
+
+@pytest.mark.lab
+def test_assess_request_on_a_legacy_tls_host(results: dict[str, Diagnosis], dane_lab: Lab) -> None:
+    legacy = results["legacy.example.test"]
+    assert rules(legacy, "encrypt", "protocols=>=TLSv1.1") == []
+    assert rules(legacy, "encrypt", "protocols=>=TLSv1") == []
+    bare = assess_request(legacy, "encrypt", "")
+    assert [f.rule for f in bare] == ["policy_useless"] and "protocols=>=TLSv1.1" in bare[0].message
+    assert rules(legacy, "encrypt", "protocols=>=TLSv1.2") == ["policy_useless"]
+    pinned = fingerprints(dane_lab, ["mx16"]) + " protocols=>=TLSv1"
+    fingerprint = assess_request(legacy, "fingerprint", pinned)
+    assert [f.rule for f in fingerprint] == ["policy_useless"] and "legacy sigalg" in fingerprint[0].message
+    assert rules(legacy, "dane", "protocols=>=TLSv1") == ["policy_useless"]
+    may = assess_request(legacy, "may", "")
+    assert [f.rule for f in may] == ["weaker_than_recommended"] and "plaintext" in may[0].message
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("domain", SCENARIO_DOMAINS)
+def test_every_recommendation_passes_request_validation(results: dict[str, Diagnosis], domain: str) -> None:
+    diagnosis = results[domain]
+    for best in (diagnosis.recommended, diagnosis.contingency):
+        for option in [best, *best.alternatives] if best else []:
+            assert normalise_parameters(option.parameters, option.policy) == option.parameters, option
 
 
 @pytest.mark.lab

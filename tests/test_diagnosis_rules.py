@@ -86,7 +86,10 @@ def address(would: bool | None, status: Any = "pass", fingerprint: str = "AA:BB"
         status=status,
         would_deliver=would,
         detail="",
-        probe=fields.pop("probe", SmtpProbe(port=25, sni=None, starttls_offered=True, chain=chain)),
+        probe=fields.pop(
+            "probe",
+            SmtpProbe(port=25, sni=None, starttls_offered=True, tls_version="TLSv1.3" if chain else None, chain=chain),
+        ),
         **fields,
     )
 

@@ -48,7 +48,7 @@ from app.diagnosis.rules import (
     recommend,
     resolver_validates,
 )
-from app.diagnosis.smtp import ProbeOutcome, probe_smtp
+from app.diagnosis.smtp import ProbeOutcome, TlsProfile, probe_smtp
 
 # Postfix sends SNI (the TLSA base domain) only when it starts at the dane level; that includes
 # `encrypt` reached from all-unusable TLSA records, which falls back after SNI is set (tls_client.c).
@@ -280,13 +280,20 @@ class _Run:
         # recommended override as it stands. (Recommending `servername=hostname` instead would send
         # the un-expanded MX name, not the TLSA base domain we probe with, and changes how Postfix
         # talks to every host of the domain.)
+        # The verdict probe negotiates as Postfix at this level; the one without SNI as Postfix under an
+        # authenticating override (encrypt and may accept whatever that one does, and more).
+        profile: TlsProfile = "authenticated" if level == "dane" else "unauthenticated"
         if level in _SNI_LEVELS:
             outcome, without_sni = await asyncio.gather(
-                self._probe(address, tlsa.result.base_domain), self._probe(address, None)
+                self._probe(address, tlsa.result.base_domain, profile), self._probe(address, None, "authenticated")
             )
         else:
-            outcome, without_sni = await self._probe(address, None), None
+            outcome, without_sni = await self._probe(address, None, profile), None
         override = without_sni or outcome
+        legacy: ProbeOutcome | None = None
+        if override.probe.failed_stage == "handshake" and override.probe.starttls_offered:
+            # What can the host do at all? Only then: a second round trip for the hosts that need it.
+            legacy = await self._probe(address, None, "legacy")
         dane: DaneMatch | None = None
         pkix_names: list[str] = []
         pkix_error: str | None = None
@@ -305,21 +312,24 @@ class _Run:
                 status=status,
                 would_deliver=would,
                 postfix_tls=tls,
-                detail=address_detail(status, level, tlsa.result, outcome.probe, dane, host.name),
+                detail=address_detail(
+                    status, level, tlsa.result, outcome.probe, dane, host.name, legacy.probe if legacy else None
+                ),
                 matched=dane.matched if dane else [],
                 pkix_names=pkix_names,
                 pkix_error=pkix_error,
                 probe=outcome.probe,
                 probe_without_sni=without_sni.probe if without_sni else None,
+                probe_legacy=legacy.probe if legacy else None,
             ),
             dane,
         )
 
-    async def _probe(self, address: str, sni: str | None) -> ProbeOutcome:
+    async def _probe(self, address: str, sni: str | None, profile: TlsProfile) -> ProbeOutcome:
         config = self.config
         async with self.slots:
             return await probe_smtp(
-                address, config.smtp_port, sni, config.helo_name, config.timeout, config.probe_deadline
+                address, config.smtp_port, sni, config.helo_name, config.timeout, config.probe_deadline, profile
             )
 
 

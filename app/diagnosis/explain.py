@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from app.diagnosis.certs import DaneMatch
@@ -30,6 +30,7 @@ def address_detail(
     probe: SmtpProbe,
     dane: DaneMatch | None,
     host: str,
+    legacy: SmtpProbe | None = None,
 ) -> str:
     leaf = probe.chain[0] if probe.chain else None
     tls = f" ({probe.tls_version}, {probe.cipher})" if probe.tls_version else ""
@@ -58,6 +59,17 @@ def address_detail(
         why = describe_failure(lookup) if lookup else "lookup failed"
         return (
             f"TLSA lookup for _25._tcp.{tlsa.base_domain} failed ({why}): Postfix defers with 4.7.5 'TLSA lookup error'"
+        )
+    if status == "handshake-failed" and legacy is not None and legacy.chain:
+        fallback = (
+            "Postfix retries in plaintext"
+            if level == "may"
+            else ("Postfix defers (4.7.5 'Cannot start TLS: handshake failure')")
+        )
+        return (
+            f"the host speaks only {legacy.tls_version} ({legacy.cipher}, seen with TLS 1.0/1.1 allowed); "
+            f"mailcow's Postfix requires TLSv1.2 or later (smtp_tls_mandatory_protocols = >=TLSv1.2), so "
+            f"the handshake fails ({probe.error}) and {fallback}"
         )
     if status in ("unreachable", "smtp-error", "handshake-failed"):
         stage = f"{probe.failed_stage}: " if probe.failed_stage else ""
@@ -171,9 +183,12 @@ def host_advice(tlsa: TlsaResult, addresses: Sequence[AddressResult], danes: Seq
                 )
                 break
     for address in addresses:
-        probe = address.probe
-        if probe and probe.tls_version in ("TLSv1", "TLSv1.1", "SSLv3"):
-            advice.append(f"{address.address} negotiated {probe.tls_version}; mailcow requires TLSv1.2 or later")
+        legacy = address.probe_legacy
+        if legacy and legacy.chain and legacy.tls_version in ("TLSv1", "TLSv1.1", "SSLv3"):
+            advice.append(
+                f"{address.address} speaks only {legacy.tls_version}; mailcow requires TLSv1.2 or later: enable "
+                "TLS 1.2 and 1.3 on the server"
+            )
     return list(dict.fromkeys(advice))
 
 
@@ -251,19 +266,26 @@ def _domain_sentences(
     # Hosts Postfix never gets to (smtp_mx_address_limit) or that were not checked are left out.
     hosts = [h for h in hosts if h.tried] or hosts
     failing = [h for h in hosts if h.would_deliver is not True or any(a.would_deliver is False for a in h.addresses)]
-    working = [h.name for h in hosts if h.would_deliver is True]
     first = failing[0] if failing else (hosts[0] if hosts else None)
     count = f"{len(hosts)} MX host" + ("s" if len(hosts) != 1 else "")
     if verdict == "ok":
         reason = _ok_reason(failure_class, first)
-        return f"{domain}: all {count} would take mail under mailcow's default dane policy. {reason}"
+        # A host that lost one address family (a bogus AAAA beside a secure A) still takes mail: say so.
+        lost = [
+            f" Note: {h.name}'s {lk.rdtype} lookup {'fails DNSSEC validation' if lk.security == 'bogus' else 'failed'} "
+            f"({describe_failure(lk)}); Postfix uses its other addresses."
+            for h in hosts
+            if h.addresses
+            for lk in h.address_lookups
+            if lk.security in ("bogus", "error")
+        ]
+        return f"{domain}: all {count} would take mail under mailcow's default dane policy. {reason}{''.join(lost)}"
     if first is None:
         return f"{domain}: no MX hosts to check."
     fix = _fix_sentence(recommended)
     if verdict == "degraded":
-        names = ", ".join(h.name for h in failing)
         lead = (
-            "stale or mismatching DANE records on some MX hosts"
+            "stale or mismatching DANE records on some MX hosts or addresses"
             if failure_class == "A''"
             else (f"class {failure_class}" if failure_class else "a problem")
         )
@@ -273,9 +295,13 @@ def _domain_sentences(
                 f" If the working hosts go down and mail queues, use `{contingency.policy}"
                 f"{' ' + contingency.parameters if contingency.parameters else ''}`."
             )
+        # A host that works on one address and fails on another (a dual-stack host with a stale key on
+        # one family) is named with its addresses: Postfix moves on to the next address, not the next host.
+        skipped = [_where(h, lambda a: a.would_deliver is False) for h in failing]
+        used = [_where(h, lambda a: a.would_deliver is True) for h in hosts if h.would_deliver is True]
         return (
-            f"{domain}: degraded ({lead}): {first.explanation}. Postfix skips {names} and delivers via "
-            f"{', '.join(working)}; no override is needed now.{extra}"
+            f"{domain}: degraded ({lead}): {first.explanation}. Postfix skips {', '.join(skipped)} and delivers "
+            f"via {', '.join(used)}; no override is needed now.{extra}"
         )
     if verdict == "unknown":
         return (
@@ -298,6 +324,14 @@ def _domain_sentences(
             )
         return f"{domain}: blocked. {cause} No TLS policy override would get mail through."
     return f"{domain}: blocked. {cause} {fix}"
+
+
+def _where(host: MxHost, picked: Callable[[AddressResult], bool]) -> str:
+    """The host, or the host with the addresses `picked` when only some of its addresses are."""
+    chosen = [a.address for a in host.addresses if a.tried and picked(a)]
+    if not chosen or len(chosen) == len([a for a in host.addresses if a.tried]):
+        return host.name
+    return f"{host.name} [{', '.join(chosen)}]"
 
 
 def _ok_reason(failure_class: FailureClass | None, host: MxHost | None) -> str:

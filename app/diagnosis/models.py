@@ -137,6 +137,12 @@ class SmtpProbe(_Model):
     port: int
     sni: str | None
     """The SNI name sent; None when none was sent."""
+    protocols: str | None = None
+    """The TLS versions the probe offered, in Postfix's grammar (`>=TLSv1.2` as mailcow's Postfix;
+    `>=TLSv1` for the legacy probe)."""
+    security_level: int | None = None
+    """The OpenSSL security level of the probe: 1 as Postfix at the authenticating levels, 0 as
+    Postfix at encrypt and may (and for the legacy probe)."""
     banner: str | None = None
     ehlo: list[str] = []
     starttls_offered: bool | None = None
@@ -169,6 +175,10 @@ class AddressResult(_Model):
     probe_without_sni: SmtpProbe | None = None
     """A second probe without SNI, as Postfix connects under a fingerprint, verify, secure, encrypt or
     may override (mailcow sets no servername=); None when `probe` already sent no SNI."""
+    probe_legacy: SmtpProbe | None = None
+    """What the host can negotiate beyond mailcow's settings: made only when the TLS handshake failed
+    under them, without SNI, allowing TLS 1.0/1.1 at OpenSSL security level 0, as Postfix negotiates
+    under `encrypt protocols=>=TLSv1`."""
 
     @property
     def tried(self) -> bool:

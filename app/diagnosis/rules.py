@@ -28,7 +28,7 @@ from app.diagnosis.models import (
     TlsaResult,
     Verdict,
 )
-from app.diagnosis.policy import POLICY_STRENGTH, simulate
+from app.diagnosis.policy import MAILCOW_PROTOCOLS, POLICY_STRENGTH, TLS_VERSIONS, admitted_protocols, simulate
 
 _STALE_CLASSES: frozenset[FailureClass | None] = frozenset({"A", "A'", "H"})
 _NO_ROUTE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL})
@@ -305,7 +305,32 @@ def _candidates(hosts: Sequence[MxHost]) -> list[PolicyOption]:
         )
     )
     options.append(PolicyOption(policy="encrypt", reason="mandatory TLS without authentication"))
+    legacy = _legacy_version(hosts)
+    if legacy is not None:
+        # After bare `encrypt` (the sort is stable): lowering mailcow's protocol floor is the last resort.
+        options.append(
+            PolicyOption(
+                policy="encrypt",
+                parameters=f"protocols=>={legacy}",
+                reason=f"legacy {legacy}: encrypted, not authenticated; no fingerprint or verify override "
+                "works, as Postfix with OpenSSL 3 cannot authenticate TLS 1.0/1.1; ask the recipient to "
+                "upgrade to TLS 1.2 or later",
+            )
+        )
     return sorted(options, key=lambda o: -POLICY_STRENGTH[o.policy])
+
+
+def _legacy_version(hosts: Sequence[MxHost]) -> str | None:
+    """The oldest TLS version below mailcow's floor that a host negotiated in the legacy probe."""
+    floor = admitted_protocols(MAILCOW_PROTOCOLS)
+    spoken = {
+        probe.tls_version
+        for h in hosts
+        for a in h.addresses
+        if (probe := a.probe_legacy) is not None and probe.chain and probe.tls_version in TLS_VERSIONS
+    }
+    below = sorted((v for v in spoken if v not in floor), key=TLS_VERSIONS.index)
+    return below[0] if below else None
 
 
 def any_delivers(states: Sequence[bool | None]) -> bool | None:
