@@ -280,8 +280,9 @@ class _Run:
         # recommended override as it stands. (Recommending `servername=hostname` instead would send
         # the un-expanded MX name, not the TLSA base domain we probe with, and changes how Postfix
         # talks to every host of the domain.)
-        # The verdict probe negotiates as Postfix at this level; the one without SNI as Postfix under an
-        # authenticating override (encrypt and may accept whatever that one does, and more).
+        # The verdict probe negotiates as Postfix at this level (smtp.TlsProfile); the one without SNI as
+        # Postfix under an authenticating override (encrypt accepts whatever that one does, and more).
+        # At the may level the one probe serves both.
         profile: TlsProfile = "authenticated" if level == "dane" else "unauthenticated"
         if level in _SNI_LEVELS:
             outcome, without_sni = await asyncio.gather(
