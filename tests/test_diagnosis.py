@@ -23,12 +23,14 @@ from app.diagnosis import (
     is_clean,
     normalize_domain,
 )
-from app.diagnosis.engine import Family, not_global_reason, plan_addresses
+from app.diagnosis.config import not_global_reason
 from app.diagnosis.models import AddressResult, DnsLookup, MxHost, Security, SmtpProbe
 from app.diagnosis.resolver import Answer, DnsClient
+from app.diagnosis.rules import domain_verdict
 from app.diagnosis.smtp import probe_smtp
+from app.overrides.postfix import PolicyInputError, normalise_destination, normalise_parameters
 from tests.lab.lab import Lab
-from tests.lab.topology import SCENARIO_DOMAINS
+from tests.lab.topology import SCENARIO_DOMAINS, SELFTEST_SERVFAIL
 
 # domain: (verdict, failure_class, recommended policy, contingency policy) — dane.md §2.2/§2.3
 EXPECTED: dict[str, tuple[str, str | None, str | None, str | None]] = {
@@ -58,6 +60,8 @@ EXPECTED: dict[str, tuple[str, str | None, str | None, str | None]] = {
     "longertlsa.example.test": ("ok", "J", None, None),
     "badlen.example.test": ("ok", "C", None, None),
     "taexpired.example.test": ("blocked", "H", "fingerprint", None),
+    # TLS 1.1 only: no authenticating override works; encrypt with protocols= admitting TLS 1.1 does.
+    "legacy.example.test": ("blocked", None, "encrypt", None),
 }
 
 # The key each recommended `fingerprint` must pin, by lab server (`:default`: its certificate for
@@ -151,6 +155,61 @@ def test_no_starttls_recommends_may_and_says_plaintext(results: dict[str, Diagno
 
 
 @pytest.mark.lab
+def test_a_legacy_tls_host_gets_encrypt_with_protocols(results: dict[str, Diagnosis], dane_lab: Lab) -> None:
+    diagnosis = results["legacy.example.test"]
+    address = diagnosis.hosts[0].addresses[0]
+    # The verdict probe negotiates as mailcow's Postfix: TLS 1.2 or later, so the handshake fails.
+    assert address.probe is not None and address.probe.protocols == ">=TLSv1.2" and address.probe.security_level == 1
+    assert (address.status, address.would_deliver) == ("handshake-failed", False)
+    # What the host can do beyond that is reported apart.
+    legacy = address.probe_legacy
+    assert legacy is not None and (legacy.protocols, legacy.security_level, legacy.sni) == (">=TLSv1", 0, None)
+    assert (
+        legacy.tls_version == "TLSv1.1"
+        and legacy.chain[0].pkey_fingerprint == dane_lab.server("mx16")["pkey_fingerprint"]
+    )
+    assert "speaks only TLSv1.1" in address.detail and "Cannot start TLS" in address.detail
+    recommended = diagnosis.recommended
+    assert recommended is not None
+    assert (recommended.policy, recommended.parameters, recommended.plaintext) == (
+        "encrypt",
+        "protocols=>=TLSv1.1",
+        False,
+    )
+    assert "not authenticated" in recommended.reason and "upgrade" in recommended.reason
+    # Nothing authenticating works, and plaintext `may` is never offered where encrypt delivers.
+    assert recommended.alternatives == []
+    # The recommendation is valid Postfix grammar, exactly as the request validation stores it.
+    assert normalise_parameters(recommended.parameters, recommended.policy) == recommended.parameters
+    assert any("speaks only TLSv1.1" in advice for advice in diagnosis.hosts[0].advice)
+
+
+@pytest.mark.lab
+def test_assess_request_on_a_legacy_tls_host(results: dict[str, Diagnosis], dane_lab: Lab) -> None:
+    legacy = results["legacy.example.test"]
+    assert rules(legacy, "encrypt", "protocols=>=TLSv1.1") == []
+    assert rules(legacy, "encrypt", "protocols=>=TLSv1") == []
+    bare = assess_request(legacy, "encrypt", "")
+    assert [f.rule for f in bare] == ["policy_useless"] and "protocols=>=TLSv1.1" in bare[0].message
+    assert rules(legacy, "encrypt", "protocols=>=TLSv1.2") == ["policy_useless"]
+    pinned = fingerprints(dane_lab, ["mx16"]) + " protocols=>=TLSv1"
+    fingerprint = assess_request(legacy, "fingerprint", pinned)
+    assert [f.rule for f in fingerprint] == ["policy_useless"] and "legacy sigalg" in fingerprint[0].message
+    assert rules(legacy, "dane", "protocols=>=TLSv1") == ["policy_useless"]
+    may = assess_request(legacy, "may", "")
+    assert [f.rule for f in may] == ["weaker_than_recommended"] and "plaintext" in may[0].message
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("domain", SCENARIO_DOMAINS)
+def test_every_recommendation_passes_request_validation(results: dict[str, Diagnosis], domain: str) -> None:
+    diagnosis = results[domain]
+    for best in (diagnosis.recommended, diagnosis.contingency):
+        for option in [best, *best.alternatives] if best else []:
+            assert normalise_parameters(option.parameters, option.policy) == option.parameters, option
+
+
+@pytest.mark.lab
 def test_bogus_domain_no_tls_policy_can_help(results: dict[str, Diagnosis]) -> None:
     diagnosis = results["bogus.test"]
     assert diagnosis.recommended is None and diagnosis.contingency is None
@@ -229,6 +288,19 @@ def test_stale_hosts_get_advice(results: dict[str, Diagnosis]) -> None:
     assert any("rollover" in advice for advice in stale.advice)
     stale301 = results["stale301.example.test"].hosts[0]
     assert any("3 0 1" in advice for advice in stale301.advice)
+
+
+@pytest.mark.lab
+def test_a_pinned_certificate_failure_says_the_certificate_was_reissued(results: dict[str, Diagnosis]) -> None:
+    # mx8 serves a new certificate for the same key; the `3 0 1` record pins the previous one.
+    host = results["stale301.example.test"].hosts[0]
+    detail = host.addresses[0].detail
+    assert "re-issued" in detail and f"3 0 1 {host.tlsa_3_0_1}" in detail
+    assert "served key" not in detail and "served key" not in " ".join(host.advice)
+    assert any(f"3 1 1 {host.tlsa_3_1_1}" in advice and "re-issue" in advice for advice in host.advice)
+    # A changed key is still called one.
+    stale = results["stale.example.test"].hosts[0]
+    assert "served key" in stale.addresses[0].detail and "re-issued" not in stale.addresses[0].detail
 
 
 @pytest.mark.lab
@@ -335,6 +407,42 @@ async def test_non_validating_resolver_is_class_k(dane_lab: Lab) -> None:
 
 
 @pytest.mark.lab
+async def test_a_failing_self_test_is_undecided_and_a_bogus_answer_proves_validation(dane_lab: Lab) -> None:
+    # The self-test name answers SERVFAIL for a reason that has nothing to do with DNSSEC (its server
+    # refuses the zone). That decides nothing; a bogus answer elsewhere proves the resolver validates.
+    lame = dane_lab.config(selftest_name=SELFTEST_SERVFAIL)
+    bogus = await diagnose("bogus.test", lame)
+    assert bogus.selftest is not None and bogus.selftest.rcode == "SERVFAIL" and bogus.selftest.security == "error"
+    # EDE 7 (signature expired) on a fresh answer, 6 (DNSSEC bogus) from Unbound's cache.
+    assert bogus.mx is not None and bogus.mx.security == "bogus" and [e.code for e in bogus.mx.ede] in ([7], [6])
+    assert bogus.resolver_validates is True
+    assert (bogus.verdict, bogus.failure_class, bogus.recommended) == ("blocked", "F", None)
+    assert "does not validate" not in bogus.explanation and "No TLS policy can help" in bogus.explanation
+    for policy in ("none", "may", "encrypt", "fingerprint", "verify", "dane"):
+        assert rules(bogus, policy) == ["policy_useless"], policy
+    # The same without Extended DNS Errors (mailcow's unbound): the CD=1 answer is the proof.
+    plain = await diagnose(
+        "bogus.test", dane_lab.config(selftest_name=SELFTEST_SERVFAIL, resolver=dane_lab.resolver_without_ede)
+    )
+    assert (plain.resolver_validates, plain.verdict, plain.failure_class) == (True, "blocked", "F")
+    # AD=1 on any answer is proof too.
+    good = await diagnose("good.example.test", lame)
+    assert (good.resolver_validates, good.verdict) == (True, "ok")
+    # Nothing proves it for an unsigned domain: undecided, said so, never "does not validate".
+    unsigned = await diagnose("unsigned.test", lame)
+    assert unsigned.resolver_validates is None and unsigned.failure_class != "K"
+    assert "could not be confirmed" in unsigned.explanation and "SERVFAIL" in unsigned.explanation
+    assert not is_clean(unsigned)
+
+
+@pytest.mark.lab
+async def test_a_bogus_self_test_name_proves_validation(dane_lab: Lab) -> None:
+    diagnosis = await diagnose("unsigned.test", dane_lab.config(selftest_name="bogus.test."))
+    assert diagnosis.selftest is not None and diagnosis.selftest.security == "bogus"
+    assert diagnosis.resolver_validates is True
+
+
+@pytest.mark.lab
 async def test_input_is_normalised(dane_lab: Lab) -> None:
     diagnosis = await diagnose(" GOOD.Example.TEST. ", dane_lab.config())
     assert diagnosis.domain == "good.example.test" and diagnosis.verdict == "ok"
@@ -359,6 +467,11 @@ async def test_input_is_normalised(dane_lab: Lab) -> None:
         "*.example.test",
         "[::1]",
         "a b.test",
+        # A-labels that are not punycode of a valid IDNA label: refused before any lookup.
+        "xn--zz.example",
+        "mx.XN--ZZ.example",
+        "xn--a.example",
+        "xn--ls8h.example",
     ],
 )
 async def test_garbage_domains_are_rejected(value: str) -> None:
@@ -370,6 +483,23 @@ async def test_garbage_domains_are_rejected(value: str) -> None:
 def test_normalize_domain() -> None:
     assert normalize_domain("Bücher.Example.") == "xn--bcher-kva.example"
     assert normalize_domain("XN--BCHER-KVA.example") == "xn--bcher-kva.example"
+    assert normalize_domain("xn--strae-oqa.example") == "xn--strae-oqa.example"
+    with pytest.raises(InvalidDomain, match="A-label"):
+        normalize_domain("xn--zz.example")
+
+
+@pytest.mark.parametrize("value", ["xn--zz.example", "mx.xn--zz.example", "xn--a.example", "xn--bcher-kva.example"])
+def test_a_labels_are_judged_alike_for_diagnosis_and_requests(value: str) -> None:
+    # The diagnostics endpoint and a request's destination accept and refuse the same A-labels.
+    try:
+        expected: str | None = normalise_destination(value)
+    except PolicyInputError:
+        expected = None
+    try:
+        ours: str | None = normalize_domain(value)
+    except InvalidDomain:
+        ours = None
+    assert ours == expected
 
 
 @pytest.mark.parametrize(
@@ -567,27 +697,6 @@ async def test_queries_and_probes_share_the_concurrency_limit(dane_lab: Lab, mon
     assert peak == 2
 
 
-@pytest.mark.parametrize(
-    ("groups", "limit", "expected"),
-    [
-        ([["ipv4"], ["ipv4"], ["ipv4"]], 5, [["yes"], ["yes"], ["yes"]]),
-        # Six hosts with one address each: the sixth is never tried.
-        ([["ipv4"]] * 6, 5, [["yes"]] * 5 + [["no"]]),
-        # Seven equal-preference addresses in random order: each one is tried in some deliveries.
-        ([["ipv4"] * 7], 5, [["maybe"] * 7]),
-        # IPv4/IPv6 balancing: the backup's only IPv4 address survives six IPv6 addresses before it.
-        ([["ipv6"] * 6, ["ipv4"]], 5, [["maybe"] * 6, ["yes"]]),
-        # Both families above half the limit: the first family gets the odd slot.
-        ([["ipv4"] * 3, ["ipv6"] * 3], 5, [["yes"] * 3, ["maybe"] * 3]),
-        ([["ipv4", "ipv6"] * 3], 5, [["maybe"] * 6]),
-        # smtp_mx_address_limit = 0: no limit.
-        ([["ipv4"] * 9], 0, [["yes"] * 9]),
-    ],
-)
-def test_plan_addresses_follows_postfix(groups: list[list[Family]], limit: int, expected: list[list[str]]) -> None:
-    assert plan_addresses(groups, limit) == expected
-
-
 # -- odd names ---------------------------------------------------------------------------------
 
 
@@ -678,7 +787,7 @@ def _diagnosis_with(addresses: list[AddressResult]) -> Diagnosis:
         explanation="",
         addresses=addresses,
     )
-    verdict, failure_class = engine._verdict(lookup, [host], True, False)
+    verdict, failure_class = domain_verdict(lookup, [host], True, False)
     return Diagnosis(
         domain="d.example",
         verdict=verdict,
@@ -741,6 +850,32 @@ def test_unprobed_addresses_beside_a_passing_one_are_clean() -> None:
 )
 def test_reserved_addresses_embedded_in_ipv6(address: str, refused: bool) -> None:
     assert (not_global_reason(ipaddress.ip_address(address)) is not None) == refused
+
+
+@pytest.mark.parametrize(
+    ("address", "named"),
+    [
+        ("0.0.0.0", "the unspecified address"),
+        ("::", "the unspecified address"),
+        ("0.1.2.3", "a 'this network' address (0.0.0.0/8)"),
+        ("::ffff:127.0.0.1", "an IPv4-mapped IPv6 address of 127.0.0.1, a loopback address"),
+        ("::ffff:0.0.0.0", "an IPv4-mapped IPv6 address of 0.0.0.0, the unspecified address"),
+        ("::1", "the loopback address"),
+        ("127.0.0.5", "a loopback address"),
+        ("10.1.2.3", "a private address (RFC 1918)"),
+        ("169.254.1.1", "a link-local address"),
+        ("fe80::1", "a link-local address"),
+        ("fd00::1", "a unique local address (fc00::/7)"),
+        ("192.0.2.1", "a documentation address"),
+        ("2001:db8::1", "a documentation address"),
+        ("100.64.0.1", "a shared address (carrier-grade NAT, 100.64.0.0/10)"),
+        ("255.255.255.255", "the broadcast address"),
+        ("224.0.0.1", "a multicast address"),
+        ("64:ff9b::7f00:1", "an IPv6 address embedding 127.0.0.1, a loopback address"),
+    ],
+)
+def test_reserved_addresses_are_named_for_what_they_are(address: str, named: str) -> None:
+    assert not_global_reason(ipaddress.ip_address(address)) == named
 
 
 def _failing(rdtype: str, security: Security) -> Callable[..., Awaitable[Answer]]:

@@ -15,14 +15,21 @@ from app.core.errors import TooManyRequests
 from app.diagnosis.service import RateLimiter, rate_limit_key
 from tests.conftest import VALID_REQUEST, Headers, lab_settings
 from tests.lab.lab import Lab
+from tests.lab.topology import SELFTEST_SERVFAIL
 
 
 @pytest.fixture
-def settings(dane_lab: Lab) -> Settings:
+def settings_overrides() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def settings(dane_lab: Lab, settings_overrides: dict[str, Any]) -> Settings:
     return lab_settings(
         dane_lab,
         diagnosis_on_create=True,
         diagnosis_rate_per_minute=5,
+        **settings_overrides,
     )
 
 
@@ -56,6 +63,8 @@ def test_diagnosis_input_auth_and_rate_limit(client: TestClient, auth: Callable[
     bad = client.get("/v1/diagnostics/not a domain", headers=auth("alice", "requester"))
     assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
     assert bad.json()["errors"][0]["field"] == "path.domain"
+    alabel = client.get("/v1/diagnostics/xn--zz.example", headers=auth("alice", "requester"))
+    assert alabel.status_code == 422 and "A-label" in alabel.json()["errors"][0]["message"]
     statuses = [
         client.get("/v1/diagnostics/good.example.test", headers=auth("bob", "approver")).status_code for _ in range(6)
     ]
@@ -109,6 +118,18 @@ def test_useless_policy_is_refused_and_nothing_is_stored(client: TestClient, aut
     assert problem["errors"][0]["field"] == "body.policy"
     listing = client.get("/v1/overrides", headers=auth("dave", "admin")).json()
     assert listing["items"] == []
+
+
+@pytest.mark.parametrize("settings_overrides", [{"dns_selftest_name": SELFTEST_SERVFAIL}])
+def test_a_failing_self_test_does_not_hide_a_bogus_domain(client: TestClient, auth: Callable[..., Headers]) -> None:
+    body = client.get("/v1/diagnostics/bogus.test", headers=auth("erin", "auditor")).json()
+    assert (body["verdict"], body["failure_class"], body["resolver_validates"]) == ("blocked", "F", True)
+    assert body["selftest"]["rcode"] == "SERVFAIL" and body["mx"]["security"] == "bogus"
+    # Every override is still refused as useless: Postfix defers before TLS.
+    for policy in ("may", "encrypt"):
+        response = _create(client, auth, destination="bogus.test", policy=policy)
+        assert response.status_code == 422, response.text
+        assert "no TLS policy can help" in response.json()["errors"][0]["message"]
 
 
 def test_passing_domain_is_flagged_not_refused(client: TestClient, auth: Callable[..., Headers]) -> None:

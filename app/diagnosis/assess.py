@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.diagnosis.models import Diagnosis, Finding, TlsPolicy
-from app.diagnosis.policy import POLICY_STRENGTH, is_policy, simulate
+from app.diagnosis.models import AddressResult, Diagnosis, Finding, TlsPolicy
+from app.diagnosis.policy import POLICY_STRENGTH, TLS_VERSIONS, is_policy, simulate
 
 
 def assess_request(diagnosis: Diagnosis, policy: str, parameters: str) -> list[Finding]:
@@ -82,6 +82,18 @@ def _useless_reason(diagnosis: Diagnosis, policy: TlsPolicy, parameters: str) ->
     no_starttls = [a for _, a in failing if a.probe is not None and a.probe.starttls_offered is False]
     if no_starttls and policy not in ("none", "may"):
         return f"the failing hosts do not offer STARTTLS; `{policy}` requires TLS and still defers"
+    legacy = sorted({v for _, a in failing if (v := _legacy_version(a)) is not None}, key=TLS_VERSIONS.index)
+    if legacy and policy == "encrypt":
+        requested = f"encrypt {parameters}".strip()
+        return (
+            f"the failing hosts speak only {' or '.join(legacy)}, which `{requested}` does not admit "
+            f"(mailcow's floor is TLSv1.2): add protocols=>={legacy[0]}"
+        )
+    if legacy and policy not in ("none", "may"):
+        return (
+            f"the failing hosts speak only {' or '.join(legacy)}: Postfix with OpenSSL 3 cannot authenticate "
+            f"TLS 1.0/1.1 ('legacy sigalg disallowed or unsupported'), so `{policy}` defers whatever protocols= says"
+        )
     if policy in ("dane", "dane-only"):
         return f"`{policy}` keeps the TLSA check that fails today"
     if policy == "fingerprint":
@@ -89,6 +101,11 @@ def _useless_reason(diagnosis: Diagnosis, policy: TlsPolicy, parameters: str) ->
     if policy in ("verify", "secure"):
         return f"the failing hosts' certificates do not pass the WebPKI check `{policy}` needs"
     return f"`{policy}` does not get mail to any failing host"
+
+
+def _legacy_version(address: AddressResult) -> str | None:
+    legacy = address.probe_legacy
+    return legacy.tls_version if legacy is not None and legacy.chain else None
 
 
 def is_clean(diagnosis: Diagnosis) -> bool:

@@ -308,22 +308,37 @@ class PkixResult:
 
 
 def pkix_check(chain: Sequence[x509.Certificate], candidates: Iterable[str], ca_file: str | None) -> PkixResult:
-    """For which candidate names the chain validates against the CA bundle (Postfix `verify`/`secure`)."""
+    """For which candidate names the chain validates against the CA bundle (Postfix `verify`/`secure`);
+    when none does, each name's own reason (the MX host's is rarely the recipient domain's)."""
     store = _ca_store(ca_file or _default_ca_file())
     if store is None:
         return PkixResult([], "no CA bundle available")
     leaf, intermediates = chain[0], list(chain[1:])
     names: list[str] = []
-    error: str | None = None
+    errors: dict[str, list[str]] = {}
     for name in dict.fromkeys(c.lower().rstrip(".") for c in candidates if c and "*" not in c):
         try:
             verifier = PolicyBuilder().store(store).build_server_verifier(x509.DNSName(name))
             verifier.verify(leaf, intermediates)
         except (VerificationError, ValueError) as exc:
-            error = error or str(exc)
+            errors.setdefault(_pkix_reason(exc, leaf), []).append(name)
             continue
         names.append(name)
-    return PkixResult(names, None if names else (error or "no candidate name"))
+    if names:
+        return PkixResult(names, None)
+    if not errors:
+        return PkixResult([], "no candidate name")
+    return PkixResult([], "; ".join(f"{', '.join(failed)}: {reason}" for reason, failed in errors.items()))
+
+
+def _pkix_reason(exc: Exception, leaf: x509.Certificate) -> str:
+    text = str(exc)
+    # cryptography appends the certificate it was processing; the chain is in the diagnosis anyway.
+    text = text.split(" (encountered processing", 1)[0].removeprefix("validation failed: ")
+    if "subjectAltName" not in text and leaf.issuer == leaf.subject and issued_by(leaf, leaf):
+        # What OpenSSL (and Postfix) call it; cryptography reports the first extension it misses.
+        return f"self-signed certificate, not issued by a CA in the bundle ({text})"
+    return text
 
 
 def _default_ca_file() -> str:

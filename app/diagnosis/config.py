@@ -1,4 +1,5 @@
-"""How a diagnosis runs (resolver, port, limits) and what counts as a valid recipient domain."""
+"""How a diagnosis runs (resolver, port, limits), what counts as a valid recipient domain, and which
+addresses may be probed without `allow_reserved`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from dataclasses import dataclass
 
 import dns.exception
 import dns.name
+import idna
 
 _LDH_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 class InvalidDomain(ValueError):
@@ -117,4 +122,82 @@ def normalize_domain(value: str) -> str:
         raise InvalidDomain(f"not a host name (letters, digits, hyphens): {value!r}")
     if labels[-1].isdigit():
         raise InvalidDomain(f"an IP address is not a recipient domain: {value!r}")
+    for label in labels:
+        if label.startswith("xn--"):
+            _check_a_label(label, value)
     return ascii_name
+
+
+def _check_a_label(label: str, value: str) -> None:
+    """An `xn--` label must be the punycode of a valid IDNA label: it decodes, and re-encodes to itself."""
+    try:
+        valid = idna.encode(idna.decode(label)).decode("ascii") == label
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise InvalidDomain(f"{label!r} in {value!r} is not a valid A-label ({exc})") from exc
+    if not valid:
+        raise InvalidDomain(f"{label!r} in {value!r} is not a valid A-label (it does not re-encode to itself)")
+
+
+def not_global_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address must not be probed without allow_reserved (what it is), or None for a global one.
+
+    IPv6 addresses that embed an IPv4 address (IPv4-mapped ::ffff:0:0/96, NAT64 64:ff9b::/96, 6to4
+    2002::/16, IPv4-compatible ::/96) reach that IPv4 address, so it has to be global too."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        mapped = ip.ipv4_mapped
+        inner = not_global_reason(mapped)
+        return None if inner is None else f"an IPv4-mapped IPv6 address of {mapped}, {inner}"
+    if not ip.is_global or ip.is_multicast:
+        return _reserved_kind(ip)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return "a local-use NAT64 address"
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None and (not embedded.is_global or embedded.is_multicast):
+            return f"an IPv6 address embedding {embedded}, {_reserved_kind(embedded)}"
+    return None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+_SPECIAL_RANGES: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = tuple(
+    (ipaddress.ip_network(network), name)
+    for network, name in (
+        ("0.0.0.0/32", "the unspecified address"),
+        ("0.0.0.0/8", "a 'this network' address (0.0.0.0/8)"),
+        ("127.0.0.0/8", "a loopback address"),
+        ("10.0.0.0/8", "a private address (RFC 1918)"),
+        ("172.16.0.0/12", "a private address (RFC 1918)"),
+        ("192.168.0.0/16", "a private address (RFC 1918)"),
+        ("100.64.0.0/10", "a shared address (carrier-grade NAT, 100.64.0.0/10)"),
+        ("169.254.0.0/16", "a link-local address"),
+        ("192.0.0.0/24", "an IETF protocol assignment (192.0.0.0/24)"),
+        ("192.0.2.0/24", "a documentation address"),
+        ("198.51.100.0/24", "a documentation address"),
+        ("203.0.113.0/24", "a documentation address"),
+        ("198.18.0.0/15", "a benchmarking address (198.18.0.0/15)"),
+        ("224.0.0.0/4", "a multicast address"),
+        ("255.255.255.255/32", "the broadcast address"),
+        ("240.0.0.0/4", "a reserved address (240.0.0.0/4)"),
+        ("::/128", "the unspecified address"),
+        ("::1/128", "the loopback address"),
+        ("fe80::/10", "a link-local address"),
+        ("fc00::/7", "a unique local address (fc00::/7)"),
+        ("ff00::/8", "a multicast address"),
+        ("2001:db8::/32", "a documentation address"),
+        ("100::/64", "a discard-only address (100::/64)"),
+    )
+)
+
+
+def _reserved_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    for network, name in _SPECIAL_RANGES:
+        if ip.version == network.version and ip in network:
+            return name
+    return "not a global address"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from app.diagnosis.certs import DaneMatch
@@ -30,12 +30,20 @@ def address_detail(
     probe: SmtpProbe,
     dane: DaneMatch | None,
     host: str,
+    legacy: SmtpProbe | None = None,
 ) -> str:
     leaf = probe.chain[0] if probe.chain else None
     tls = f" ({probe.tls_version}, {probe.cipher})" if probe.tls_version else ""
     if status == "pass":
         return f"{dane.detail if dane else 'DANE match'}{tls}"
     if status == "tlsa-mismatch":
+        if leaf and pins_certificates_only(tlsa):
+            # The records pin a whole certificate: a re-issue breaks them even when the key stays.
+            return (
+                f"the served certificate (3 0 1 {leaf.tlsa_3_0_1}) is not the one the `3 0 1` records at "
+                f"_25._tcp.{tlsa.base_domain} pin: the certificate was re-issued (its key may be unchanged; "
+                "these records pin the whole certificate)"
+            )
         served = f"the served key (3 1 1 {leaf.tlsa_3_1_1})" if leaf else "the served certificate"
         extra = f"; {dane.detail}" if dane and dane.detail else ""
         return f"{served} matches no usable TLSA record at _25._tcp.{tlsa.base_domain}{extra}"
@@ -52,6 +60,17 @@ def address_detail(
         return (
             f"TLSA lookup for _25._tcp.{tlsa.base_domain} failed ({why}): Postfix defers with 4.7.5 'TLSA lookup error'"
         )
+    if status == "handshake-failed" and legacy is not None and legacy.chain:
+        fallback = (
+            "Postfix retries in plaintext"
+            if level == "may"
+            else ("Postfix defers (4.7.5 'Cannot start TLS: handshake failure')")
+        )
+        return (
+            f"the host speaks only {legacy.tls_version} ({legacy.cipher}, seen with TLS 1.0/1.1 allowed); "
+            f"mailcow's Postfix requires TLSv1.2 or later (smtp_tls_mandatory_protocols = >=TLSv1.2), so "
+            f"the handshake fails ({probe.error}) and {fallback}"
+        )
     if status in ("unreachable", "smtp-error", "handshake-failed"):
         stage = f"{probe.failed_stage}: " if probe.failed_stage else ""
         fallback = "; at this level Postfix retries in plaintext" if level == "may" else ""
@@ -66,6 +85,12 @@ def address_detail(
     if status == "tlsa-unusable":
         return f"no TLSA record is usable for SMTP: Postfix falls back to mandatory unauthenticated TLS{tls}"
     return status
+
+
+def pins_certificates_only(tlsa: TlsaResult) -> bool:
+    """Every usable record is DANE-EE with selector 0: they pin whole certificates, not keys."""
+    usable = [r for r in tlsa.records if r.usable]
+    return bool(usable) and all(r.usage == 3 and r.selector == 0 for r in usable)
 
 
 def host_explanation(
@@ -128,11 +153,16 @@ def host_advice(tlsa: TlsaResult, addresses: Sequence[AddressResult], danes: Seq
             )
         published = {r.data for r in tlsa.records}
         for digest, leaf in leaves.items():
-            if any(a.status == "tlsa-mismatch" for a in addresses):
-                where = "appears in" if digest in published or leaf.tlsa_3_0_1 in published else "is not in"
+            if not any(a.status == "tlsa-mismatch" for a in addresses):
+                continue
+            if pins_certificates_only(tlsa):
                 advice.append(
-                    f"the served key {where} the TLSA RRset; the record that would match it is `3 1 1 {digest}`"
+                    "the served certificate is not in the TLSA RRset (it was re-issued); `3 1 1 "
+                    f"{digest}` matches its key and survives every re-issue that keeps the key"
                 )
+                continue
+            where = "appears in" if digest in published or leaf.tlsa_3_0_1 in published else "is not in"
+            advice.append(f"the served key {where} the TLSA RRset; the record that would match it is `3 1 1 {digest}`")
         for dane in danes:
             if dane and dane.passed and any(m.startswith("2 ") and "depth 1" in m for m in dane.matched):
                 chain = next((a.probe.chain for a in addresses if a.probe and len(a.probe.chain) > 1), [])
@@ -153,14 +183,22 @@ def host_advice(tlsa: TlsaResult, addresses: Sequence[AddressResult], danes: Seq
                 )
                 break
     for address in addresses:
-        probe = address.probe
-        if probe and probe.tls_version in ("TLSv1", "TLSv1.1", "SSLv3"):
-            advice.append(f"{address.address} negotiated {probe.tls_version}; mailcow requires TLSv1.2 or later")
+        legacy = address.probe_legacy
+        if legacy and legacy.chain and legacy.tls_version in ("TLSv1", "TLSv1.1", "SSLv3"):
+            advice.append(
+                f"{address.address} speaks only {legacy.tls_version}; mailcow requires TLSv1.2 or later: enable "
+                "TLS 1.2 and 1.3 on the server"
+            )
     return list(dict.fromkeys(advice))
 
 
 def domain_explanation(
-    *, resolver_validates: bool | None, deadline: float | None = None, notes: Sequence[str] = (), **facts: Any
+    *,
+    resolver_validates: bool | None,
+    selftest: DnsLookup | None = None,
+    deadline: float | None = None,
+    notes: Sequence[str] = (),
+    **facts: Any,
 ) -> str:
     """One paragraph: the verdict, the cause as Postfix would log it, and the fix or the real options."""
     if deadline is not None and facts["failure_class"] != "K":
@@ -168,7 +206,11 @@ def domain_explanation(
     else:
         text = _domain_sentences(**facts)
     if resolver_validates is None:
-        text += " Note: the resolver's DNSSEC self-test got no answer, so validation could not be confirmed."
+        why = f"failed ({describe_failure(selftest)})" if selftest is not None else "got no answer"
+        text += (
+            f" Note: the resolver's DNSSEC self-test {why} and no other answer proved validation (AD bit or a "
+            "DNSSEC failure), so validation could not be confirmed."
+        )
     for note in notes:
         text += f" {note}"
     return text
@@ -224,19 +266,26 @@ def _domain_sentences(
     # Hosts Postfix never gets to (smtp_mx_address_limit) or that were not checked are left out.
     hosts = [h for h in hosts if h.tried] or hosts
     failing = [h for h in hosts if h.would_deliver is not True or any(a.would_deliver is False for a in h.addresses)]
-    working = [h.name for h in hosts if h.would_deliver is True]
     first = failing[0] if failing else (hosts[0] if hosts else None)
     count = f"{len(hosts)} MX host" + ("s" if len(hosts) != 1 else "")
     if verdict == "ok":
         reason = _ok_reason(failure_class, first)
-        return f"{domain}: all {count} would take mail under mailcow's default dane policy. {reason}"
+        # A host that lost one address family (a bogus AAAA beside a secure A) still takes mail: say so.
+        lost = [
+            f" Note: {h.name}'s {lk.rdtype} lookup {'fails DNSSEC validation' if lk.security == 'bogus' else 'failed'} "
+            f"({describe_failure(lk)}); Postfix uses its other addresses."
+            for h in hosts
+            if h.addresses
+            for lk in h.address_lookups
+            if lk.security in ("bogus", "error")
+        ]
+        return f"{domain}: all {count} would take mail under mailcow's default dane policy. {reason}{''.join(lost)}"
     if first is None:
         return f"{domain}: no MX hosts to check."
     fix = _fix_sentence(recommended)
     if verdict == "degraded":
-        names = ", ".join(h.name for h in failing)
         lead = (
-            "stale or mismatching DANE records on some MX hosts"
+            "stale or mismatching DANE records on some MX hosts or addresses"
             if failure_class == "A''"
             else (f"class {failure_class}" if failure_class else "a problem")
         )
@@ -246,9 +295,13 @@ def _domain_sentences(
                 f" If the working hosts go down and mail queues, use `{contingency.policy}"
                 f"{' ' + contingency.parameters if contingency.parameters else ''}`."
             )
+        # A host that works on one address and fails on another (a dual-stack host with a stale key on
+        # one family) is named with its addresses: Postfix moves on to the next address, not the next host.
+        skipped = [_where(h, lambda a: a.would_deliver is False) for h in failing]
+        used = [_where(h, lambda a: a.would_deliver is True) for h in hosts if h.would_deliver is True]
         return (
-            f"{domain}: degraded ({lead}): {first.explanation}. Postfix skips {names} and delivers via "
-            f"{', '.join(working)}; no override is needed now.{extra}"
+            f"{domain}: degraded ({lead}): {first.explanation}. Postfix skips {', '.join(skipped)} and delivers "
+            f"via {', '.join(used)}; no override is needed now.{extra}"
         )
     if verdict == "unknown":
         return (
@@ -271,6 +324,14 @@ def _domain_sentences(
             )
         return f"{domain}: blocked. {cause} No TLS policy override would get mail through."
     return f"{domain}: blocked. {cause} {fix}"
+
+
+def _where(host: MxHost, picked: Callable[[AddressResult], bool]) -> str:
+    """The host, or the host with the addresses `picked` when only some of its addresses are."""
+    chosen = [a.address for a in host.addresses if a.tried and picked(a)]
+    if not chosen or len(chosen) == len([a for a in host.addresses if a.tried]):
+        return host.name
+    return f"{host.name} [{', '.join(chosen)}]"
 
 
 def _ok_reason(failure_class: FailureClass | None, host: MxHost | None) -> str:

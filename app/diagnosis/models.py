@@ -139,6 +139,12 @@ class SmtpProbe(_Model):
     port: int
     sni: str | None
     """The SNI name sent; None when none was sent."""
+    protocols: str | None = None
+    """The TLS versions the probe offered, in Postfix's grammar (`>=TLSv1.2` as mailcow's Postfix;
+    `>=TLSv1` for the legacy probe)."""
+    security_level: int | None = None
+    """The OpenSSL security level of the probe: 1 as Postfix at the authenticating levels, 0 as
+    Postfix at encrypt and may (and for the legacy probe)."""
     banner: str | None = None
     ehlo: list[str] = []
     starttls_offered: bool | None = None
@@ -171,6 +177,10 @@ class AddressResult(_Model):
     probe_without_sni: SmtpProbe | None = None
     """A second probe without SNI, as Postfix connects under a fingerprint, verify, secure, encrypt or
     may override (mailcow sets no servername=); None when `probe` already sent no SNI."""
+    probe_legacy: SmtpProbe | None = None
+    """What the host can negotiate beyond mailcow's settings: made only when the TLS handshake failed
+    under them, without SNI, allowing TLS 1.0/1.1 at OpenSSL security level 0, as Postfix negotiates
+    under `encrypt protocols=>=TLSv1`."""
 
     @property
     def tried(self) -> bool:
@@ -236,6 +246,10 @@ class Diagnosis(_Model):
     explanation: str
     resolver: str
     resolver_validates: bool | None
+    """True when an answer proved DNSSEC validation (AD=1, or a bogus answer), False when the self-test
+    was answered without AD and nothing proved it, None when it could not be told."""
+    selftest: DnsLookup | None = None
+    """The resolver self-test: DNSKEY of a zone known to be signed (`dns_selftest_name`)."""
     smtp_port: int
     mx: DnsLookup | None
     implicit_mx: bool = False

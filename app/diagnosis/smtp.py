@@ -1,4 +1,10 @@
-"""STARTTLS probe of one MX address: banner, EHLO, STARTTLS, handshake (with or without SNI), the chain sent."""
+"""STARTTLS probe of one MX address: banner, EHLO, STARTTLS, handshake (with or without SNI), the chain sent.
+
+The handshake negotiates as mailcow's Postfix does (`TlsProfile`): its protocol floor
+(`smtp_tls_mandatory_protocols = >=TLSv1.2`), its mandatory cipher grade (`medium`, Postfix's
+`tls_medium_cipherlist`) and the OpenSSL security level Postfix ends up with at that TLS level. The
+`legacy` profile asks what the host can do at all below that floor.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,9 @@ import asyncio
 import contextlib
 import ssl
 import time
+import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cryptography import x509
 
@@ -15,6 +23,26 @@ from app.diagnosis.models import SmtpProbe, Stage
 
 _MAX_REPLY_LINES = 100
 _ENCODING_DER = 2  # _ssl.ENCODING_DER
+
+TlsProfile = Literal["authenticated", "unauthenticated", "legacy"]
+"""How the handshake negotiates. All three offer Postfix's `medium` cipher grade.
+
+- `authenticated`: as Postfix at the dane, fingerprint, verify and secure levels under mailcow:
+  TLS 1.2 or later, OpenSSL security level 1 (the library default Postfix keeps there: in the lab
+  posttls-finger at `fingerprint` accepts 1024-bit DHE, which level 2 refuses, and refuses the SHA-1
+  signatures of TLS 1.0/1.1, "legacy sigalg disallowed or unsupported").
+- `unauthenticated`: as Postfix at the encrypt and may levels under mailcow: TLS 1.2 or later at
+  security level 0 (in the lab posttls-finger at `encrypt` completes TLS 1.1 with SHA-1 signatures).
+- `legacy`: what Postfix negotiates under `encrypt protocols=>=TLSv1`: TLS 1.0 and later, security
+  level 0. Used only to learn what a host that fails the others can do at all."""
+
+# Postfix 3.7's tls_medium_cipherlist (smtp_tls_mandatory_ciphers = medium, mailcow keeps the default).
+_MEDIUM_CIPHERS = "aNULL:-aNULL:HIGH:MEDIUM:+RC4:@STRENGTH"
+_PROFILES: dict[TlsProfile, tuple[ssl.TLSVersion, int, str]] = {
+    "authenticated": (ssl.TLSVersion.TLSv1_2, 1, ">=TLSv1.2"),
+    "unauthenticated": (ssl.TLSVersion.TLSv1_2, 0, ">=TLSv1.2"),
+    "legacy": (ssl.TLSVersion.TLSv1, 0, ">=TLSv1"),
+}
 
 
 @dataclass
@@ -41,6 +69,7 @@ class _SmtpError(Exception):
 class _Session:
     port: int
     sni: str | None
+    profile: TlsProfile
     stage: Stage = "connect"
     banner: str | None = None
     ehlo: list[str] = field(default_factory=list)
@@ -51,7 +80,13 @@ class _Session:
 
 
 async def probe_smtp(
-    address: str, port: int, sni: str | None, helo_name: str, timeout: float, deadline: float
+    address: str,
+    port: int,
+    sni: str | None,
+    helo_name: str,
+    timeout: float,
+    deadline: float,
+    profile: TlsProfile = "authenticated",
 ) -> ProbeOutcome:
     """Never raises: a failure is recorded with the stage it happened at.
 
@@ -59,7 +94,7 @@ async def probe_smtp(
     that drips one reply line just inside `timeout` cannot hold the probe for long. `sni` None sends
     no SNI, as Postfix below the dane level without `servername=`."""
     started = time.monotonic()
-    session = _Session(port=port, sni=sni)
+    session = _Session(port=port, sni=sni, profile=profile)
     failed_stage: Stage | None = None
     error: str | None = None
     writer: asyncio.StreamWriter | None = None
@@ -91,6 +126,8 @@ async def probe_smtp(
     probe = SmtpProbe(
         port=port,
         sni=sni,
+        protocols=_PROFILES[profile][2],
+        security_level=_PROFILES[profile][1],
         banner=session.banner,
         ehlo=session.ehlo,
         starttls_offered=session.starttls_offered,
@@ -129,7 +166,9 @@ async def _converse(
     session.stage = "handshake"
     try:
         await asyncio.wait_for(
-            writer.start_tls(_client_context(), server_hostname=session.sni, ssl_handshake_timeout=timeout),
+            writer.start_tls(
+                _client_context(session.profile), server_hostname=session.sni, ssl_handshake_timeout=timeout
+            ),
             timeout + 1,
         )
     except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
@@ -151,11 +190,17 @@ async def _converse(
         await _command(reader, writer, "QUIT", timeout, "handshake")
 
 
-def _client_context() -> ssl.SSLContext:
+def _client_context(profile: TlsProfile) -> ssl.SSLContext:
     # DANE replaces PKIX; we match the chain ourselves. A fresh context per probe: no session reuse.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    minimum, level, _ = _PROFILES[profile]
+    context.set_ciphers(f"{_MEDIUM_CIPHERS}:@SECLEVEL={level}")
+    with warnings.catch_warnings():
+        # Python deprecates offering TLS 1.0/1.1; the legacy probe exists to find hosts that need it.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = minimum
     return context
 
 

@@ -64,6 +64,8 @@ class Lab:
     banner_delay: float = DEFAULT_BANNER_DELAY
     plain_resolver_port: int = 0
     """A second Unbound like mailcow's: validating, but without `ede: yes` (no Extended DNS Errors)."""
+    ipv6: bool = False
+    """Also start the IPv6 listeners; their addresses must exist (tests/lab/netns.py adds them to `lo`)."""
     servers: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per server key: host, address and the digests of the leaf it serves."""
     pids: dict[str, int] = field(default_factory=dict)
@@ -108,6 +110,7 @@ class Lab:
         resolver_port: int | None = None,
         smtp_port: int | None = None,
         banner_delay: float = DEFAULT_BANNER_DELAY,
+        ipv6: bool = False,
     ) -> Lab:
         """Fresh certificates, keys, signed zones and daemon configs in `directory`."""
         missing = missing_tools()
@@ -127,8 +130,8 @@ class Lab:
         used.add(resolver_port)
         plain_resolver_port = _free_port(["127.0.0.1"], udp=True, avoid=used)
         used.add(plain_resolver_port)
-        smtp_port = smtp_port or _free_port([s.address for s in SERVERS], udp=False, avoid=used)
-        lab = cls(directory, auth_port, resolver_port, smtp_port, banner_delay, plain_resolver_port)
+        smtp_port = smtp_port or _free_port([s.address for s in SERVERS if not s.ipv6], udp=False, avoid=used)
+        lab = cls(directory, auth_port, resolver_port, smtp_port, banner_delay, plain_resolver_port, ipv6)
         certs, extra = lab._make_certificates()
         lab._make_zones(certs, extra)
         lab._write_configs()
@@ -258,7 +261,7 @@ remote-control:
         )
         stubs = "".join(
             f'stub-zone:\n    name: "{zone}."\n    stub-addr: 127.0.0.1@{self.auth_port}\n'
-            for zone in ("test", "example.test", "unsigned.test", "bogus.test")
+            for zone in ("test", "example.test", "unsigned.test", "bogus.test", "lame.lab")
         )
         (run / "unbound-extra.conf").touch()
         (run / "unbound.conf").write_text(self._unbound_conf("unbound", self.resolver_port, ede=True, stubs=stubs))
@@ -274,6 +277,7 @@ remote-control:
                 "starttls": s.starttls,
                 "banner_delay": self.banner_delay if s.slow else 0.0,
                 "drip_interval": DRIP_INTERVAL if s.drip else 0.0,
+                "legacy": s.legacy,
                 **(
                     {
                         "default_cert": str(self.directory / "certs" / f"{s.key}-default.pem"),
@@ -284,6 +288,7 @@ remote-control:
                 ),
             }
             for s in SERVERS
+            if self.ipv6 or not s.ipv6
         ]
         (run / "smtp.json").write_text(json.dumps({"port": self.smtp_port, "listeners": listeners}, indent=1))
 

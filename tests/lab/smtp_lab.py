@@ -2,7 +2,7 @@
 
 Run as a script by tests/lab/lab.py: `python smtp_lab.py CONFIG.json`. Each listener serves its own
 certificate chain over STARTTLS (or offers no STARTTLS), may greet late, may drip its greeting line by
-line, may pick its certificate by SNI, and discards all mail.
+line, may pick its certificate by SNI, may speak only TLS 1.0/1.1, and discards all mail.
 Writes `ready` next to the config once every listener is bound; stops on SIGTERM.
 """
 
@@ -14,6 +14,7 @@ import logging
 import signal
 import ssl
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,13 @@ def _tls_context(listener: dict[str, Any]) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(listener["cert"], listener["key"])
+    if listener.get("legacy"):
+        # An old MTA: TLS 1.0 and 1.1 only. OpenSSL 3 needs security level 0 for their SHA-1 signatures.
+        context.set_ciphers("ALL:@SECLEVEL=0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
     if "default_cert" not in listener:
         return context
     # Like a multi-domain server: its own certificate only for SNI = its name, a default one otherwise.

@@ -24,6 +24,13 @@ class Server:
     drip: bool = False
     """Drips its greeting as `220-` continuation lines, one every DRIP_INTERVAL seconds, for far longer
     than a probe's deadline."""
+    legacy: bool = False
+    """Speaks only TLS 1.0 and 1.1 (OpenSSL security level 0 on its side), like an old MTA."""
+
+    @property
+    def ipv6(self) -> bool:
+        """An IPv6 listener: its address exists only in the namespace the posttls-finger run creates."""
+        return ":" in self.address
 
 
 SERVERS: tuple[Server, ...] = (
@@ -40,12 +47,22 @@ SERVERS: tuple[Server, ...] = (
     Server("mx12", "mx12.example.test", "127.0.0.23", sni_only=True),
     Server("drip", "mxdrip.example.test", "127.0.0.24", drip=True),
     Server("mx15", "mx15.example.test", "127.0.0.25", cert="ca-expired"),
+    Server("mx16", "mx16.example.test", "127.0.0.26", legacy=True),
+    # IPv6 (namespace mode only): an IPv6-only host; a dual-stack host whose IPv6 listener serves a key
+    # the TLSA records do not name; a host whose AAAA record is bogus (its A record is secure).
+    Server("v6only", "mxv6.example.test", "fd7c:1ab::28"),
+    Server("dual4", "mxdual.example.test", "127.0.0.27"),
+    Server("dual6", "mxdual.example.test", "fd7c:1ab::27"),
+    Server("bad6", "mxbad6.example.test", "127.0.0.28"),
     Server("unsigned", "mx.unsigned.test", "127.0.0.21"),
     Server("bogus", "mx.bogus.test", "127.0.0.31"),
     *(Server(f"slow{i}", f"slow{i}.example.test", f"127.0.0.{40 + i}", slow=True) for i in range(1, 5)),
 )
 
 DRIP_INTERVAL = 0.1
+
+BOGUS_AAAA_ADDRESS = "fd7c:1ab::29"
+"""mxbad6's AAAA record, edited after signing so that its RRSIG fails; nothing listens there."""
 
 BOGUS_HOST_ADDRESS = "127.0.0.19"
 """mx9's A record, edited after signing so that its RRSIG fails (class G); nothing listens there."""
@@ -74,10 +91,30 @@ SCENARIO_DOMAINS: tuple[str, ...] = (
     "longertlsa.example.test",
     "badlen.example.test",
     "taexpired.example.test",
+    "legacy.example.test",
     "unsigned.test",
     "hosted.unsigned.test",
     "bogus.test",
 )
+
+IPV6_DOMAINS: tuple[str, ...] = ("v6only.example.test", "dualstack.example.test", "bogusaaaa.example.test")
+"""Scenarios with IPv6 MX addresses: diagnosed and compared with posttls-finger only inside the
+namespace (tests/lab/netns.py), where the lab's IPv6 addresses exist on `lo`."""
+
+OVERRIDE_CHECKS: dict[str, tuple[tuple[str, str], ...]] = {
+    # Besides each recommendation: overrides whose outcome the diagnosis predicts (app.diagnosis.policy
+    # simulate()), tried with posttls-finger. `{pkey:KEY}` is the pkey_fingerprint of lab server KEY.
+    "legacy.example.test": (
+        ("encrypt", ""),
+        ("encrypt", "protocols=>=TLSv1"),
+        ("encrypt", "protocols=>=TLSv1.2"),
+        ("fingerprint", "match={pkey:mx16} protocols=>=TLSv1"),
+        ("dane", "protocols=>=TLSv1"),
+    ),
+    "dualstack.example.test": (("fingerprint", "match={pkey:dual4}"),),
+    "stale.example.test": (("encrypt", ""), ("fingerprint", "match={pkey:mx1}")),
+    "nostarttls.example.test": (("encrypt", ""),),
+}
 
 MANY_MX = 12
 """many.example.test: MX hosts many1 … many12 at preferences 10, 20, …; many1-5 pass DANE, the rest are stale."""
@@ -89,6 +126,11 @@ LONG_HOSTS = {
     # 259 characters: Postfix rejects it as an invalid name before any query.
     "longertlsa": "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "e" * 45 + ".example.test",
 }
+
+SELFTEST_SERVFAIL = "lame.lab."
+"""Unbound's stub for `lame.lab.` points at NSD, which serves no such zone and refuses every query:
+Unbound answers SERVFAIL for a reason that has nothing to do with DNSSEC (a self-test name that fails
+for an unrelated cause)."""
 
 SLOW_DOMAINS: tuple[str, ...] = ("drip.example.test", "slowpair.example.test")
 """Deadline scenarios (not in SCENARIO_DOMAINS: each one waits for a probe deadline)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.lab.pki import Issued
-from tests.lab.topology import BOGUS_HOST_ADDRESS, LONG_HOSTS, MANY_MX, SERVERS
+from tests.lab.topology import BOGUS_AAAA_ADDRESS, BOGUS_HOST_ADDRESS, LONG_HOSTS, MANY_MX, SERVERS
 
 SOA = "@ SOA ns.test. hostmaster.test. 1 3600 600 86400 5"
 TTL = 60
@@ -15,6 +15,7 @@ BOGUS_EXPIRATION = "20240201000000"
 # Records edited after signing, so their RRSIG no longer verifies.
 CORRUPT_TLSA_OWNER = "_25._tcp.mx7.example.test."
 CORRUPT_A_OWNER = "mx9.example.test."
+CORRUPT_AAAA_OWNER = "mxbad6.example.test."
 
 
 def _header(origin: str) -> list[str]:
@@ -36,8 +37,10 @@ def example_zone(certs: dict[str, Issued], extra: dict[str, Issued]) -> str:
     lines += ["@ MX 10 mx1", "@ MX 20 mx2"]
     for server in SERVERS:
         if server.host.endswith(".example.test"):
-            lines.append(f"{server.host.removesuffix('.example.test')} A {server.address}")
+            kind = "AAAA" if server.ipv6 else "A"
+            lines.append(f"{server.host.removesuffix('.example.test')} {kind} {server.address}")
     lines.append(f"mx9 A {BOGUS_HOST_ADDRESS}")
+    lines.append(f"mxbad6 AAAA {BOGUS_AAAA_ADDRESS}")
     lines.append("mxalias CNAME mx1")
     lines.append("mxalias2 CNAME mx6")
 
@@ -61,6 +64,10 @@ def example_zone(certs: dict[str, Issued], extra: dict[str, Issued]) -> str:
     tlsa("mx12", 3, 1, 1, extra["mx12-old"].spki_sha256)  # A: stale; the server also picks its cert by SNI
     tlsa("mxdrip", 3, 1, 1, certs["drip"].spki_sha256)
     tlsa("mx15", 2, 1, 1, extra["ca-expired"].spki_sha256)  # DANE-TA on a CA past its validity
+    tlsa("mx16", 3, 1, 1, certs["mx16"].spki_sha256)  # correct, but the host speaks only TLS 1.0/1.1
+    tlsa("mxv6", 3, 1, 1, certs["v6only"].spki_sha256)  # IPv6 only, correct
+    tlsa("mxdual", 3, 1, 1, certs["dual4"].spki_sha256)  # right for the IPv4 listener, stale for the IPv6 one
+    tlsa("mxbad6", 3, 1, 1, certs["bad6"].spki_sha256)  # correct; only the AAAA record is bogus
     for i in range(1, MANY_MX + 1):
         lines.append(f"many{i} A {'127.0.0.11' if i <= 5 else '127.0.0.12'}")
         tlsa(f"many{i}", 3, 1, 1, certs["mx1"].spki_sha256 if i <= 5 else extra["mx2-old"].spki_sha256)
@@ -93,6 +100,10 @@ def example_zone(certs: dict[str, Issued], extra: dict[str, Issued]) -> str:
         "many": [f"{10 * i} many{i}" for i in range(1, MANY_MX + 1)],
         "badlen": ["10 badlen-mx"],
         "taexpired": ["10 mx15"],
+        "legacy": ["10 mx16"],
+        "v6only": ["10 mxv6"],
+        "dualstack": ["10 mxdual"],
+        "bogusaaaa": ["10 mxbad6"],
         "drip": ["10 mxdrip"],
         "slowpair": ["10 mx1", "20 mxdrip"],
         "mx1host": ["10 slow1"],
@@ -125,7 +136,7 @@ def bogus_zone(certs: dict[str, Issued]) -> str:
 
 
 def corrupt_signed_zone(text: str) -> str:
-    """Change one digit of mx7's TLSA data and of mx9's address after signing."""
+    """Change one digit of mx7's TLSA data, of mx9's address and of mxbad6's IPv6 address after signing."""
     out = []
     for line in text.splitlines():
         fields = line.split()
@@ -135,6 +146,9 @@ def corrupt_signed_zone(text: str) -> str:
             line = "\t".join(fields)
         elif len(fields) == 5 and fields[0] == CORRUPT_A_OWNER and fields[3] == "A":
             fields[-1] = fields[-1].rsplit(".", 1)[0] + ".29"
+            line = "\t".join(fields)
+        elif len(fields) == 5 and fields[0] == CORRUPT_AAAA_OWNER and fields[3] == "AAAA":
+            fields[-1] = fields[-1].rsplit(":", 1)[0] + ":30"
             line = "\t".join(fields)
         out.append(line)
     return "\n".join(out) + "\n"
