@@ -18,9 +18,9 @@ def run_migrations() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from app.core.config import get_settings
+    from app.core.config import get_core_settings  # only the database: no OIDC settings needed to migrate
 
-    engine = make_engine(get_settings().database_url)
+    engine = make_engine(get_core_settings().database_url)
     with engine.connect() as conn:
         context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

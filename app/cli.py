@@ -1,4 +1,4 @@
-"""`python -m app serve | worker | migrate | openapi | dev | audit verify`."""
+"""`python -m app serve | worker | migrate | openapi | dev | audit verify | audit checkpoint | audit public-key`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from app.core.config import Settings, get_settings
+from app.core.config import CoreSettings, Settings
 from app.core.logs import configure_logging
+
+AnySettings = TypeVar("AnySettings", bound=CoreSettings)
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAPI_FILE = ROOT / "openapi" / "openapi.json"
@@ -66,11 +68,33 @@ def cmd_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_settings(command: str, factory: Callable[[], AnySettings]) -> AnySettings | None:
+    """Settings from the environment, or None after saying on stderr what is wrong (never a traceback).
+
+    `serve` and `worker` read them all (production refuses to start without OIDC); the database tools
+    read only `CoreSettings`, so they run with nothing but TLSO_DATABASE_URL."""
+    from app.audit.signing import trusted_keys
+
+    try:
+        settings = factory()
+        trusted_keys(settings)  # the audit keys parse (read from their files, if given)
+    except ValidationError as exc:
+        reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+        print(f"{command}: invalid settings: {reasons}", file=sys.stderr)
+        return None
+    except (ValueError, OSError) as exc:
+        print(f"{command}: invalid settings: {exc}", file=sys.stderr)
+        return None
+    return settings
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from app.core.db import make_engine
     from app.core.migrations import current_and_head, upgrade
 
-    settings = get_settings()
+    settings = load_settings("migrate", CoreSettings)
+    if settings is None:
+        return 2
     engine = make_engine(settings.database_url)
     upgrade(engine, args.revision)
     current, head = current_and_head(engine)
@@ -84,7 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app.main import create_app
 
-    settings = get_settings()
+    settings = load_settings("serve", Settings)
+    if settings is None:
+        return 2
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
         create_app(settings),
@@ -103,7 +129,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from app.core.migrations import current_and_head
     from app.worker.loop import run_worker
 
-    settings = get_settings()
+    settings = load_settings("worker", Settings)
+    if settings is None:
+        return 2
+    if settings.env == "production" and not settings.audit_signing_key_text:
+        print(
+            "worker: TLSO_AUDIT_SIGNING_KEY_FILE (or TLSO_AUDIT_SIGNING_KEY) must be set outside dev mode: "
+            "the worker signs the audit trail's checkpoints (create one: openssl genpkey -algorithm ed25519)",
+            file=sys.stderr,
+        )
+        return 2
     configure_logging(settings.log_level, settings.log_json)
     engine = make_engine(settings.database_url)
     try:
@@ -160,9 +195,14 @@ def _is_loopback(host: str) -> bool:
 def dev_settings(host: str, port: int) -> Settings:
     from app.core.devidp import DEV_AUDIENCE, DEV_ROLE_MAP
 
+    database_url = os.environ.get("TLSO_DATABASE_URL", f"sqlite:///{ROOT / 'var' / 'dev.db'}")
+    signing: dict[str, Any] = {}  # a key given in the environment wins
+    if not {"TLSO_AUDIT_SIGNING_KEY", "TLSO_AUDIT_SIGNING_KEY_FILE"} & set(os.environ):
+        signing["audit_signing_key_file"] = _dev_signing_key(database_url)
     return Settings(
         env="dev",
-        database_url=os.environ.get("TLSO_DATABASE_URL", f"sqlite:///{ROOT / 'var' / 'dev.db'}"),
+        database_url=database_url,
+        **signing,
         oidc_issuer=f"http://{host}:{port}/dev",
         oidc_audience=DEV_AUDIENCE,
         oidc_roles_claim="roles",
@@ -171,6 +211,20 @@ def dev_settings(host: str, port: int) -> Settings:
         log_json=False,
         justification_min_length=int(os.environ.get("TLSO_JUSTIFICATION_MIN_LENGTH", "10")),
     )
+
+
+def _dev_signing_key(database_url: str) -> Path:
+    """Dev mode signs audit checkpoints with a key kept beside its database, made on the first start."""
+    from sqlalchemy.engine import make_url
+
+    from app.audit.signing import generate_private_pem
+
+    path = Path(f"{make_url(database_url).database or ROOT / 'var' / 'dev.db'}.audit-key.pem")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+            handle.write(generate_private_pem())
+    return path
 
 
 def _dev_refusal(environ: Mapping[str, str]) -> str | None:
@@ -301,23 +355,115 @@ def _start_dev_worker(engine: Any, settings: Settings) -> Callable[[], None]:
     return stop_worker
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from app.audit.service import parse_export, verify_chain, verify_events
+def _database(command: str, settings: CoreSettings) -> Any:
+    """An engine on a reachable database at the migration head, or None (said on stderr)."""
+    from app.core.db import make_engine
+    from app.core.migrations import current_and_head
 
+    engine = make_engine(settings.database_url)
+    try:
+        current, head = current_and_head(engine)
+    except Exception as exc:  # say why in one line, whatever the driver raised
+        print(f"{command}: database unreachable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    if current != head:
+        print(
+            f"{command}: database is at {current}, this code needs {head}: run `python -m app migrate`", file=sys.stderr
+        )
+        return None
+    return engine
+
+
+def _text_or_file(value: str) -> str:
+    """A command-line value given inline, or the name of a file that holds it."""
+    try:
+        is_file = "\n" not in value and Path(value).is_file()
+    except OSError:  # e.g. a JSON document longer than a file name may be
+        is_file = False
+    return Path(value).read_text(encoding="utf-8") if is_file else value
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from app.audit.export import decoded_lines, parse_export
+    from app.audit.service import verify_chain, verify_events
+    from app.audit.signing import load_public_keys, parse_checkpoints, trusted_keys
+
+    settings = load_settings("audit verify", CoreSettings)
+    if settings is None:
+        return 2
+    try:
+        given = [key for value in args.public_key for key in load_public_keys(_text_or_file(value))]
+        keys = {key.key_id: key for key in given} if given else trusted_keys(settings)
+    except (OSError, ValueError) as exc:
+        print(f"audit verify: --public-key: {exc}", file=sys.stderr)
+        return 2
+    try:
+        published = [cp for value in args.checkpoint for cp in parse_checkpoints(_text_or_file(value))]
+    except (OSError, ValueError) as exc:
+        print(f"audit verify: --checkpoint: {exc}", file=sys.stderr)
+        return 2
     if args.file:
         fmt = args.format or ("csv" if args.file.endswith(".csv") else "jsonl")
-        with open(args.file, encoding="utf-8", newline="") as handle:
-            result = verify_events(parse_export(handle, fmt))
+        try:
+            with open(args.file, "rb") as handle:
+                result = verify_events(parse_export(decoded_lines(handle), fmt), keys, published)
+        except OSError as exc:
+            print(f"audit verify: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     else:
-        from sqlmodel import Session
+        from app.core.db import reading
 
-        from app.core.db import make_engine
-
-        engine = make_engine(get_settings().database_url)
-        with Session(engine) as session:
-            result = verify_chain(session)
+        engine = _database("audit verify", settings)
+        if engine is None:
+            return 2
+        with reading(engine) as session:
+            result = verify_chain(session, keys, published)
+        engine.dispose()
     print(result.model_dump_json())
     return 0 if result.valid else 1
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    from app.audit.checkpoints import latest_checkpoint, publish, write_checkpoint
+    from app.audit.signing import signer_from
+
+    settings = load_settings("audit checkpoint", CoreSettings)
+    if settings is None:
+        return 2
+    signer = signer_from(settings)
+    if signer is None:
+        print("audit checkpoint: no signing key: set TLSO_AUDIT_SIGNING_KEY_FILE", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    engine = _database("audit checkpoint", settings)
+    if engine is None:
+        return 2
+    checkpoint = write_checkpoint(engine, signer)
+    if checkpoint is None:  # nothing new since the last one: publish that one again
+        checkpoint = latest_checkpoint(engine)
+        if checkpoint is None:
+            print("audit checkpoint: the trail is empty; there is nothing to sign", file=sys.stderr)
+            return 0
+        publish(checkpoint)
+    engine.dispose()
+    print(checkpoint.model_dump_json())
+    return 0
+
+
+def cmd_audit_public_key(args: argparse.Namespace) -> int:
+    from app.audit.signing import trusted_keys
+
+    settings = load_settings("audit public-key", CoreSettings)
+    if settings is None:
+        return 2
+    keys = trusted_keys(settings)
+    if not keys:
+        print(
+            "audit public-key: no key configured (TLSO_AUDIT_SIGNING_KEY_FILE, TLSO_AUDIT_PUBLIC_KEYS)", file=sys.stderr
+        )
+        return 2
+    print(json.dumps({"keys": [key.describe() for key in keys.values()]}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,7 +496,27 @@ def main(argv: list[str] | None = None) -> int:
     verify = audit_commands.add_parser("verify", help="verify the hash chain (database, or an export file)")
     verify.add_argument("--file", help="a JSON Lines or CSV export to verify offline")
     verify.add_argument("--format", choices=["jsonl", "csv"])
+    verify.add_argument(
+        "--public-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a trusted public key (base64, PEM or the JSON of `audit public-key`) or a file holding it; "
+        "repeatable; default: the configured keys",
+    )
+    verify.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="a checkpoint published in the log or to a webhook (JSON, or a file of JSON lines); repeatable: "
+        "the trail must reach it with the hash it signed",
+    )
     verify.set_defaults(func=cmd_audit_verify)
+    checkpoint = audit_commands.add_parser("checkpoint", help="sign the chain head now and publish it")
+    checkpoint.set_defaults(func=cmd_audit_checkpoint)
+    public_key = audit_commands.add_parser("public-key", help="print the public keys that verify checkpoints")
+    public_key.set_defaults(func=cmd_audit_public_key)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

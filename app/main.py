@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from app import __version__
 from app.audit.router import router as audit_router
+from app.audit.signing import trusted_keys
 from app.core.auth import TokenValidator, oauth2_scheme
 from app.core.config import Settings
 from app.core.db import make_engine
@@ -83,6 +84,7 @@ def create_app(
     app.state.token_validator = TokenValidator(settings, app.state.oidc_http)
     app.state.diagnosis_limiter = RateLimiter(settings.diagnosis_rate_per_minute)
     app.state.recent_diagnoses = RecentDiagnoses()
+    app.state.audit_keys = trusted_keys(settings)  # a malformed key stops the start, not a later request
     install_error_handlers(app)
 
     # The OAuth2 scheme only documents the Swagger UI login; tokens are checked by current_principal.

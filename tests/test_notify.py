@@ -18,7 +18,7 @@ from app.audit.service import record, verify_chain
 from app.core.db import transaction
 from app.notify.models import NotificationCursor
 from app.notify.service import EVENT_HEADER, SIGNATURE_HEADER, deliver
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import LiveServer, audit_keys, make_settings
 
 SECRET = "webhook-secret-for-tests"
 
@@ -115,7 +115,7 @@ async def test_refused_event_is_dropped_after_max_attempts_and_audited(engine: A
     with Session(engine) as session:
         dropped = session.exec(select(AuditEvent).where(AuditEvent.action == "notification.dropped")).all()
         assert len(dropped) == 1 and dropped[0].after == {"sink": "ops", "seq": 1}
-        assert verify_chain(session).valid
+        assert verify_chain(session, audit_keys()).valid
 
 
 async def test_slack_format_and_event_filter(engine: Any, receiver: Receiver) -> None:

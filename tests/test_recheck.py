@@ -20,7 +20,7 @@ from app.overrides import service
 from app.overrides.models import Override, OverrideState
 from app.worker.loop import Worker
 from app.worker.recheck import recheck_due
-from tests.conftest import Headers, lab_settings
+from tests.conftest import Headers, audit_keys, lab_settings
 from tests.lab.lab import Lab
 
 
@@ -84,7 +84,7 @@ async def test_fixed_recipient_is_noticed_once_after_n_clean_checks(
         assert good is not None and stale is not None
         assert (good.state, good.clean_checks, stale.clean_checks) == (OverrideState.active, 3, 0)
         assert good.version == stale.version  # bookkeeping does not invalidate reviewers' ETags
-        assert verify_chain(session).valid
+        assert verify_chain(session, audit_keys()).valid
 
 
 async def test_remediation_end_removes_the_override_early(

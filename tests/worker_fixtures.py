@@ -29,7 +29,7 @@ from app.core.db import transaction, utcnow
 from app.mailcow.standin import Fault, MailcowStandin, StandinKey, create_standin_app
 from app.overrides.models import Override, OverrideState
 from app.worker.loop import Worker
-from tests.conftest import make_settings
+from tests.conftest import audit_keys, make_settings
 from tests.helpers import COMMENT, LiveServer, load  # noqa: F401  (re-exported for the worker tests)
 from tests.mailcow_fixtures import BASE, KEY
 
@@ -207,7 +207,7 @@ def assert_chain_valid(engine: Engine) -> None:
     from sqlmodel import Session
 
     with Session(engine) as session:
-        result = verify_chain(session)
+        result = verify_chain(session, audit_keys())
     assert result.valid, result
 
 

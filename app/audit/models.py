@@ -37,3 +37,22 @@ class AuditHead(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     seq: int = Field(default=0)
     hash: str = Field(default=GENESIS_HASH, max_length=64)
+    # The last `audit.checkpoint` event: only tells the worker when the next checkpoint is due.
+    checkpoint_seq: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+
+
+class RefusalTally(SQLModel, table=True):
+    """Refused attempts of one caller on one override and action in the current window (see refusals.py)."""
+
+    __tablename__ = "audit_refusal_tally"
+
+    key: str = Field(primary_key=True, max_length=64)  # SHA-256 of (actor, via, override_id, attempted)
+    actor: str = Field(max_length=200)
+    via: str | None = Field(default=None, max_length=200)
+    override_id: int | None = None
+    attempted: str
+    opened_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+    written: int = Field(default=1)  # rows written in full in this window
+    suppressed: int = Field(default=0)  # attempts counted, not yet written (a summary row will carry them)
+    last_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    last_reason: str | None = None

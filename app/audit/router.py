@@ -7,10 +7,13 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
+from app.audit.export import to_csv_rows, to_jsonl
 from app.audit.models import AuditEvent
-from app.audit.service import VerifyResult, as_dict, iter_events, to_csv_rows, to_jsonl, verify_chain
+from app.audit.service import VerifyResult, as_dict, iter_events, verify_chain
+from app.audit.signing import Checkpoint, PublicKey
 from app.core.auth import Principal, require
 from app.core.db import ReadSessionDep, reading
 from app.core.errors import problem_responses
@@ -44,10 +47,61 @@ def list_events(
     return EventPage(items=[EventRead.model_validate(as_dict(r)) for r in rows[:limit]], next_cursor=next_cursor)
 
 
-@router.get("/verify", response_model=VerifyResult, summary="Recompute the hash chain", responses=ERRORS)
-def verify(session: ReadSessionDep, _: Reader) -> VerifyResult:
-    """`valid` is false and `first_broken` names the first row whose hash or link does not hold."""
-    return verify_chain(session)
+class PublishedCheckpoints(BaseModel):
+    checkpoints: list[Checkpoint] = Field(
+        min_length=1,
+        max_length=100,
+        description="Checkpoints as published in the log or to a webhook (the `after` of `audit.checkpoint`).",
+    )
+
+
+class AuditKey(BaseModel):
+    key_id: str
+    algorithm: str = Field(examples=["Ed25519"])
+    public_key: str = Field(description="The 32 raw bytes of the public key, base64.")
+
+
+class AuditKeys(BaseModel):
+    keys: list[AuditKey]
+
+
+def _keys(request: Request) -> dict[str, PublicKey]:
+    keys: dict[str, PublicKey] = request.app.state.audit_keys
+    return keys
+
+
+@router.get(
+    "/verify", response_model=VerifyResult, summary="Recompute the hash chain and its checkpoints", responses=ERRORS
+)
+def verify(request: Request, session: ReadSessionDep, _: Reader) -> VerifyResult:
+    """`valid` is false and `first_broken` names the first row that cannot be trusted: one whose hash or
+    link does not hold, or rows rewritten and re-hashed before a signed checkpoint. Rows after
+    `anchored_through` are only as trustworthy as the database: a cut-off tail shows only against a
+    checkpoint published outside it (`POST`)."""
+    return verify_chain(session, _keys(request))
+
+
+@router.post(
+    "/verify",
+    response_model=VerifyResult,
+    summary="Verify the trail against checkpoints published outside the database",
+    responses=ERRORS,
+)
+def verify_against(request: Request, session: ReadSessionDep, _: Reader, body: PublishedCheckpoints) -> VerifyResult:
+    """As `GET`, and also: the trail must reach each checkpoint given, with the hash it signed (a trail cut
+    short, or rewritten and re-hashed, after the last checkpoint stored in it is found only so)."""
+    return verify_chain(session, _keys(request), body.checkpoints)
+
+
+@router.get(
+    "/public-keys",
+    response_model=AuditKeys,
+    summary="The public keys that verify the trail's signed checkpoints",
+    responses=ERRORS,
+)
+def public_keys(request: Request, _: Reader) -> AuditKeys:
+    """Keep a copy from when the service was set up: a key fetched from the service you audit proves little."""
+    return AuditKeys(keys=[AuditKey.model_validate(key.describe()) for key in _keys(request).values()])
 
 
 @router.get(

@@ -7,21 +7,21 @@ single `audit_head` row, so concurrent transactions chain one after the other an
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
-from sqlalchemy import Engine, event
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import event
 from sqlmodel import Session, col, select
 
+from app.audit.export import ExportFormatError
 from app.audit.models import GENESIS_HASH, AuditEvent, AuditHead
-from app.core.db import transaction, utcnow
+from app.audit.signing import CHECKPOINT_ACTION, Checkpoint, PublicKey
+from app.core.db import utcnow
 
 _PENDING = "audit_pending"
 
@@ -52,12 +52,6 @@ def record(
     # "" and None must not both exist: a CSV export could not tell them apart when re-hashed offline.
     entry = Entry(actor, via or None, action, override_id, _jsonable(before), _jsonable(after), comment or None)
     session.info.setdefault(_PENDING, []).append(entry)
-
-
-def record_alone(engine: Engine, **fields: Any) -> None:
-    """Record an event that has no other change to ride with (e.g. a refused authorisation)."""
-    with transaction(engine) as session:
-        record(session, **fields)
 
 
 def _jsonable(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -138,33 +132,113 @@ class VerifyResult(BaseModel):
     checked: int
     first_broken: int | None
     reason: str | None = None
+    checkpoints: int = Field(default=0, description="Signed checkpoints checked against the trail.")
+    anchored_through: int | None = Field(
+        default=None,
+        description="The last row a verified checkpoint covers. Rows after it are only as trustworthy as the "
+        "database: compare the trail with the latest checkpoint published to the log or the webhooks.",
+    )
 
 
-def verify_events(events: Iterable[dict[str, Any]], head: tuple[int, str] | None = None) -> VerifyResult:
-    """Recompute the chain over events in sequence order; point at the first broken one."""
-    prev_hash, expected_seq, checked = GENESIS_HASH, 1, 0
-    for event_row in events:
-        seq = event_row.get("seq")
-        if seq != expected_seq:
-            return VerifyResult(
-                valid=False,
-                checked=checked,
-                first_broken=expected_seq,
-                reason=f"sequence gap: expected {expected_seq}, found {seq}",
-            )
-        if event_row.get("prev_hash") != prev_hash:
-            return VerifyResult(valid=False, checked=checked, first_broken=seq, reason="prev_hash does not link")
-        if chain_hash(prev_hash, event_row) != event_row.get("hash"):
-            return VerifyResult(valid=False, checked=checked, first_broken=seq, reason="hash does not match content")
-        prev_hash, expected_seq, checked = event_row["hash"], expected_seq + 1, checked + 1
-    if head is not None and (head[0] != checked or head[1] != prev_hash):
+def verify_events(
+    events: Iterable[dict[str, Any]],
+    keys: Mapping[str, PublicKey],
+    published: Sequence[Checkpoint] = (),
+    head: tuple[int, str] | None = None,
+) -> VerifyResult:
+    """Recompute the chain in sequence order; check each checkpoint in it and each published one given.
+
+    The chain shows a changed row; a checkpoint (signed, so out of a forger's reach) shows a trail that
+    was rewritten and re-hashed as a whole; a published checkpoint beyond the trail's end shows rows cut
+    off the end. `first_broken` names the first row that cannot be trusted."""
+    prev_hash, checked, signed, anchored = GENESIS_HASH, 0, 0, 0
+
+    def result(first_broken: int | None = None, reason: str | None = None) -> VerifyResult:
         return VerifyResult(
-            valid=False,
+            valid=reason is None,
             checked=checked,
-            first_broken=checked + 1,
-            reason=f"chain head is at {head[0]} but the trail ends at {checked}",
+            first_broken=first_broken,
+            reason=reason,
+            checkpoints=signed,
+            anchored_through=anchored or None,
         )
-    return VerifyResult(valid=True, checked=checked, first_broken=None)
+
+    expected: dict[int, Checkpoint] = {}
+    for checkpoint in published:
+        problem = _signature_problem(checkpoint, keys, f"the published checkpoint of seq {checkpoint.seq}")
+        if problem:
+            return result(reason=problem)
+        if expected.setdefault(checkpoint.seq, checkpoint).hash != checkpoint.hash:
+            return result(reason=f"two validly signed checkpoints disagree about seq {checkpoint.seq}")
+    try:
+        for event_row in events:
+            seq = event_row.get("seq")
+            if seq != checked + 1:
+                return result(checked + 1, f"sequence gap: expected {checked + 1}, found {seq}")
+            if event_row.get("prev_hash") != prev_hash:
+                return result(seq, "prev_hash does not link")
+            if chain_hash(prev_hash, event_row) != event_row.get("hash"):
+                return result(seq, "hash does not match content")
+            if event_row.get("action") == CHECKPOINT_ACTION:
+                broken = _checkpoint_event_problem(event_row, prev_hash, anchored, keys)
+                if broken:
+                    return result(*broken)
+                signed, anchored = signed + 1, seq - 1
+            signed_here = expected.get(seq)
+            if signed_here is not None:
+                if signed_here.hash != event_row["hash"]:
+                    return result(
+                        anchored + 1, _rewritten(seq, anchored, f"the checkpoint published at {signed_here.at}")
+                    )
+                signed, anchored = signed + 1, seq
+            prev_hash, checked = event_row["hash"], checked + 1
+    except ExportFormatError as exc:
+        return result(checked + 1, str(exc))
+    if expected and max(expected) > checked:
+        cut = expected[max(expected)]
+        return result(
+            checked + 1,
+            f"rows were cut off the end: the trail ends at seq {checked}, but a checkpoint signed at {cut.at} "
+            f"covers seq {cut.seq}",
+        )
+    if head is not None and (head[0] != checked or head[1] != prev_hash):
+        return result(checked + 1, f"chain head is at {head[0]} but the trail ends at {checked}")
+    return result()
+
+
+def _signature_problem(checkpoint: Checkpoint, keys: Mapping[str, PublicKey], what: str) -> str | None:
+    key = keys.get(checkpoint.key_id)
+    if key is None:
+        trusted = ", ".join(sorted(keys)) or "none was given"
+        return f"{what} is signed by key {checkpoint.key_id}, which is not a trusted key ({trusted})"
+    if not key.verifies(checkpoint):
+        return f"{what} has a bad signature (key {checkpoint.key_id})"
+    return None
+
+
+def _checkpoint_event_problem(
+    event_row: dict[str, Any], prev_hash: str, anchored: int, keys: Mapping[str, PublicKey]
+) -> tuple[int, str] | None:
+    """A checkpoint event signs the row right before it (it is written under the chain's lock).
+    Returns the first row that cannot be trusted and why, or None."""
+    seq = event_row["seq"]
+    try:
+        checkpoint = Checkpoint.model_validate(event_row.get("after"))
+    except ValidationError:
+        return seq, f"the checkpoint at seq {seq} is malformed"
+    problem = _signature_problem(checkpoint, keys, f"the checkpoint at seq {seq}")
+    if problem:
+        return seq, problem
+    if checkpoint.seq != seq - 1:
+        return seq, f"the checkpoint at seq {seq} signs seq {checkpoint.seq}, not the row before it"
+    if checkpoint.hash != prev_hash:
+        return anchored + 1, _rewritten(seq - 1, anchored, f"the checkpoint at seq {seq}")
+    return None
+
+
+def _rewritten(seq: int, anchored: int, by: str) -> str:
+    since = f" after seq {anchored}" if anchored else ""
+    return f"the trail was rewritten{since} and re-hashed: the hash of seq {seq} differs from the one signed in {by}"
 
 
 def iter_events(session: Session, batch: int = 1000, **filters: Any) -> Iterator[AuditEvent]:
@@ -181,61 +255,7 @@ def iter_events(session: Session, batch: int = 1000, **filters: Any) -> Iterator
         last = rows[-1].seq
 
 
-def verify_chain(session: Session) -> VerifyResult:
+def verify_chain(session: Session, keys: Mapping[str, PublicKey], published: Sequence[Checkpoint] = ()) -> VerifyResult:
     head = session.get(AuditHead, 1)
-    return verify_events((as_dict(e) for e in iter_events(session)), (head.seq, head.hash) if head else None)
-
-
-CSV_FIELDS = [
-    "seq",
-    "at",
-    "actor",
-    "via",
-    "action",
-    "override_id",
-    "before",
-    "after",
-    "comment",
-    "prev_hash",
-    "hash",
-]
-
-
-def to_jsonl(event_row: dict[str, Any]) -> str:
-    return json.dumps(event_row, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def to_csv_rows(events: Iterable[dict[str, Any]]) -> Iterator[str]:
-    """CSV with `before`/`after` as JSON text, so an export can be re-hashed offline."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    yield buffer.getvalue()
-    for event_row in events:
-        buffer.seek(0)
-        buffer.truncate()
-        row = dict(event_row)
-        for key in ("before", "after"):
-            row[key] = "" if row[key] is None else json.dumps(row[key], sort_keys=True, ensure_ascii=False)
-        for key in ("via", "override_id", "comment"):
-            row[key] = "" if row[key] is None else row[key]
-        writer.writerow(row)
-        yield buffer.getvalue()
-
-
-def parse_export(lines: Iterable[str], fmt: str) -> Iterator[dict[str, Any]]:
-    """Read a JSON Lines or CSV export back into events, for offline verification."""
-    if fmt == "jsonl":
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
-        return
-    for row in csv.DictReader(lines):
-        event_row: dict[str, Any] = dict(row)
-        event_row["seq"] = int(event_row["seq"])
-        event_row["override_id"] = int(event_row["override_id"]) if event_row["override_id"] else None
-        for key in ("via", "comment"):
-            event_row[key] = event_row[key] or None
-        for key in ("before", "after"):
-            event_row[key] = json.loads(event_row[key]) if event_row[key] else None
-        yield event_row
+    rows = (as_dict(e) for e in iter_events(session))
+    return verify_events(rows, keys, published, (head.seq, head.hash) if head else None)

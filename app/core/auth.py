@@ -226,15 +226,15 @@ async def current_principal(
 async def _record_refusal(request: Request, claims: dict[str, Any], exc: Forbidden) -> None:
     from starlette.concurrency import run_in_threadpool
 
-    from app.audit.service import record_alone
+    from app.audit.refusals import record_refusal
 
     override_id = str(request.path_params.get("override_id", ""))
     await run_in_threadpool(
-        record_alone,
+        record_refusal,
         request.app.state.engine,
+        request.app.state.settings,
         actor=str(claims["sub"]),
         via=None,
-        action="auth.refused",
         override_id=int(override_id) if override_id.isdigit() else None,
         after={
             "attempted": f"{request.method} {request.url.path}",

@@ -34,8 +34,9 @@ DEFAULT_APPROVALS: dict[str, int] = {
 }
 
 
-class Settings(BaseSettings):
-    """Every setting of the service; the README lists them all."""
+class CoreSettings(BaseSettings):
+    """What every command needs — the database, logging, the audit trail's keys. The database tools
+    (`migrate`, `audit …`) read only these, so they run without the API's OIDC settings."""
 
     model_config = SettingsConfigDict(env_prefix="TLSO_", extra="ignore")
 
@@ -43,6 +44,34 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./var/tlsoverride.db"
     log_level: str = "INFO"
     log_json: bool = True
+
+    # audit trail: checkpoints of the chain head signed with this Ed25519 key (PEM or base64 of the
+    # 32-byte private key); public keys (base64 or PEM) trusted besides it, e.g. the ones before a rotation.
+    audit_signing_key: SecretStr | None = None
+    audit_signing_key_file: Path | None = None
+    audit_public_keys: Annotated[list[str], NoDecode] = []
+    audit_checkpoint_every_events: int = Field(default=100, ge=1)
+    audit_checkpoint_interval_seconds: float = Field(default=600.0, gt=0)
+    # Refusals of one caller on one override and action: this many are recorded in full per window,
+    # the rest counted and recorded as one summary row when the window ends (0 s: every one in full).
+    audit_refusal_window_seconds: float = Field(default=300.0, ge=0)
+    audit_refusals_per_window: int = Field(default=3, ge=1)
+
+    @field_validator("audit_public_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return json.loads(value) if value.startswith("[") else [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @property
+    def audit_signing_key_text(self) -> str | None:
+        return read_secret(self.audit_signing_key, self.audit_signing_key_file)
+
+
+class Settings(CoreSettings):
+    """Every setting of the service; the README lists them all."""
 
     # OIDC
     oidc_issuer: str = ""
@@ -200,3 +229,8 @@ def read_secret(value: SecretStr | None, file: Path | None) -> str | None:
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+@lru_cache
+def get_core_settings() -> CoreSettings:
+    return CoreSettings()

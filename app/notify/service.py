@@ -33,7 +33,9 @@ log = logging.getLogger("app.notify")
 
 SIGNATURE_HEADER = "X-Tlsoverride-Signature"
 EVENT_HEADER = "X-Tlsoverride-Event"
-DEFAULT_EVENTS = ["override.*", "recipient.*"]
+# Signed checkpoints of the trail go to every sink that keeps the default: each receiver holds a copy
+# of the anchor that someone who rewrites the database cannot reach.
+DEFAULT_EVENTS = ["override.*", "recipient.*", "audit.checkpoint"]
 MAX_BATCH = 50
 
 
@@ -74,6 +76,9 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 
 def render(sink: Sink, event: dict[str, Any]) -> dict[str, Any]:
+    if sink.format == "slack" and event["action"] == "audit.checkpoint":
+        signed = json.dumps(event["after"], sort_keys=True)
+        return {"text": f"tlsoverride: signed audit checkpoint of seq {event['after']['seq']}\n```{signed}```"}
     if sink.format == "slack":
         override = f" override {event['override_id']}" if event.get("override_id") else ""
         state = (event.get("after") or {}).get("state")

@@ -15,7 +15,8 @@ from sqlalchemy import Engine, func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from app.audit.service import record, record_alone
+from app.audit.refusals import record_refusal
+from app.audit.service import record
 from app.core.auth import Principal, same_person
 from app.core.config import Settings
 from app.core.db import utcnow
@@ -216,11 +217,11 @@ def refuse(ctx: ActionContext, override_id: int | None, action: str, reason: str
         # It would be rolled back anyway; end it first, because on SQLite it holds the only write lock
         # and the refusal's transaction would wait for it until the busy timeout (then fail: a 500).
         ctx.session.rollback()
-    record_alone(
+    record_refusal(
         ctx.engine,
+        ctx.settings,
         actor=ctx.principal.actor,
         via=ctx.principal.via,
-        action="auth.refused",
         override_id=override_id,
         after={"attempted": action, "roles": sorted(ctx.principal.roles)},
         comment=reason,

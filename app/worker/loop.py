@@ -28,6 +28,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from app.audit.checkpoints import audit_upkeep
+from app.audit.signing import signer_from
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.metrics import WORKER_LAG, WORKER_LAST_LOOP
@@ -75,6 +77,7 @@ class Worker:
         self.owner = owner or settings.worker_id or default_owner()
         self.targets: dict[str, Target] = configured_targets(settings)
         self.ctx = JobContext(engine, settings, self.owner, self.targets)
+        self.signer = signer_from(settings)  # signs audit checkpoints; None: none are made (not in production)
         self._transports = transports or {}
         self._clients: dict[str, MailcowClient] = {}
         self._http: httpx.AsyncClient | None = None
@@ -144,6 +147,7 @@ class Worker:
             for name in reconciling:
                 await reconcile_target(ctx, self.client(name), name)
 
+        await ctx.db(audit_upkeep, self.engine, settings, self.signer)  # before delivery: checkpoints go out now
         delivered = await self._deliver()
         next_due = await ctx.db(store.next_due, self.engine, list(self.targets), paused | ctx.auth_failed)
         did_work = bool(lapsed or late or removals or applies or reconciling or delivered)
@@ -276,6 +280,8 @@ async def serve(engine: Engine, settings: Settings, stop: asyncio.Event) -> None
     log.info("worker %s started; targets: %s; poll %.1fs", worker.owner, targets, settings.worker_poll_seconds)
     if not worker.targets:
         log.warning("no mailcow target is configured (TLSO_MAILCOW_URL + key, TLSO_MAILCOW_TARGETS): nothing applies")
+    if worker.signer is None:
+        log.warning("no audit signing key (TLSO_AUDIT_SIGNING_KEY_FILE): the audit trail gets no signed checkpoints")
     if os.environ.get(CRASH_ENV):
         log.warning("fault injection is armed: %s=%s", CRASH_ENV, os.environ[CRASH_ENV])
     try:
