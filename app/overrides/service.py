@@ -29,7 +29,7 @@ from app.core.errors import (
     PreconditionFailed,
     PreconditionRequired,
 )
-from app.core.text import decode_cursor, encode_cursor
+from app.core.text import decode_cursor, encode_cursor, visible_length
 from app.overrides.models import TERMINAL_STATES, Override, OverrideState, Vote
 from app.overrides.postfix import (
     POLICY_STRENGTH,
@@ -293,8 +293,8 @@ def _require_whole_seconds(duration: timedelta) -> None:
 
 def _require_comment_length(value: str, field: str, minimum: int) -> str:
     text = value.strip()
-    if len(text) < minimum:
-        raise InvalidInput.on(field, f"must be at least {minimum} characters: say why mail needs this")
+    if visible_length(text) < minimum:
+        raise InvalidInput.on(field, f"must be at least {minimum} visible characters: say why mail needs this")
     return text
 
 
