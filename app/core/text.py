@@ -1,4 +1,5 @@
-"""Shared input shapes: text without control or invisible characters, bounded ids, opaque cursors.
+"""Shared input shapes: text without control or invisible characters, bounded ids, opaque cursors, and
+the encoding of identity headers.
 
 PostgreSQL refuses a NUL in text, a lone surrogate (not UTF-8) and a number beyond its column; all must
 be a 422 that names the field, never a 500 from the database. Invisible characters are refused too: a
@@ -9,6 +10,7 @@ sees differ from what is stored ("Trojan Source").
 from __future__ import annotations
 
 import base64
+import re
 import unicodedata
 from typing import Annotated
 
@@ -113,6 +115,43 @@ Line = Annotated[str, AfterValidator(_line)]  # one line (names, tickets)
 
 # A query filter: one line, bounded.
 Filter = Annotated[Line | None, Query(max_length=200)]
+
+
+def parse_id(value: str) -> int | None:
+    """A path segment as a row id, or None: ASCII digits only (`²` and `①` are digits to `str.isdigit`
+    but not to `int`) and within the id columns' range."""
+    if not re.fullmatch(r"[0-9]{1,10}", value):
+        return None
+    number = int(value)
+    return number if 1 <= number <= MAX_ID else None
+
+
+# Identity headers (X-On-Behalf-Of, X-On-Behalf-Of-Name) carry UTF-8. HTTP gives header values as bytes
+# (Starlette hands them on decoded as Latin-1, which turns a UTF-8 `josé` into `josÃ©`), so the value is
+# read as: the bytes, with every `%XX` replaced by the byte it names (RFC 3986 percent-encoding), must be
+# UTF-8. Sending ASCII with non-ASCII percent-encoded (`jos%C3%A9`) is the portable form; raw UTF-8 bytes
+# are accepted as well. A `%` not followed by two hex digits, or bytes that are not UTF-8, are refused.
+HEADER_ENCODING = (
+    "UTF-8. Send non-ASCII characters percent-encoded (RFC 3986: `jos%C3%A9` for `josé`, `%25` for a "
+    "literal `%`); raw UTF-8 bytes are accepted too. After percent-decoding the value must be valid UTF-8, "
+    "one line, without control or invisible characters (zero-width spaces, bidi controls), else 422."
+)
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def decode_header_text(value: str) -> str:
+    """The text an identity header carries (see HEADER_ENCODING); ValueError says what is wrong."""
+    raw = value.encode("latin-1")  # undoes Starlette's decoding: one byte per character, exactly
+    if b"%" in _PERCENT.sub(b"", raw):
+        raise ValueError("has a '%' that is not followed by two hex digits (send a literal '%' as %25)")
+    try:
+        text = _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError("is not UTF-8 (percent-encode non-ASCII characters: jos%C3%A9 for josé)") from exc
+    problem = text_problem(text, one_line=True)
+    if problem:
+        raise ValueError(problem)
+    return text
 
 
 def encode_cursor(kind: str, position: int) -> str:
