@@ -238,7 +238,8 @@ OnBehalfOf = Annotated[
         alias=ON_BEHALF_OF,
         description=_header_doc(
             "Integrations only: the user the call is made for (up to 200 characters). The call then acts "
-            "with the roles in `TLSO_INTEGRATION_DELEGATED_ROLES` as that user; any other caller gets 403."
+            "with the roles in `TLSO_INTEGRATION_DELEGATED_ROLES` as that user; any other caller gets 403. "
+            "People are compared by a canonical key, so `ALİCE`, `Alice` and `alice` are one person."
         ),
     ),
 ]

@@ -134,7 +134,8 @@ def parse_id(value: str) -> int | None:
 HEADER_ENCODING = (
     "UTF-8. Send non-ASCII characters percent-encoded (RFC 3986: `jos%C3%A9` for `josé`, `%25` for a "
     "literal `%`); raw UTF-8 bytes are accepted too. After percent-decoding the value must be valid UTF-8, "
-    "one line, without control or invisible characters (zero-width spaces, bidi controls), else 422."
+    "one line, without control or invisible characters (zero-width spaces, bidi controls), and the header "
+    "is sent once; else 422."
 )
 _PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
 
