@@ -7,6 +7,7 @@ from typing import Any
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
@@ -62,7 +63,8 @@ def test_the_latest_step_goes_down_and_up_again_with_data(
     assert current == head
 
 
-BEFORE_PERSON_KEYS = "3b9e4f0a6c21"
+PERSON_KEYS = "7a4c2e9d1f08"  # alembic/versions/20261207_0200_person_keys.py
+BEFORE_PERSON_KEYS = str(ScriptDirectory.from_config(alembic_config()).get_revision(PERSON_KEYS).down_revision)
 
 
 def _migrate(engine: Engine, to: str, *, down: bool = False) -> None:

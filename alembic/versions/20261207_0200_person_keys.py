@@ -10,7 +10,7 @@ key (a self-approval or a double vote the old comparison missed): a person decid
 
 Revision ID: 7a4c2e9d1f08
 Revises: 3b9e4f0a6c21
-Create Date: 2026-12-07 01:00:00
+Create Date: 2026-12-07 02:00:00
 """
 
 from collections.abc import Sequence
