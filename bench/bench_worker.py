@@ -176,6 +176,7 @@ def new_override(n: int, prefix: str, state: OverrideState, seconds: int) -> Ove
         duration_seconds=seconds,
         state=state,
         requested_by="bench",
+        requested_by_key="bench",
         requested_by_name="Bench",
         created_at=now,
         updated_at=now,

@@ -179,4 +179,5 @@ def test_rate_limit_key() -> None:
     person = Principal(actor="alice", name="Alice", roles=frozenset())
     bot = Principal(actor="user7", name="User 7", roles=frozenset(), via="ticketing")
     assert rate_limit_key(person) == "actor:alice"
+    assert rate_limit_key(replace(person, actor="ALİCE")) == "actor:alice"  # one budget per person
     assert rate_limit_key(bot) == rate_limit_key(replace(bot, actor="user8")) == "via:ticketing"

@@ -57,6 +57,15 @@ def test_keys_belong_to_their_caller(client: Any, auth: Any) -> None:
     assert as_bot.status_code == 201 and "idempotent-replayed" not in as_bot.headers
 
 
+def test_a_key_belongs_to_the_person_not_to_a_spelling(client: Any, engine: Engine, auth: Any) -> None:
+    """The owner is the person key: a retry whose token spells the subject otherwise is still a replay."""
+    first = _create(client, auth("ALİCE", "requester"), "k-1")  # a Turkish locale's upper case
+    assert first.status_code == 201, first.text
+    again = _create(client, auth("alice", "requester"), "k-1")
+    assert again.headers.get("idempotent-replayed") == "true" and again.json() == first.json()
+    assert len(audit_rows(engine, "override.created")) == 1
+
+
 def test_action_replay_and_reuse_on_another_action(client: Any, engine: Engine, auth: Any, make_override: Any) -> None:
     override_id = make_override(policy="none")["id"]
     bob = auth("bob", "approver") | {"Idempotency-Key": "decide-1"}

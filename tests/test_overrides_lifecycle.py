@@ -301,6 +301,7 @@ def _insert(engine: Engine, state: OverrideState, n: int) -> int:
             state=state,
             live=state not in TERMINAL_STATES,
             requested_by="alice",
+            requested_by_key="alice",
             requested_by_name="Alice",
             created_at=now,
             updated_at=now,

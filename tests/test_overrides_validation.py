@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -268,3 +269,71 @@ def test_what_postgresql_would_refuse_is_a_422_not_a_500(
         headers=headers,
     )
     assert multi_line.status_code == 200, multi_line.text  # line breaks are fine in free text
+
+
+# Invisible characters: they must not make up a justification's minimum, nor hide in what reviewers read.
+INVISIBLE_REFUSED = {
+    "zero width space": "\u200b",
+    "left-to-right embedding": "\u202a",
+    "right-to-left override": "\u202e",
+    "pop directional formatting": "\u202c",
+    "left-to-right isolate": "\u2066",
+    "pop directional isolate": "\u2069",
+    "word joiner": "\u2060",
+    "BOM": "\ufeff",
+    "soft hyphen": "\u00ad",
+    "Hangul filler": "\u3164",
+    "tag character": "\U000e0041",
+    "C1 control (NEL)": "\x85",
+    "C1 control (CSI)": "\x9b",
+    "lone surrogate": "\ud800",
+}
+
+
+def test_invisible_characters_in_justifications_and_comments_are_refused(
+    client: Any, engine: Engine, auth: Any, make_override: Any, subtests: Any
+) -> None:
+    override_id = make_override()["id"]
+    admin = auth("root", "admin") | {"content-type": "application/json"}
+    requester = auth("alice", "requester") | {"content-type": "application/json"}
+    for why, ch in INVISIBLE_REFUSED.items():
+        # JSON with escapes, so a lone surrogate travels; plenty of visible text around each character.
+        cases = [
+            ("/v1/overrides", requester, _body(destination="example.net", justification=JUSTIFICATION + ch)),
+            (f"/v1/overrides/{override_id}/reject", admin, {"comment": f"Not {ch}yet"}),
+        ]
+        for url, headers, body in cases:
+            field = f"body.{'justification' if 'justification' in body else 'comment'}"
+            with subtests.test(why=why, field=field):
+                before = counts(engine)
+                response = client.post(url, content=json.dumps(body), headers=headers)
+                assert_problem(response, 422, field=field)
+                assert counts(engine) == before
+
+
+def test_only_visible_characters_count_towards_the_minimum(
+    client: Any, engine: Engine, auth: Any, make_override: Any, subtests: Any
+) -> None:
+    headers = auth("alice", "requester")
+    joiners = "\u200d\u200c\u200e\u200f\ufe0f"  # kept in text (scripts and emoji need them), never counted
+    with subtests.test(case="19 visible characters and joiners"):
+        _refused(client, engine, headers, _body(justification="x" * 19 + joiners * 4), "body.justification")
+    with subtests.test(case="joiners only"):
+        _refused(client, engine, headers, _body(justification=joiners * 10), "body.justification")
+    with subtests.test(case="a comment of joiners only"):
+        override_id = make_override(destination="example.net")["id"]
+        response = client.post(
+            f"/v1/overrides/{override_id}/cancel", json={"comment": " \u200d\u200c "}, headers=headers
+        )
+        assert_problem(response, 422, field="body.comment")
+    with subtests.test(case="20 visible characters"):
+        text = "x" * 20 + "\u200d"
+        response = client.post("/v1/overrides", json=_body(justification=text), headers=headers)
+        assert response.status_code == 201, response.text
+        assert response.json()["justification"] == text
+    with subtests.test(case="Persian with a zero-width non-joiner, an emoji sequence"):
+        text = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 mail is stuck since 09:00 \U0001f469\u200d\U0001f4bb"
+        response = client.post(
+            "/v1/overrides", json=_body(destination="example.com", justification=text), headers=headers
+        )
+        assert response.status_code == 201, response.text

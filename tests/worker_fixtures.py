@@ -134,6 +134,7 @@ def seed_approved(engine: Engine, count: int, prefix: str = "d", policy: str = "
                 duration_seconds=3600,
                 state=S.approved,
                 requested_by="alice",
+                requested_by_key="alice",
                 requested_by_name="Alice",
                 created_at=now,
                 updated_at=now,

@@ -25,6 +25,7 @@ from app.audit.models import RefusalTally
 from app.audit.service import record
 from app.core.config import CoreSettings
 from app.core.db import reading, transaction, utcnow
+from app.core.person import person_key
 
 REFUSED = "auth.refused"
 
@@ -67,7 +68,8 @@ def _count(
 ) -> None:
     now = utcnow()
     attempted = str(after.get("attempted", ""))
-    key = hashlib.sha256(json.dumps([actor, via, override_id, attempted]).encode()).hexdigest()
+    # One window per person, not per spelling: variants of a name must not each get their allowance.
+    key = hashlib.sha256(json.dumps([person_key(actor), via, override_id, attempted]).encode()).hexdigest()
     tally = session.exec(select(RefusalTally).where(RefusalTally.key == key).with_for_update()).first()
     if tally is not None and now - tally.opened_at < timedelta(seconds=settings.audit_refusal_window_seconds):
         if tally.written >= settings.audit_refusals_per_window:

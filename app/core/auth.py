@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2AuthorizationCodeBearer
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -24,6 +24,8 @@ from joserfc.jws import extract_compact
 
 from app.core.config import ROLES, Role, Settings
 from app.core.errors import Forbidden, InvalidInput, ServiceUnavailable, Unauthenticated
+from app.core.person import RESERVED_KEYS, person_key
+from app.core.text import HEADER_ENCODING, decode_header_text, parse_id, text_problem
 
 log = logging.getLogger("app.auth")
 
@@ -33,13 +35,19 @@ ON_BEHALF_OF_NAME = "X-On-Behalf-Of-Name"
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is acting: the human (`actor`) and, for integrations, the machine client (`via`)."""
+    """Who is acting: the human (`actor`, as the token or the integration named them) and, for
+    integrations, the machine client (`via`)."""
 
     actor: str
     name: str
     roles: frozenset[Role]
     via: str | None = None
     client_id: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The person as compared with others (app/core/person.py)."""
+        return person_key(self.actor)
 
     def has(self, *roles: Role) -> bool:
         return bool(self.roles.intersection(roles))
@@ -139,47 +147,67 @@ def roles_from_claims(claims: dict[str, Any], settings: Settings) -> frozenset[R
     return frozenset(roles)
 
 
-RESERVED_ACTORS = frozenset({"system"})
+def _claim(claims: dict[str, Any], name: str) -> str | None:
+    """A string claim that names someone or something, held to the text rules of every other input."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Unauthenticated(f"The token's '{name}' claim is not a string.")
+    problem = text_problem(value, one_line=True)
+    if problem:
+        raise Unauthenticated(f"The token's '{name}' claim {problem}.")
+    return value
 
 
-def person_key(name: str) -> str:
-    """A person's name as compared (and, for delegated names, stored): Unicode form and case folded."""
-    return unicodedata.normalize("NFKC", name).strip().casefold()
+def _header(header: str, values: list[str]) -> str:
+    if len(values) > 1:
+        raise InvalidInput.on(f"header.{header}", f"{header} must be sent once")
+    try:
+        return decode_header_text(values[0]).strip()
+    except ValueError as exc:
+        raise InvalidInput.on(f"header.{header}", f"{header} {exc}") from exc
 
 
-def same_person(a: str | None, b: str | None) -> bool:
-    """Whether two recorded actors are the same human."""
-    return a is not None and b is not None and person_key(a) == person_key(b)
+def _person_problem(name: str) -> str | None:
+    """Why `name` cannot name a person (or None)."""
+    key = person_key(name)
+    if not name.strip() or not key:
+        return "names nobody (it is empty or only invisible characters and marks)"
+    if len(name) > 200 or len(key) > 200:
+        return "is longer than 200 characters"
+    if key in RESERVED_KEYS:
+        return f"'{name}' is reserved for tlsoverride itself"
+    return None
 
 
 def principal_from_claims(
-    claims: dict[str, Any], settings: Settings, on_behalf_of: str | None, on_behalf_name: str | None
+    claims: dict[str, Any], settings: Settings, on_behalf_of: list[str], on_behalf_name: list[str]
 ) -> Principal:
+    """The caller: a bad identity in the token is a 401, a bad identity header a 422 naming it."""
     roles = roles_from_claims(claims, settings)
-    sub = str(claims["sub"])
-    if not sub or len(sub) > 200:
-        raise Unauthenticated("The token's subject is empty or longer than 200 characters.")
-    if sub.casefold() in RESERVED_ACTORS:
-        raise Unauthenticated(f"The subject '{sub}' is reserved for tlsoverride itself.")
-    client_id = str(claims.get("client_id") or claims.get("azp") or "") or None
+    sub = _claim(claims, "sub") or ""
+    problem = _person_problem(sub)
+    if problem:
+        raise Unauthenticated(f"The token's subject {problem}.")
+    client_id = _claim(claims, "client_id") or _claim(claims, "azp")
     client_id = client_id[:200] if client_id else None
-    name = str(claims.get("name") or claims.get("preferred_username") or sub)[:200]
-    if on_behalf_of is None:
+    name = (_claim(claims, "name") or _claim(claims, "preferred_username") or sub)[:200]
+    if not on_behalf_of:
         return Principal(actor=sub, name=name, roles=roles, client_id=client_id)
     if "integration" not in roles:
         raise Forbidden(f"Only integrations may send {ON_BEHALF_OF}.")
-    # People are compared case-insensitively (an alias "Alice" must not approve alice's request), so the
-    # name an integration gives is stored in its normal form; `system` is the worker's name, never a user's.
-    user = person_key(on_behalf_of)
-    if not user or len(user) > 200 or not user.isprintable():
-        raise InvalidInput.on(f"header.{ON_BEHALF_OF}", "must name the user the integration acts for")
-    if user in RESERVED_ACTORS:
-        raise InvalidInput.on(f"header.{ON_BEHALF_OF}", f"'{user}' is reserved for tlsoverride itself")
-    delegated = frozenset(settings.integration_delegated_roles)
+    user = _header(ON_BEHALF_OF, on_behalf_of)
+    problem = _person_problem(user)
+    if problem:
+        raise InvalidInput.on(f"header.{ON_BEHALF_OF}", f"{ON_BEHALF_OF} {problem}")
+    shown = _header(ON_BEHALF_OF_NAME, on_behalf_name) if on_behalf_name else user
+    if not shown or len(shown) > 200:
+        raise InvalidInput.on(f"header.{ON_BEHALF_OF_NAME}", f"{ON_BEHALF_OF_NAME} must be 1 to 200 characters")
     return Principal(
         actor=user,
-        name=(on_behalf_name or user).strip()[:200],
-        roles=delegated,
+        name=shown,
+        roles=frozenset(settings.integration_delegated_roles),
         via=client_id or sub,
         client_id=client_id,
     )
@@ -200,10 +228,41 @@ def oauth2_scheme(settings: Settings) -> OAuth2AuthorizationCodeBearer:
 bearer_scheme = HTTPBearer(scheme_name="bearer", auto_error=False, description="Paste an access token.")
 
 
+def _header_doc(what: str) -> str:
+    return f"{what} Encoding: {HEADER_ENCODING}"
+
+
+OnBehalfOf = Annotated[
+    str | None,
+    Header(
+        alias=ON_BEHALF_OF,
+        description=_header_doc(
+            "Integrations only: the user the call is made for (up to 200 characters). The call then acts "
+            "with the roles in `TLSO_INTEGRATION_DELEGATED_ROLES` as that user; any other caller gets 403. "
+            "People are compared by a canonical key, so `ALİCE`, `Alice` and `alice` are one person."
+        ),
+    ),
+]
+OnBehalfOfName = Annotated[
+    str | None,
+    Header(
+        alias=ON_BEHALF_OF_NAME,
+        description=_header_doc(
+            f"With `{ON_BEHALF_OF}`: that user's display name (1 to 200 characters; default: the "
+            f"`{ON_BEHALF_OF}` value). Ignored without it."
+        ),
+    ),
+]
+
+
 async def current_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    on_behalf_of: OnBehalfOf = None,
+    on_behalf_of_name: OnBehalfOfName = None,
 ) -> Principal:
+    """The caller. The identity headers are parameters so that every authenticated route documents them;
+    they are read from the request (every occurrence: a repeated header is refused)."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthenticated("A bearer token is required.")
     validator: TokenValidator = request.app.state.token_validator
@@ -212,8 +271,8 @@ async def current_principal(
         principal = principal_from_claims(
             claims,
             validator.settings,
-            request.headers.get(ON_BEHALF_OF),
-            request.headers.get(ON_BEHALF_OF_NAME),
+            request.headers.getlist(ON_BEHALF_OF),
+            request.headers.getlist(ON_BEHALF_OF_NAME),
         )
     except Forbidden as exc:
         if request.method not in {"GET", "HEAD", "OPTIONS"}:  # an attempted action: on record, like any refusal
@@ -228,20 +287,31 @@ async def _record_refusal(request: Request, claims: dict[str, Any], exc: Forbidd
 
     from app.audit.refusals import record_refusal
 
-    override_id = str(request.path_params.get("override_id", ""))
     await run_in_threadpool(
         record_refusal,
         request.app.state.engine,
         request.app.state.settings,
         actor=str(claims["sub"]),
         via=None,
-        override_id=int(override_id) if override_id.isdigit() else None,
+        override_id=parse_id(str(request.path_params.get("override_id", ""))),
         after={
             "attempted": f"{request.method} {request.url.path}",
-            "on_behalf_of": (request.headers.get(ON_BEHALF_OF) or "")[:200],
+            "on_behalf_of": _as_sent(request.headers.get(ON_BEHALF_OF) or "")[:200],
         },
         comment=exc.detail,
     )
+
+
+def _as_sent(value: str) -> str:
+    """A header for the record: its text if it is acceptable, else as sent with every byte that is not
+    printable ASCII percent-encoded."""
+    try:
+        return decode_header_text(value)
+    except ValueError:
+        return quote(value.encode("latin-1"), safe=_PRINTABLE_ASCII)
+
+
+_PRINTABLE_ASCII = "".join(chr(c) for c in range(0x20, 0x7F))
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -55,7 +55,7 @@ def _replay(record: IdempotencyRecord, print_: str) -> JSONResponse:
 
 
 def _owner(principal: Principal) -> str:
-    return f"{principal.via or ''}|{principal.actor}"
+    return f"{principal.via or ''}|{principal.key}"
 
 
 def _record_of(owner: str, key: str) -> SelectOfScalar[IdempotencyRecord]:

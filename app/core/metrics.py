@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from app.core.auth import bearer_scheme, current_principal
+from app.core.auth import OnBehalfOf, OnBehalfOfName, bearer_scheme, current_principal
 from app.core.db import utcnow
 from app.core.errors import Forbidden, problem_responses
 
@@ -171,13 +171,16 @@ def render(engine: Engine) -> bytes:
 
 
 async def _scraper(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    on_behalf_of: OnBehalfOf = None,
+    on_behalf_of_name: OnBehalfOfName = None,
 ) -> None:
     """A scrape needs a token with the admin or auditor role (Prometheus: `oauth2` client credentials),
     unless `TLSO_METRICS_PUBLIC=true` opens it for a scraper on a private network."""
     if request.app.state.settings.metrics_public:
         return
-    principal = await current_principal(request, credentials)
+    principal = await current_principal(request, credentials, on_behalf_of, on_behalf_of_name)
     if not principal.has("admin", "auditor"):
         raise Forbidden("Metrics need one of the roles: admin, auditor.")
 
@@ -192,7 +195,7 @@ def metrics_router() -> APIRouter:
         dependencies=[Depends(_scraper)],
         responses={
             200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
-            **problem_responses(401, 403),
+            **problem_responses(401, 403, 422),
         },
     )
     def metrics(request: Request) -> Response:

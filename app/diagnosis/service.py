@@ -71,7 +71,7 @@ class RateLimiter:
 def rate_limit_key(principal: Principal) -> str:
     """The machine client for integrations, else the person: an integration rotating X-On-Behalf-Of
     shares one budget."""
-    return f"via:{principal.via}" if principal.via else f"actor:{principal.actor}"
+    return f"via:{principal.via}" if principal.via else f"actor:{principal.key}"
 
 
 async def diagnose_within_budget(app: FastAPI, principal: Principal, domain: str) -> Diagnosis:

@@ -80,7 +80,9 @@ class Override(SQLModel, table=True):
     live: bool = Field(default=True)
     version: int = Field(default=1)
 
-    requested_by: str = Field(max_length=200, index=True)
+    # A person is recorded as given (shown) and by their key (compared: app/core/person.py).
+    requested_by: str = Field(max_length=200)
+    requested_by_key: str = Field(max_length=200, index=True)
     requested_by_name: str = Field(max_length=200)
     requested_via: str | None = Field(default=None, max_length=200)
     approvals_required: int = Field(default=1)
@@ -100,6 +102,7 @@ class Override(SQLModel, table=True):
     extension_round: int = Field(default=0)
     extension_seconds: int | None = None
     extension_requested_by: str | None = Field(default=None, max_length=200)
+    extension_requested_by_key: str | None = Field(default=None, max_length=200)
 
     # Worker bookkeeping.
     mailcow_id: int | None = None
@@ -124,12 +127,14 @@ class Vote(SQLModel, table=True):
     """One reviewer's decision on one round (0 = the request, n = the n-th extension)."""
 
     __tablename__ = "vote"
-    __table_args__ = (UniqueConstraint("override_id", "round", "reviewer", name="uq_vote_one_per_reviewer"),)
+    # One vote per person and round, whatever spelling of their name each vote came with.
+    __table_args__ = (UniqueConstraint("override_id", "round", "reviewer_key", name="uq_vote_one_per_reviewer"),)
 
     id: int | None = Field(default=None, primary_key=True)
     override_id: int = Field(foreign_key="override.id", index=True)
     round: int = Field(default=0)
     reviewer: str = Field(max_length=200)
+    reviewer_key: str = Field(max_length=200)
     reviewer_name: str = Field(max_length=200)
     via: str | None = Field(default=None, max_length=200)
     decision: str = Field(max_length=10)  # approve | reject

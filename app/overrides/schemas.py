@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from app.core.text import Line, Text
+from app.core.text import Line, Text, visible_length
 from app.overrides.models import OverrideState
 
 Policy = Literal["none", "may", "encrypt", "verify", "secure", "dane", "dane-only", "fingerprint"]
@@ -47,7 +47,12 @@ class OverrideCreate(BaseModel):
     )
     policy: Policy
     parameters: str = Field(default="", max_length=1000, description="Postfix TLS policy attributes, `name=value`.")
-    justification: Text = Field(max_length=4000)
+    justification: Text = Field(
+        max_length=4000,
+        description="Why mail needs this: at least `TLSO_JUSTIFICATION_MIN_LENGTH` visible characters. Zero-width "
+        "spaces, bidi controls and other invisible characters are refused (ZWJ, ZWNJ, LRM, RLM and variation "
+        "selectors are kept but not counted).",
+    )
     ticket: Line | None = Field(default=None, max_length=200)
     ticket_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
     duration: timedelta | None = Field(
@@ -57,10 +62,18 @@ class OverrideCreate(BaseModel):
     _duration_is_iso = field_validator("duration", mode="before")(_iso_duration)
 
 
+def _visible(value: str) -> str:
+    if not visible_length(value):
+        raise ValueError("must say something visible")
+    return value
+
+
 class ActionBody(BaseModel):
-    # Stripped, so that a comment of blanks counts as no comment.
+    # Stripped, so that a comment of blanks counts as no comment (and one of invisible characters too).
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    comment: Text = Field(min_length=1, max_length=4000, description="Why: every decision carries a comment.")
+    comment: Annotated[Text, AfterValidator(_visible)] = Field(
+        min_length=1, max_length=4000, description="Why: every decision carries a comment."
+    )
 
 
 class ExtendBody(ActionBody):

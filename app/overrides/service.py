@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 
 from app.audit.refusals import record_refusal
 from app.audit.service import record
-from app.core.auth import Principal, same_person
+from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import (
@@ -30,7 +30,8 @@ from app.core.errors import (
     PreconditionFailed,
     PreconditionRequired,
 )
-from app.core.text import decode_cursor, encode_cursor
+from app.core.person import person_key
+from app.core.text import decode_cursor, encode_cursor, visible_length
 from app.overrides.models import TERMINAL_STATES, Override, OverrideState, Vote
 from app.overrides.postfix import (
     POLICY_STRENGTH,
@@ -197,7 +198,7 @@ def load(session: Session, override_id: int, *, for_update: bool = False) -> Ove
 
 
 def can_see(principal: Principal, override: Override) -> bool:
-    return principal.has("approver", "admin", "auditor") or same_person(override.requested_by, principal.actor)
+    return principal.has("approver", "admin", "auditor") or override.requested_by_key == principal.key
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,7 @@ def reviewer(principal: Principal, override: Override) -> bool:
 
 
 def owner_or_admin(principal: Principal, override: Override) -> bool:
-    return same_person(override.requested_by, principal.actor) or principal.has("admin")
+    return override.requested_by_key == principal.key or principal.has("admin")
 
 
 def admin(principal: Principal, override: Override) -> bool:
@@ -294,8 +295,8 @@ def _require_whole_seconds(duration: timedelta) -> None:
 
 def _require_comment_length(value: str, field: str, minimum: int) -> str:
     text = value.strip()
-    if len(text) < minimum:
-        raise InvalidInput.on(field, f"must be at least {minimum} characters: say why mail needs this")
+    if visible_length(text) < minimum:
+        raise InvalidInput.on(field, f"must be at least {minimum} visible characters: say why mail needs this")
     return text
 
 
@@ -362,6 +363,7 @@ def create_override(
         duration_seconds=int(duration.total_seconds()),
         state=S.approved if auto else S.pending,
         requested_by=principal.actor,
+        requested_by_key=principal.key,
         requested_by_name=principal.name,
         requested_via=principal.via,
         approvals_required=0 if auto else settings.approvals_for(body.policy),
@@ -442,13 +444,13 @@ def list_overrides(
     """Newest first, stable under inserts: keyset pagination on the id."""
     query = select(Override)
     if not principal.has("approver", "admin", "auditor"):
-        query = query.where(func.lower(Override.requested_by) == principal.actor.lower())
+        query = query.where(Override.requested_by_key == principal.key)
     if filters.state:
         query = query.where(col(Override.state).in_(list(filters.state)))
     if filters.destination:
         query = query.where(Override.destination == _normalised_or_raw(filters.destination))
     if filters.requester:
-        query = query.where(Override.requested_by == filters.requester)
+        query = query.where(Override.requested_by_key == person_key(filters.requester))
     if filters.ticket:
         query = query.where(Override.ticket == filters.ticket)
     if filters.target:
@@ -483,14 +485,19 @@ def is_overdue(override: Override, now: datetime | None = None) -> bool:
 REVIEWERS_ONLY = "Deciding on requests needs the approver role."
 
 
+def asked_for_it(principal: Principal, override: Override) -> bool:
+    """Whether the caller is the person who asked for the override or for its pending extension."""
+    askers = {override.requested_by_key, override.extension_requested_by_key if override.extension_round else None}
+    return principal.key in askers
+
+
 def _vote(session: Session, ctx: ActionContext, override: Override, decision: str, comment: str) -> Vote:
     principal = ctx.principal
     round_ = override.extension_round
-    asker = override.extension_requested_by if round_ else override.requested_by
-    if same_person(principal.actor, override.requested_by) or same_person(principal.actor, asker):
+    if asked_for_it(principal, override):
         raise refuse(ctx, override.id, decision, "Nobody may decide on their own request.")
     votes = session.exec(select(Vote).where(Vote.override_id == override.id, Vote.round == round_)).all()
-    already = next((v for v in votes if same_person(v.reviewer, principal.actor)), None)
+    already = next((v for v in votes if v.reviewer_key == principal.key), None)
     if already is not None:
         raise Conflict(f"{principal.actor} already voted '{already.decision}' on this request.")
     limit = ctx.settings.integration_approvals_per_round
@@ -509,6 +516,7 @@ def _vote(session: Session, ctx: ActionContext, override: Override, decision: st
         override_id=override.id or 0,
         round=round_,
         reviewer=principal.actor,
+        reviewer_key=principal.key,
         reviewer_name=principal.name,
         via=principal.via,
         decision=decision,
@@ -595,6 +603,7 @@ def approve(session: Session, ctx: ActionContext, override_id: int, comment: str
     changes: dict[str, Any] = {
         "extension_seconds": None,
         "extension_requested_by": None,
+        "extension_requested_by_key": None,
         "duration_seconds": override.duration_seconds + int(extension.total_seconds()),
     }
     if override.expires_at is not None:
@@ -635,7 +644,7 @@ def reject(session: Session, ctx: ActionContext, override_id: int, comment: str)
             via=ctx.principal.via,
             action="override.extension_rejected",
             comment=comment,
-            changes={"extension_seconds": None, "extension_requested_by": None},
+            changes={"extension_seconds": None, "extension_requested_by": None, "extension_requested_by_key": None},
         )
     raise InvalidTransition(f"There is nothing to reject on an override in state '{override.state}'.")
 
@@ -667,6 +676,7 @@ def begin_removal(
             "attempts": 0,
             "extension_seconds": None,
             "extension_requested_by": None,
+            "extension_requested_by_key": None,
         },
     )
 
@@ -756,6 +766,7 @@ def extend(session: Session, ctx: ActionContext, override_id: int, duration: tim
             "extension_round": override.extension_round + 1,
             "extension_seconds": int(duration.total_seconds()),
             "extension_requested_by": principal.actor,
+            "extension_requested_by_key": principal.key,
         },
         audit_extra={"requested_extension": duration},
     )
