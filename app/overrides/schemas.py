@@ -5,20 +5,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.durations import DESCRIPTION as DURATION_RULES
+from app.core.durations import IsoDuration
 from app.core.text import Line, Text
 from app.overrides.models import OverrideState
 
 Policy = Literal["none", "may", "encrypt", "verify", "secure", "dane", "dane-only", "fingerprint"]
-
-
-def _iso_duration(value: Any) -> Any:
-    if value is None or isinstance(value, timedelta):
-        return value
-    if not isinstance(value, str) or not value.upper().startswith("P"):
-        raise ValueError("must be an ISO 8601 duration such as 'P3D' or 'PT12H'")
-    return value
 
 
 class OverrideCreate(BaseModel):
@@ -43,18 +37,22 @@ class OverrideCreate(BaseModel):
         default=None, max_length=100, description="mailcow instance; default target if omitted."
     )
     destination: str = Field(
-        max_length=300, description="Recipient domain, `[host]:port` next hop or IP literal; normalised."
+        max_length=300,
+        description="The recipient domain (`example.org`), or a next hop as your transport or relayhost writes "
+        "it: `[mx.example.net]:25`, `[192.0.2.1]`, `[2001:db8::1]:25` or `[ipv6:2001:db8::1]:25` (Postfix looks "
+        "the policy up by the next hop exactly as written, so the two IPv6 forms are different keys). Normalised: "
+        "lower case, IDNA A-labels, IPv6 in its RFC 5952 short form.",
     )
     policy: Policy
     parameters: str = Field(default="", max_length=1000, description="Postfix TLS policy attributes, `name=value`.")
     justification: Text = Field(max_length=4000)
     ticket: Line | None = Field(default=None, max_length=200)
     ticket_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
-    duration: timedelta | None = Field(
-        default=None, description="ISO 8601 duration (e.g. `P3D`, `PT12H`); counted from when it is applied."
+    duration: IsoDuration | None = Field(
+        default=None,
+        description=f"How long the override lasts, counted from when it is applied. {DURATION_RULES} "
+        "Default `TLSO_DEFAULT_DURATION`, at most `TLSO_MAX_DURATION`.",
     )
-
-    _duration_is_iso = field_validator("duration", mode="before")(_iso_duration)
 
 
 class ActionBody(BaseModel):
@@ -64,9 +62,7 @@ class ActionBody(BaseModel):
 
 
 class ExtendBody(ActionBody):
-    duration: timedelta = Field(description="ISO 8601 duration added to the current expiry.")
-
-    _duration_is_iso = field_validator("duration", mode="before")(_iso_duration)
+    duration: IsoDuration = Field(description=f"Added to the current expiry. {DURATION_RULES}")
 
 
 class VoteRead(BaseModel):
