@@ -71,3 +71,15 @@ def test_wrong_method_is_405_with_every_allowed_method(
 def test_unknown_path_is_a_not_found_problem(client: TestClient) -> None:
     problem = assert_problem(client.get("/v2/nothing"), 404)
     assert problem["type"].endswith("/not-found") and problem["instance"] == "/v2/nothing"
+
+
+def test_metrics_refusals_are_documented(client: TestClient, auth: Any) -> None:
+    """The scrape runs the same caller checks as the API, so it can answer 422 as well as 401 and 403."""
+    from app.cli import canonical_openapi
+
+    documented = set(canonical_openapi()["paths"]["/metrics"]["get"]["responses"])
+    reserved = client.get("/metrics", headers=auth("scraper", "integration", client_id="prom", on_behalf_of="system"))
+    assert_problem(reserved, 422)
+    assert_problem(client.get("/metrics"), 401)
+    assert_problem(client.get("/metrics", headers=auth("alice", "requester")), 403)
+    assert {"401", "403", "422", "503"} <= documented
