@@ -59,14 +59,14 @@ class Api(FastAPI):
     """FastAPI with the security headers outside everything (so 500 answers carry them too) and the
     problem schemas in its OpenAPI document."""
 
-    security_pages: dict[str, str]
+    security_pages: dict[str, str] = {}  # path → Content-Security-Policy of the HTML pages (set by create_app)
 
     def build_middleware_stack(self) -> ASGIApp:
         return SecurityHeaders(super().build_middleware_stack(), pages=self.security_pages)
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
-            document = super().openapi()
+            document = super().openapi()  # generated once and kept in self.openapi_schema
             document.setdefault("components", {}).setdefault("schemas", {}).update(problem_schemas())
         return super().openapi()
 
