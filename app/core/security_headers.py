@@ -82,8 +82,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
                 present = {name.lower() for name, _ in headers}
-                headers.extend(header for header in extra if header[0] not in present)
-                message = {**message, "headers": headers}
+                message["headers"] = headers + [header for header in extra if header[0] not in present]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
