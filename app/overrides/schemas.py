@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.durations import DESCRIPTION as DURATION_RULES
 from app.core.durations import IsoDuration
@@ -56,9 +56,18 @@ class OverrideCreate(BaseModel):
 
 
 class ActionBody(BaseModel):
-    # Stripped, so that a comment of blanks counts as no comment.
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid")
     comment: Text = Field(min_length=1, max_length=4000, description="Why: every decision carries a comment.")
+
+    @field_validator("comment")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        # Stripped after the length check (pydantic's str_strip_whitespace strips before it, so 5,000 blanks
+        # around one letter passed the documented 4,000): a comment of blanks counts as no comment.
+        stripped = value.strip()
+        if not stripped:
+            raise ValueError("must not be blank")
+        return stripped
 
 
 class ExtendBody(ActionBody):
