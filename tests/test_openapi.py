@@ -147,3 +147,22 @@ def test_request_headers_are_documented_with_their_limits(spec: dict[str, Any], 
 
 def test_the_405_rule_is_stated(spec: dict[str, Any]) -> None:
     assert "405" in spec["info"]["description"] and "`Allow`" in spec["info"]["description"]
+
+
+def test_links_chain_every_action_with_its_etag(spec: dict[str, Any]) -> None:
+    actions = {path.rsplit("/", 1)[1] for path in spec["paths"] if path.startswith("/v1/overrides/{override_id}/")}
+    actions.discard("events")
+    sources = [
+        spec["paths"]["/v1/overrides"]["post"]["responses"]["201"],
+        spec["paths"]["/v1/overrides/{override_id}"]["get"]["responses"]["200"],
+        spec["paths"]["/v1/overrides/{override_id}/approve"]["post"]["responses"]["200"],
+    ]
+    for response in sources:
+        assert set(response["links"]) == actions
+        for link in response["links"].values():
+            path = link["operationRef"].removeprefix("#/paths/").removesuffix("/post").replace("~1", "/")
+            assert "post" in spec["paths"][path]
+            assert link["parameters"] == {
+                "path.override_id": "$response.body#/id",
+                "header.If-Match": "$response.header.ETag",
+            }

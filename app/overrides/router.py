@@ -52,6 +52,17 @@ IfMatch = Annotated[
 ETAG_HEADER = {
     "ETag": {"description": "The override's version, for If-Match.", "required": True, "schema": {"type": "string"}}
 }
+ACTIONS = ("approve", "reject", "cancel", "revoke", "extend", "resolve-conflict")
+# OpenAPI links: from an answer that carries an override, each action on it with its id and its ETag as
+# If-Match (how a client should chain them; Schemathesis' stateful phase follows them too).
+ACTION_LINKS = {
+    action: {
+        "operationRef": f"#/paths/~1v1~1overrides~1{{override_id}}~1{action}/post",
+        "parameters": {"path.override_id": "$response.body#/id", "header.If-Match": "$response.header.ETag"},
+        "description": f"`{action}` this override, at the version just read.",
+    }
+    for action in ACTIONS
+}
 
 
 def to_read(session: Session, override: Override) -> OverrideRead:
@@ -143,7 +154,8 @@ def _context(
                 **ETAG_HEADER,
                 "Location": {"description": "The new override's URL.", "required": True, "schema": {"type": "string"}},
                 **REPLAYED_HEADER,
-            }
+            },
+            "links": ACTION_LINKS,
         },
         **problem_responses(400, 401, 403, 409, 422),
     },
@@ -218,7 +230,7 @@ def _visible(session: Session, principal: Principal, override_id: int) -> Overri
     "/{override_id}",
     response_model=OverrideRead,
     summary="Get one override",
-    responses={200: {"headers": ETAG_HEADER}, **problem_responses(401, 404, 422)},
+    responses={200: {"headers": ETAG_HEADER, "links": ACTION_LINKS}, **problem_responses(401, 404, 422)},
 )
 def get_override(override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal) -> JSONResponse:
     status, body, headers = _answer(session, _visible(session, principal, override_id))
@@ -274,7 +286,7 @@ def _action_route(
         f"/{{override_id}}/{name}",
         response_model=OverrideRead,
         summary=summary,
-        responses={200: {"headers": {**ETAG_HEADER, **REPLAYED_HEADER}}, **ACTION_ERRORS},
+        responses={200: {"headers": {**ETAG_HEADER, **REPLAYED_HEADER}, "links": ACTION_LINKS}, **ACTION_ERRORS},
     )(endpoint)
 
 
