@@ -6,6 +6,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -14,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from starlette.types import ASGIApp
 
 from app import __version__
 from app.audit.router import router as audit_router
@@ -22,8 +25,15 @@ from app.core.auth import TokenValidator, oauth2_scheme
 from app.core.config import Settings
 from app.core.db import make_engine
 from app.core.devidp import DevIdentityProvider
-from app.core.errors import ServiceUnavailable, install_error_handlers, problem_response, problem_responses
+from app.core.errors import (
+    ServiceUnavailable,
+    install_error_handlers,
+    problem_response,
+    problem_responses,
+    problem_schemas,
+)
 from app.core.metrics import metrics_router
+from app.core.security_headers import SecurityHeaders, page_policy
 from app.diagnosis.router import router as diagnosis_router
 from app.diagnosis.service import RateLimiter
 from app.overrides.evidence import RecentDiagnoses
@@ -39,9 +49,27 @@ DANE/TLSA records are broken. Engineers request an override with a justification
 reviewers approve or reject (never their own); a worker applies it through the mailcow API and
 removes it when it ends. Every step lands in a hash-chained audit trail.
 
-Errors are RFC 9457 `application/problem+json`. Actions accept `If-Match` (the override's ETag) and
-`Idempotency-Key`.
+Errors are RFC 9457 `application/problem+json`: each status lists its problem types, with an example.
+Besides those, any path answers a method it does not offer with 405 and an `Allow` header naming the
+methods it does. Actions accept `If-Match` (the override's ETag) and `Idempotency-Key`; both are described
+with the operations that read them.
 """
+
+
+class Api(FastAPI):
+    """FastAPI with the security headers outside everything (so 500 answers carry them too) and the
+    problem schemas in its OpenAPI document."""
+
+    security_pages: dict[str, str] = {}  # path → Content-Security-Policy of the HTML pages (set by create_app)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack(), pages=self.security_pages)
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            document = super().openapi()  # generated once and kept in self.openapi_schema
+            document.setdefault("components", {}).setdefault("schemas", {}).update(problem_schemas())
+        return super().openapi()
 
 
 def create_app(
@@ -61,7 +89,7 @@ def create_app(
         yield
         await app.state.oidc_http.aclose()
 
-    app = FastAPI(
+    app = Api(
         title="tlsoverride",
         version=__version__,
         description=DESCRIPTION,
@@ -100,7 +128,7 @@ def create_app(
     app.include_router(metrics_router())
     if dev_idp is not None:
         app.include_router(dev_idp.router())
-    _mount_docs(app)
+    app.security_pages = _mount_docs(app, settings)
     return app
 
 
@@ -137,23 +165,35 @@ def health_router() -> APIRouter:
     return router
 
 
-def _mount_docs(app: FastAPI) -> None:
-    """Swagger UI served from this process (no CDN), with OIDC login (code + PKCE) and bearer paste."""
+def _mount_docs(app: FastAPI, settings: Settings) -> dict[str, str]:
+    """Swagger UI served from this process (no CDN), with OIDC login (code + PKCE) and bearer paste.
+    Both pages are rendered once; their Content-Security-Policies (by path) allow exactly their scripts."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    page = get_swagger_ui_html(
+        openapi_url=app.openapi_url or "/openapi.json",
+        title="tlsoverride — API",
+        swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+        swagger_css_url="/static/swagger-ui/swagger-ui.css",
+        swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        oauth2_redirect_url="/docs/oauth2-redirect",
+        init_oauth=app.swagger_ui_init_oauth,
+        # No validator badge: it would send the document's URL to validator.swagger.io.
+        swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True, "validatorUrl": None},
+    )
+    redirect = get_swagger_ui_oauth2_redirect_html()
 
     @app.get("/docs", include_in_schema=False)
     def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title="tlsoverride — API",
-            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
-            swagger_css_url="/static/swagger-ui/swagger-ui.css",
-            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
-            oauth2_redirect_url="/docs/oauth2-redirect",
-            init_oauth=app.swagger_ui_init_oauth,
-            swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
-        )
+        return HTMLResponse(page.body)
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
     def swagger_redirect() -> HTMLResponse:
-        return get_swagger_ui_oauth2_redirect_html()
+        return HTMLResponse(redirect.body)
+
+    # The login's token request goes from the page to the identity provider.
+    token_url = urlsplit(settings.oidc_token_url or f"{settings.oidc_issuer.rstrip('/')}/token")
+    provider = [f"{token_url.scheme}://{token_url.netloc}"] if token_url.netloc else []
+    return {
+        "/docs": page_policy(bytes(page.body), connect_to=provider),
+        "/docs/oauth2-redirect": page_policy(bytes(redirect.body)),
+    }

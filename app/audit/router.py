@@ -85,7 +85,7 @@ def verify(request: Request, session: ReadSessionDep, _: Reader) -> VerifyResult
     "/verify",
     response_model=VerifyResult,
     summary="Verify the trail against checkpoints published outside the database",
-    responses=ERRORS,
+    responses=problem_responses(400, 401, 403, 422),
 )
 def verify_against(request: Request, session: ReadSessionDep, _: Reader, body: PublishedCheckpoints) -> VerifyResult:
     """As `GET`, and also: the trail must reach each checkpoint given, with the hash it signed (a trail cut

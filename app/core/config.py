@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.core.durations import parse_duration
+
 Role = Literal["requester", "approver", "admin", "auditor", "integration"]
 ROLES: tuple[Role, ...] = ("requester", "approver", "admin", "auditor", "integration")
 
@@ -173,6 +175,17 @@ class Settings(CoreSettings):
     def _parse_json(cls, value: Any) -> Any:
         if isinstance(value, str):
             return json.loads(value)
+        return value
+
+    @field_validator("default_duration", "max_duration", "review_window", "idempotency_ttl", mode="before")
+    @classmethod
+    def _strict_duration(cls, value: Any) -> Any:
+        # ISO 8601 by the API's rules (no months or years, no bare `T`), or a number of seconds (the README
+        # promises both; pydantic alone takes neither rule from an environment variable's text).
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+            return timedelta(seconds=int(value.strip()))
+        if isinstance(value, str) and value.strip().lstrip("-")[:1] in {"P", "p"}:
+            return parse_duration(value.strip())
         return value
 
     @field_validator("oidc_algorithms")

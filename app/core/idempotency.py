@@ -11,8 +11,9 @@ import hashlib
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Header
 from fastapi.responses import JSONResponse
 from sqlalchemy import JSON, Column, UniqueConstraint, delete
 from sqlalchemy.exc import IntegrityError
@@ -21,10 +22,40 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from app.core.auth import Principal
 from app.core.db import UTCDateTime, utcnow
-from app.core.errors import IdempotencyMismatch, InvalidInput
+from app.core.errors import IdempotencyMismatch
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
+KEY_MAX_LENGTH = 200
+# Visible ASCII, inner spaces allowed: what arrives intact (HTTP strips outer blanks, and other bytes are
+# not portable in a header).
+KEY_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$"
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=HEADER,
+        min_length=1,
+        max_length=KEY_MAX_LENGTH,
+        pattern=KEY_PATTERN,
+        description=(
+            f"Makes a retry safe: 1 to {KEY_MAX_LENGTH} visible ASCII characters (inner spaces allowed), "
+            "e.g. a UUID, chosen by the client per intended change. The first answer to a request with the key "
+            f"is kept for `TLSO_IDEMPOTENCY_TTL` (default 24 h) per caller (an integration and the user it acts "
+            f"for count as one caller); a retry with the same key, method, path and body gets that answer again, "
+            f"status, body and headers, with `{REPLAYED}: true`, and changes nothing. The same key with another "
+            "request is refused (422, `idempotency-key-reused`). A request that failed keeps nothing: retrying "
+            "it with the same key runs it again. Two requests with one key at the same time: the second waits "
+            "for the first and gets its answer."
+        ),
+    ),
+]
+REPLAYED_HEADER = {
+    REPLAYED: {
+        "description": f"`true` when this is the kept answer to an earlier request with this `{HEADER}`.",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
 
 
 class IdempotencyRecord(SQLModel, table=True):
@@ -75,12 +106,11 @@ def run_idempotent(
     work: Callable[[], tuple[int, dict[str, Any], dict[str, str]]],
     ttl: timedelta,
 ) -> JSONResponse:
-    """Run `work` once per (caller, key); replay its answer for later requests with that key."""
+    """Run `work` once per (caller, key); replay its answer for later requests with that key (the key was
+    checked against `IdempotencyKey` where it came in)."""
     if key is None:
         status, body, headers = work()
         return JSONResponse(body, status_code=status, headers=headers)
-    if not 1 <= len(key) <= 200 or not key.isprintable():
-        raise InvalidInput.on(f"header.{HEADER}", "must be 1 to 200 printable characters")
     owner = _owner(principal)
     session.execute(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < utcnow() - ttl))
     query = _record_of(owner, key)

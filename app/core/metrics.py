@@ -195,7 +195,7 @@ def metrics_router() -> APIRouter:
         dependencies=[Depends(_scraper)],
         responses={
             200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
-            **problem_responses(401, 403, 422),
+            **problem_responses(401, 403, 422, 503),
         },
     )
     def metrics(request: Request) -> Response:

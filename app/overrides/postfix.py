@@ -82,9 +82,14 @@ def _domain(name: str, field: str) -> str:
 
 
 def _bracketed_host(inner: str, field: str) -> str:
-    if inner.startswith("ipv6:"):
+    # Postfix's next-hop parser (host_port()) takes an IPv6 address both as [2001:db8::1] and as
+    # [ipv6:2001:db8::1]; the policy is looked up by the next hop exactly as written, so the form given is kept.
+    prefix = "ipv6:" if inner.startswith("ipv6:") else ""
+    if prefix or ":" in inner:
         try:
-            return "ipv6:" + ipaddress.IPv6Address(inner[5:]).compressed
+            if "%" in inner:  # a zone index: Postfix's address check takes hex digits, colons and dots only
+                raise ValueError(inner)
+            return prefix + ipaddress.IPv6Address(inner.removeprefix(prefix)).compressed
         except ValueError as exc:
             raise PolicyInputError(field, f"{inner!r} is not an IPv6 address") from exc
     try:
@@ -134,12 +139,32 @@ def _lookup_key(raw: str, allow_subdomains: bool, field: str) -> str:
                 "request each subdomain, or enable TLSO_MAILCOW_SUPPORTS_SUBDOMAIN_DEST",
             )
         return "." + _domain(value[1:], field)
+    if value.count(":") > 1:
+        raise PolicyInputError(field, _unbracketed_ipv6(value))
     if ":" in value:
         host, _, port = value.rpartition(":")
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise PolicyInputError(field, "port must be between 1 and 65535")
         return f"{_domain(host, field)}:{int(port)}"
     return _domain(value, field)
+
+
+def _unbracketed_ipv6(value: str) -> str:
+    """Why `2001:db8::1` (or `2001:db8::1:25`) is refused, and how Postfix writes it."""
+    host, _, port = value.rpartition(":")
+    written = "[2001:db8::1]:25"
+    for address, suffix in ((host, f":{port}"), (value, "")):
+        try:
+            if "%" not in address:
+                written = f"[{ipaddress.IPv6Address(address).compressed}]{suffix}"
+                break
+        except ValueError:
+            continue
+    return (
+        "looks like an IPv6 address without brackets, which Postfix cannot tell from a port: write the next "
+        f"hop as your transport or relayhost does, {written} (or with the RFC 5321 prefix, "
+        f"{written.replace('[', '[ipv6:')}); Postfix looks the policy up by the next hop exactly as written"
+    )
 
 
 def mx_domain_of(destination: str) -> str | None:

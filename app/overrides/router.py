@@ -15,8 +15,7 @@ from app.core.auth import CurrentPrincipal, Principal
 from app.core.config import Settings
 from app.core.db import SessionDep
 from app.core.errors import NotFound, problem_responses
-from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from app.core.idempotency import fingerprint, run_idempotent
+from app.core.idempotency import REPLAYED_HEADER, IdempotencyKey, fingerprint, run_idempotent
 from app.core.text import MAX_ID, Filter
 from app.overrides import service
 from app.overrides.evidence import gather_evidence
@@ -37,12 +36,33 @@ from app.overrides.schemas import (
 router = APIRouter(prefix="/v1/overrides", tags=["overrides"])
 
 OverrideId = Annotated[int, Path(ge=1, le=MAX_ID, description="The override's id.")]
-IfMatch = Annotated[str | None, Header(alias="If-Match", description="The ETag you decided on.")]
-IdempotencyKey = Annotated[
+IfMatch = Annotated[
     str | None,
-    Header(alias=IDEMPOTENCY_HEADER, description="Retry-safe key; a replay returns the first answer."),
+    Header(
+        alias="If-Match",
+        description=(
+            'The override\'s `ETag` from the answer you decided on, e.g. `"3"`: the action happens only if the '
+            "override is still at that version, else 412 (`precondition-failed`) and nothing changes. Weak tags "
+            '(`W/"3"`, as compressing proxies send them back) count as the same version; a comma-separated '
+            "list matches if any tag does; `*` matches any version. Without it the action goes ahead, unless the "
+            "service runs with `TLSO_REQUIRE_IF_MATCH=true`: then 428 (`precondition-required`)."
+        ),
+    ),
 ]
-ETAG_HEADER = {"ETag": {"description": "The override's version, for If-Match.", "schema": {"type": "string"}}}
+ETAG_HEADER = {
+    "ETag": {"description": "The override's version, for If-Match.", "required": True, "schema": {"type": "string"}}
+}
+ACTIONS = ("approve", "reject", "cancel", "revoke", "extend", "resolve-conflict")
+# OpenAPI links: from an answer that carries an override, each action on it with its id and its ETag as
+# If-Match (how a client should chain them; Schemathesis' stateful phase follows them too).
+ACTION_LINKS = {
+    action: {
+        "operationRef": f"#/paths/~1v1~1overrides~1{{override_id}}~1{action}/post",
+        "parameters": {"path.override_id": "$response.body#/id", "header.If-Match": "$response.header.ETag"},
+        "description": f"`{action}` this override, at the version just read.",
+    }
+    for action in ACTIONS
+}
 
 
 def to_read(session: Session, override: Override) -> OverrideRead:
@@ -129,8 +149,15 @@ def _context(
     response_model=OverrideRead,
     summary="Request an override",
     responses={
-        201: {"headers": {**ETAG_HEADER, "Location": {"schema": {"type": "string"}}}},
-        **problem_responses(401, 403, 409, 422),
+        201: {
+            "headers": {
+                **ETAG_HEADER,
+                "Location": {"description": "The new override's URL.", "required": True, "schema": {"type": "string"}},
+                **REPLAYED_HEADER,
+            },
+            "links": ACTION_LINKS,
+        },
+        **problem_responses(400, 401, 403, 409, 422),
     },
 )
 def create_override(
@@ -203,7 +230,7 @@ def _visible(session: Session, principal: Principal, override_id: int) -> Overri
     "/{override_id}",
     response_model=OverrideRead,
     summary="Get one override",
-    responses={200: {"headers": ETAG_HEADER}, **problem_responses(401, 404, 422)},
+    responses={200: {"headers": ETAG_HEADER, "links": ACTION_LINKS}, **problem_responses(401, 404, 422)},
 )
 def get_override(override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal) -> JSONResponse:
     status, body, headers = _answer(session, _visible(session, principal, override_id))
@@ -221,7 +248,7 @@ def override_events(override_id: OverrideId, session: SessionDep, principal: Cur
     return [EventRead.model_validate(as_dict(e)) for e in iter_events(session, override_id=override_id)]
 
 
-ACTION_ERRORS = problem_responses(401, 403, 404, 409, 412, 422, 428)
+ACTION_ERRORS = problem_responses(400, 401, 403, 404, 409, 412, 422, 428)
 
 
 Call = Callable[[Session, service.ActionContext, int, Any], Override]
@@ -259,7 +286,7 @@ def _action_route(
         f"/{{override_id}}/{name}",
         response_model=OverrideRead,
         summary=summary,
-        responses={200: {"headers": ETAG_HEADER}, **ACTION_ERRORS},
+        responses={200: {"headers": {**ETAG_HEADER, **REPLAYED_HEADER}, "links": ACTION_LINKS}, **ACTION_ERRORS},
     )(endpoint)
 
 

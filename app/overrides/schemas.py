@@ -7,18 +7,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from app.core.durations import DESCRIPTION as DURATION_RULES
+from app.core.durations import IsoDuration
 from app.core.text import Line, Text, visible_length
 from app.overrides.models import OverrideState
 
 Policy = Literal["none", "may", "encrypt", "verify", "secure", "dane", "dane-only", "fingerprint"]
-
-
-def _iso_duration(value: Any) -> Any:
-    if value is None or isinstance(value, timedelta):
-        return value
-    if not isinstance(value, str) or not value.upper().startswith("P"):
-        raise ValueError("must be an ISO 8601 duration such as 'P3D' or 'PT12H'")
-    return value
 
 
 class OverrideCreate(BaseModel):
@@ -43,7 +37,11 @@ class OverrideCreate(BaseModel):
         default=None, max_length=100, description="mailcow instance; default target if omitted."
     )
     destination: str = Field(
-        max_length=300, description="Recipient domain, `[host]:port` next hop or IP literal; normalised."
+        max_length=300,
+        description="The recipient domain (`example.org`), or a next hop as your transport or relayhost writes "
+        "it: `[mx.example.net]:25`, `[192.0.2.1]`, `[2001:db8::1]:25` or `[ipv6:2001:db8::1]:25` (Postfix looks "
+        "the policy up by the next hop exactly as written, so the two IPv6 forms are different keys). Normalised: "
+        "lower case, IDNA A-labels, IPv6 in its RFC 5952 short form.",
     )
     policy: Policy
     parameters: str = Field(default="", max_length=1000, description="Postfix TLS policy attributes, `name=value`.")
@@ -55,11 +53,11 @@ class OverrideCreate(BaseModel):
     )
     ticket: Line | None = Field(default=None, max_length=200)
     ticket_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
-    duration: timedelta | None = Field(
-        default=None, description="ISO 8601 duration (e.g. `P3D`, `PT12H`); counted from when it is applied."
+    duration: IsoDuration | None = Field(
+        default=None,
+        description=f"How long the override lasts, counted from when it is applied. {DURATION_RULES} "
+        "Default `TLSO_DEFAULT_DURATION`, at most `TLSO_MAX_DURATION`.",
     )
-
-    _duration_is_iso = field_validator("duration", mode="before")(_iso_duration)
 
 
 def _visible(value: str) -> str:
@@ -69,17 +67,24 @@ def _visible(value: str) -> str:
 
 
 class ActionBody(BaseModel):
-    # Stripped, so that a comment of blanks counts as no comment (and one of invisible characters too).
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid")
     comment: Annotated[Text, AfterValidator(_visible)] = Field(
         min_length=1, max_length=4000, description="Why: every decision carries a comment."
     )
 
+    @field_validator("comment")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        # Stripped after the length check (pydantic's str_strip_whitespace strips before it, so 5,000 blanks
+        # around one letter passed the documented 4,000): a comment of blanks counts as no comment.
+        stripped = value.strip()
+        if not stripped:
+            raise ValueError("must not be blank")
+        return stripped
+
 
 class ExtendBody(ActionBody):
-    duration: timedelta = Field(description="ISO 8601 duration added to the current expiry.")
-
-    _duration_is_iso = field_validator("duration", mode="before")(_iso_duration)
+    duration: IsoDuration = Field(description=f"Added to the current expiry. {DURATION_RULES}")
 
 
 class VoteRead(BaseModel):

@@ -42,7 +42,7 @@ async def target_policies(request: Request, name: TargetName, _: Reader) -> Targ
     "/{name}/resume",
     response_model=TargetRead,
     summary="End a target's pause now (admin)",
-    responses=problem_responses(401, 403, 404, 409, 422),
+    responses=problem_responses(400, 401, 403, 404, 409, 422),
 )
 def resume_target(
     request: Request, name: TargetName, body: ActionBody, session: SessionDep, principal: CurrentPrincipal
