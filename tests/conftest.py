@@ -25,8 +25,9 @@ from app.core.migrations import upgrade
 from app.main import create_app
 from tests.helpers import LiveServer
 
-# The DNSSEC/SMTP lab (`dane_lab`) and the real OpenID provider (`oidc_provider`) are session fixtures.
-pytest_plugins = ["tests.lab.fixtures", "tests.oidc_provider"]
+# The DNSSEC/SMTP lab (`dane_lab`) and the real OpenID provider (`oidc_provider`) are session fixtures;
+# `private_postgres` is a PostgreSQL cluster of its own for tests that stop the server.
+pytest_plugins = ["tests.lab.fixtures", "tests.oidc_provider", "tests.private_postgres"]
 
 PG_ADMIN_URL = os.environ.get("TLSO_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_TEMPLATE = f"tlso_tpl_{os.getpid()}"
