@@ -17,8 +17,8 @@ dev: $(STAMP)
 	$(PY) -m app dev
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check app tests bench
-	$(VENV)/bin/ruff format --check app tests bench
+	$(VENV)/bin/ruff check app tests bench .ci
+	$(VENV)/bin/ruff format --check app tests bench .ci
 	$(VENV)/bin/mypy app
 
 openapi: $(STAMP)
