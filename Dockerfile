@@ -16,14 +16,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TLSO_ENV=production \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
-RUN groupadd --system --gid 10001 tlso && useradd --system --uid 10001 --gid tlso --home /app --shell /usr/sbin/nologin tlso
-WORKDIR /app
+RUN groupadd --system --gid 10001 tlso \
+    && useradd --system --uid 10001 --gid tlso --home /var/lib/tlsoverride --shell /usr/sbin/nologin tlso
 COPY --from=build /opt/venv /opt/venv
-# Alembic migrations live beside the package (app/core/migrations.py finds them at /app/alembic).
-COPY alembic.ini ./
-COPY alembic ./alembic
-COPY app ./app
-RUN mkdir -p /tmp/prometheus && chown tlso:tlso /tmp/prometheus
+# Only the installed package runs: the migrations ship inside it (app/migrations), so the working
+# directory holds no source that could shadow it.
+WORKDIR /var/lib/tlsoverride
+RUN mkdir -p /tmp/prometheus && chown tlso:tlso /tmp/prometheus /var/lib/tlsoverride
 USER 10001:10001
 EXPOSE 8000
 # Probes: GET /healthz (alive) and /readyz (database reachable, schema at head) on the API.

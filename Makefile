@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test lint openapi clean
+.PHONY: dev test lint openapi floors clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required"; exit 1; }
@@ -17,8 +17,8 @@ dev: $(STAMP)
 	$(PY) -m app dev
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check app tests bench alembic
-	$(VENV)/bin/ruff format --check app tests bench alembic
+	$(VENV)/bin/ruff check app tests bench .ci
+	$(VENV)/bin/ruff format --check app tests bench .ci
 	$(VENV)/bin/mypy app
 
 openapi: $(STAMP)
@@ -26,6 +26,10 @@ openapi: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
+
+# The lowest dependency versions pyproject.toml allows, in a venv of their own, smoke-tested (CI runs it).
+floors:
+	$(PYTHON) .ci/floors.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -28,8 +28,9 @@ from app.core.migrations import upgrade
 from app.main import create_app
 from tests.helpers import LiveServer
 
-# The DNSSEC/SMTP lab (`dane_lab`) and the real OpenID provider (`oidc_provider`) are session fixtures.
-pytest_plugins = ["tests.lab.fixtures", "tests.oidc_provider"]
+# The DNSSEC/SMTP lab (`dane_lab`) and the real OpenID provider (`oidc_provider`) are session fixtures;
+# `private_postgres` is a PostgreSQL cluster of its own for tests that stop the server.
+pytest_plugins = ["tests.lab.fixtures", "tests.oidc_provider", "tests.private_postgres"]
 
 # Tests sign audit checkpoints with a key of their own (dev mode makes one beside its database).
 AUDIT_SIGNING_KEY = base64.b64encode(Ed25519PrivateKey.generate().private_bytes_raw()).decode()

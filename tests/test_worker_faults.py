@@ -8,9 +8,8 @@ for our own row, and a valid audit chain.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from app.core.config import Settings
 from app.core.db import make_engine
 from app.mailcow.standin import MailcowStandin
 from app.overrides.models import OverrideState
+from tests.private_postgres import PrivatePostgres
 from tests.worker_fixtures import *  # noqa: F403  (standin, standin_app, served_standin, worker_processes)
 from tests.worker_fixtures import (
     COMMENT,
@@ -156,30 +156,27 @@ def test_mailcow_500s_empty_bodies_and_an_outage_are_waited_out(
     assert_chain_valid(engine)
 
 
-@pytest.mark.skipif(
-    os.environ.get("TLSO_TEST_PG_RESTART") != "1",
-    reason="restarts the PostgreSQL server (disturbs other tests): set TLSO_TEST_PG_RESTART=1",
-)
-@pytest.mark.parametrize("backend", ["postgres"])
 def test_a_database_restart_is_waited_out(
-    database_url: str,
+    private_postgres: PrivatePostgres,
     standin: MailcowStandin,
     served_standin: ServedStandin,
     worker_processes: list[WorkerProcess],
     tmp_path: Path,
 ) -> None:
+    """The server restarted is a private cluster (tests/private_postgres.py), never the shared one."""
+    database_url = private_postgres.create_database(f"restart_{uuid.uuid4().hex[:10]}")
     engine = make_engine(database_url)  # its own: the conftest engine's pool would not survive the restart
     try:
         ids = seed_approved(engine, 30)
         workers = Workers(database_url, served_standin.url, tmp_path, worker_processes)
         worker = workers.start(TLSO_WORKER_BATCH_SIZE="3")
         wait_for(lambda: S.active in states(engine, ids).values(), 20, "the first applies", worker)
-        _restart_postgres()  # mid-way: some applied, some in flight, some waiting
+        _restart(private_postgres)  # mid-way: some applied, some in flight, some waiting
         wait_for(all_in(engine, ids, S.active), 60, "applied across a database restart", worker)
         assert_one_row_each(engine, standin, ids)
         expire_now(engine, *ids)
         wait_for(lambda: S.expired in states(engine, ids).values(), 20, "the first removals", worker)
-        _restart_postgres()
+        _restart(private_postgres)
         wait_for(all_in(engine, ids, S.expired), 60, "removed across a database restart", worker)
         assert standin.rows() == []
         assert_chain_valid(engine)
@@ -187,14 +184,9 @@ def test_a_database_restart_is_waited_out(
         engine.dispose()
 
 
-def _restart_postgres() -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+def _restart(cluster: PrivatePostgres) -> None:
+    cluster.stop("fast")
+    cluster.start()
 
 
 @pytest.mark.parametrize("backend", ["postgres"])  # several workers

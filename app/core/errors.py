@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
@@ -140,6 +141,29 @@ class ServiceUnavailable(AppError):
     example = "The identity provider's keys cannot be fetched."
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    type, title = "database-unavailable", "Database unavailable"
+    example = "The database cannot be reached; try again shortly."
+
+    def __init__(self) -> None:
+        super().__init__("The database cannot be reached; try again shortly.", headers={"Retry-After": "5"})
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether a database error means "the server is not there" (refused, shut down, connection lost)
+    rather than a statement that failed; only the former is a 503."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    # PostgreSQL: class 08 (connection exception) and 57P (shutdown, cannot connect now); a failed
+    # connection attempt has no SQLSTATE at all. SQLite's operational errors carry none either.
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate is None or str(sqlstate).startswith(("08", "57P"))
+
+
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         problem.model_dump(exclude_none=True),
@@ -219,6 +243,15 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return problem_response(problem, headers)
 
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not database_unreachable(exc):
+            raise exc  # a failed statement is a bug: the handler for unexpected errors answers 500
+        log.warning("database unreachable on %s %s: %s", request.method, request.url.path, exc.orig or exc)
+        error = DatabaseUnavailable()
+        return problem_response(error.problem(request.url.path), error.headers)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -241,6 +274,7 @@ PROBLEM_TYPES: tuple[type[AppError], ...] = (
     TooManyRequests,
     AppError,
     ServiceUnavailable,
+    DatabaseUnavailable,
 )
 
 _PROBLEM_HEADERS: dict[int, dict[str, Any]] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -25,6 +26,7 @@ from prometheus_client import (
     Gauge,
     generate_latest,
     start_http_server,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -38,6 +40,25 @@ from app.core.errors import Forbidden, problem_responses
 
 log = logging.getLogger("app.metrics")
 
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+_HOST = socket.gethostname()
+
+
+def _process_identifier() -> str:
+    # prometheus_client names each process's files after its pid; in containers sharing one metrics
+    # volume every process is pid 1, so two replicas would write the same file. Host (container) name
+    # plus pid is unique; it is called on every update, so the host name is read once.
+    return f"{_HOST}-{os.getpid()}"
+
+
+if multiprocess_dir():
+    # Before the first metric value is created (the metrics below, and every labelled child later).
+    values.ValueClass = values.MultiProcessValue(process_identifier=_process_identifier)  # type: ignore[no-untyped-call]
+
 WORKER_JOBS = Counter("tlso_worker_jobs_total", "Worker job outcomes", ["job", "outcome"])
 WORKER_LAG = Gauge(
     "tlso_worker_lag_seconds",
@@ -50,10 +71,6 @@ WORKER_LAST_LOOP = Gauge(
     multiprocess_mode="mostrecent",
 )
 DRIFT_EVENTS = Counter("tlso_drift_events_total", "Drift found by reconciliation", ["target", "kind"])
-
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class _ProcessMetrics(Collector):

@@ -8,7 +8,7 @@ Create Date: 2026-11-29 02:56:49.543032
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
+import sqlmodel.sql.sqltypes
 from alembic import op
 
 from app.core.db import UTCDateTime

@@ -16,7 +16,7 @@ Create Date: 2026-12-07 02:00:00
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
+import sqlmodel.sql.sqltypes
 from alembic import op
 
 from app.core.person import person_key

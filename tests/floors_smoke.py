@@ -1,0 +1,89 @@
+"""Smoke test for the dependency floors (run by .ci/floors.py in a venv holding exactly the lowest
+versions pyproject.toml allows, from a directory outside the source tree; not collected by pytest).
+
+It imports the installed package, migrates a SQLite file with `python -m app migrate`, builds the app
+and sends requests through TestClient: a create must be committed *before* its answer is sent (the
+request session's `Depends(..., scope="function")`, new in FastAPI 0.121; with scope "request" the
+commit would come after the answer, and this check fails).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def main() -> int:
+    import app
+
+    here = Path.cwd().resolve()
+    assert "site-packages" in app.__file__, f"app imported from the source tree: {app.__file__}"
+    with tempfile.TemporaryDirectory(prefix="tlso-smoke-") as tmp:
+        database = Path(tmp) / "smoke.db"
+        env = {**os.environ, "TLSO_ENV": "test", "TLSO_DATABASE_URL": f"sqlite:///{database}"}
+        subprocess.run([sys.executable, "-m", "app", "migrate"], check=True, env=env, cwd=here)
+        committed_before_answer = _one_request_through_the_app(database)
+    assert committed_before_answer, "the create was committed after its answer was sent"
+    print("smoke: import, migrate, create_app, POST /v1/overrides committed before the answer: ok")
+    return 0
+
+
+def _one_request_through_the_app(database: Path) -> bool:
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.core.devidp import DEV_AUDIENCE, DEV_ROLE_MAP, DevIdentityProvider, DevTokenRequest
+    from app.main import create_app
+
+    issuer = "http://testserver/dev"
+    settings = Settings(
+        env="test",
+        database_url=f"sqlite:///{database}",
+        oidc_issuer=issuer,
+        oidc_audience=DEV_AUDIENCE,
+        oidc_roles_claim="roles",
+        oidc_role_map=DEV_ROLE_MAP,
+        oidc_algorithms=["ES256"],
+        diagnosis_on_create=False,
+        log_json=False,
+    )
+    idp = DevIdentityProvider(issuer)
+    app = create_app(settings, dev_idp=idp)
+    seen: dict[str, Any] = {}
+
+    async def watch_commit(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """When the create's answer starts, look at the database from another connection."""
+
+        async def checking_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and scope.get("method") == "POST":
+                with sqlite3.connect(database) as conn:
+                    seen["rows"] = conn.execute("SELECT count(*) FROM override").fetchone()[0]
+            await send(message)
+
+        await app(scope, receive, checking_send)
+
+    token = idp.mint(DevTokenRequest(sub="alice", name="Alice", roles=["requester"]))
+    with TestClient(watch_commit) as client:  # type: ignore[arg-type]
+        created = client.post(
+            "/v1/overrides",
+            headers={"Authorization": f"Bearer {token}"},
+            json={
+                "destination": "example.org",
+                "policy": "encrypt",
+                "justification": "Recipient TLSA records are stale after a certificate renewal.",
+                "duration": "P3D",
+            },
+        )
+        assert created.status_code == 201, created.text
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+    return bool(seen.get("rows") == 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
