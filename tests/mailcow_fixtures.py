@@ -11,7 +11,7 @@ import httpx
 from starlette.applications import Starlette
 
 from app.mailcow.client import MailcowClient
-from app.mailcow.standin import MailcowStandin, StandinKey, create_standin_app
+from devtools.mailcow_standin import MailcowStandin, StandinKey, create_standin_app
 from tests.helpers import LiveServer, free_port  # noqa: F401  (free_port: re-exported for the tests)
 
 KEY = "ABCDEF-012345-6789AB-CDEF01-234567"

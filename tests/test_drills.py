@@ -24,10 +24,10 @@ from sqlalchemy.engine import Engine
 from app.audit.service import verify_chain
 from app.core.db import make_engine, reading
 from app.core.devidp import DevIdentityProvider
-from app.mailcow.standin import StandinKey, create_standin_app
 from app.main import create_app
 from app.overrides.models import OverrideState
 from app.worker.loop import Worker
+from devtools.mailcow_standin import StandinKey, create_standin_app
 from tests.conftest import VALID_REQUEST, make_settings
 from tests.helpers import PROBLEM_JSON, LiveServer, assert_problem, load
 from tests.mailcow_fixtures import KEY

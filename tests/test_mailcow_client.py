@@ -22,7 +22,7 @@ from app.mailcow.client import (
     MailcowUnavailable,
     PolicyRow,
 )
-from app.mailcow.standin import MailcowStandin, StandinKey
+from devtools.mailcow_standin import MailcowStandin, StandinKey
 from tests.mailcow_fixtures import BASE, KEY, RO_KEY, free_port, mailcow_client, make_app, served, standin_of
 
 
@@ -37,7 +37,7 @@ def standin(app: Starlette) -> MailcowStandin:
 
 
 def fault(standin: MailcowStandin, op: str, mode: str, count: int = 1, delay: float = 0.0) -> None:
-    from app.mailcow.standin import Fault
+    from devtools.mailcow_standin import Fault
 
     standin.add_fault(Fault(op, mode, count, delay))
 

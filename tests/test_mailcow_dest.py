@@ -6,8 +6,8 @@ import pytest
 from starlette.applications import Starlette
 
 from app.mailcow.dest import add_form, dest_forms, deviations_in, transitional_form, unicode_form
-from app.mailcow.standin import idn_to_ascii
 from app.overrides.postfix import normalise_destination
+from devtools.mailcow_standin import idn_to_ascii
 from tests.mailcow_fixtures import mailcow_client, make_app
 
 DEVIATING = [

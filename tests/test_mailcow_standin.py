@@ -12,7 +12,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from app.mailcow.standin import StandinKey, create_standin_app, idn_to_ascii, php_intval, php_is_numeric
+from devtools.mailcow_standin import StandinKey, create_standin_app, idn_to_ascii, php_intval, php_is_numeric
 from tests.mailcow_fixtures import (
     ADD,
     ALL,
@@ -767,7 +767,17 @@ async def test_timeout_fault_over_a_real_socket() -> None:
 def test_module_runs_under_uvicorn_in_another_process() -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.mailcow.standin", "--port", str(port), "--api-key", KEY, "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "devtools.mailcow_standin",
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+            "--log-level",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

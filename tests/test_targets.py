@@ -11,8 +11,8 @@ from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 
 from app.core.config import Settings
-from app.mailcow.standin import MailcowStandin
 from app.worker.loop import Worker
+from devtools.mailcow_standin import MailcowStandin
 from tests.helpers import assert_problem
 from tests.mailcow_fixtures import KEY, served
 from tests.worker_fixtures import *  # noqa: F403  (standin, standin_app)

@@ -24,7 +24,6 @@ from sqlmodel import Session
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.mailcow.client import MailcowClient, MailcowRejected
-from app.mailcow.standin import MailcowStandin
 from app.overrides.models import Override, OverrideState
 from app.targets.models import MailcowTarget
 from app.worker import apply as apply_module
@@ -32,6 +31,7 @@ from app.worker import reconcile as reconcile_module
 from app.worker import remove as remove_module
 from app.worker import store
 from app.worker.loop import Worker
+from devtools.mailcow_standin import MailcowStandin
 from tests.worker_fixtures import *  # noqa: F403  (the fixtures: settings, standin, transport, worker, …)
 from tests.worker_fixtures import (
     BOB,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from app.mailcow.standin import MailcowStandin
 from app.overrides.models import OverrideState
+from devtools.mailcow_standin import MailcowStandin
 from tests.worker_fixtures import *  # noqa: F403  (standin, standin_app, served_standin, worker_processes)
 from tests.worker_fixtures import (
     ServedStandin,

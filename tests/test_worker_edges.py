@@ -14,9 +14,9 @@ from sqlalchemy.engine import Engine
 
 from app.core.config import Settings
 from app.core.db import utcnow
-from app.mailcow.standin import Fault, MailcowStandin
 from app.overrides.models import OverrideState
 from app.worker.loop import Worker
+from devtools.mailcow_standin import Fault, MailcowStandin
 from tests.worker_fixtures import *  # noqa: F403  (the fixtures)
 from tests.worker_fixtures import (
     COMMENT,

@@ -19,8 +19,8 @@ from sqlalchemy.engine import Engine
 
 from app.core.config import Settings
 from app.core.db import make_engine
-from app.mailcow.standin import MailcowStandin
 from app.overrides.models import OverrideState
+from devtools.mailcow_standin import MailcowStandin
 from tests.private_postgres import PrivatePostgres
 from tests.worker_fixtures import *  # noqa: F403  (standin, standin_app, served_standin, worker_processes)
 from tests.worker_fixtures import (

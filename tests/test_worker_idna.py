@@ -13,9 +13,9 @@ from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 
 from app.core.config import Settings
-from app.mailcow.standin import MailcowStandin
 from app.overrides.models import OverrideState
 from app.worker.loop import Worker
+from devtools.mailcow_standin import MailcowStandin
 from tests.mailcow_fixtures import mailcow_client, served
 from tests.worker_fixtures import *  # noqa: F403  (standin, standin_app, transport, worker)
 from tests.worker_fixtures import (

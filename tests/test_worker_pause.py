@@ -18,11 +18,11 @@ from starlette.applications import Starlette
 
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
-from app.mailcow.standin import MailcowStandin, StandinKey
 from app.mailcow.targets import configured_targets
 from app.overrides.models import OverrideState
 from app.targets.models import MailcowTarget
 from app.worker.loop import Worker
+from devtools.mailcow_standin import MailcowStandin, StandinKey
 from tests.helpers import assert_problem
 from tests.mailcow_fixtures import KEY, served
 from tests.worker_fixtures import *  # noqa: F403  (standin, standin_app)

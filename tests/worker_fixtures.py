@@ -26,9 +26,9 @@ from starlette.applications import Starlette
 from app.audit.service import record, verify_chain
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
-from app.mailcow.standin import Fault, MailcowStandin, StandinKey, create_standin_app
 from app.overrides.models import Override, OverrideState
 from app.worker.loop import Worker
+from devtools.mailcow_standin import Fault, MailcowStandin, StandinKey, create_standin_app
 from tests.conftest import audit_keys, make_settings
 from tests.helpers import COMMENT, LiveServer, load  # noqa: F401  (re-exported for the worker tests)
 from tests.mailcow_fixtures import BASE, KEY

@@ -33,7 +33,8 @@ Everything under `/__standin__/` is a control API that real mailcow does NOT hav
 In process (tests), `MailcowStandin.history()` lists every state a row was ever in (after each insert,
 update or delete): whether Postfix could ever have seen a row active, for instance.
 
-Run it for dev mode or another process: `python -m app.mailcow.standin --port 8081 --api-key KEY`.
+It lives outside the `app` package, so the product never ships it. Run it in another process:
+`python -m devtools.mailcow_standin --port 8081 --api-key KEY` (from the source checkout's root).
 """
 
 from __future__ import annotations
@@ -1142,7 +1143,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     parser = argparse.ArgumentParser(
-        prog="python -m app.mailcow.standin", description="TEST DOUBLE of mailcow's tls-policy-map API"
+        prog="python -m devtools.mailcow_standin", description="TEST DOUBLE of mailcow's tls-policy-map API"
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
