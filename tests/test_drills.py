@@ -28,11 +28,10 @@ from app.main import create_app
 from app.overrides.models import OverrideState
 from app.worker.loop import Worker
 from devtools.mailcow_standin import StandinKey, create_standin_app
-from tests.conftest import VALID_REQUEST, make_settings
-from tests.helpers import PROBLEM_JSON, LiveServer, assert_problem, load
-from tests.mailcow_fixtures import KEY
+from tests.helpers import PROBLEM_JSON, VALID_REQUEST, LiveServer, assert_problem, load, make_settings
 from tests.private_postgres import PrivatePostgres
-from tests.worker_fixtures import approved
+from tests.standin import KEY
+from tests.worker.helpers import approved
 
 Auth = Callable[..., dict[str, str]]
 
