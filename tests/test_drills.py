@@ -28,7 +28,7 @@ from app.main import create_app
 from app.overrides.models import OverrideState
 from app.worker.loop import Worker
 from devtools.mailcow_standin import StandinKey, create_standin_app
-from tests.helpers import PROBLEM_JSON, VALID_REQUEST, LiveServer, assert_problem, load, make_settings
+from tests.helpers import PROBLEM_JSON, VALID_REQUEST, LiveServer, assert_problem, audit_keys, load, make_settings
 from tests.private_postgres import PrivatePostgres
 from tests.standin import KEY
 from tests.worker.helpers import approved
@@ -170,7 +170,7 @@ def test_a_stopped_database_gives_503_and_the_api_recovers_by_itself(
             )
         assert created <= stored and created <= audited
         with reading(engine) as session:
-            assert verify_chain(session).valid
+            assert verify_chain(session, audit_keys()).valid
     finally:
         engine.dispose()
 
