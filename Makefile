@@ -17,9 +17,9 @@ dev: $(STAMP)
 	$(PY) -m app dev
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check app tests bench .ci
-	$(VENV)/bin/ruff format --check app tests bench .ci
-	$(VENV)/bin/mypy app
+	$(VENV)/bin/ruff check app devtools tests bench .ci
+	$(VENV)/bin/ruff format --check app devtools tests bench .ci
+	$(VENV)/bin/mypy app devtools
 
 openapi: $(STAMP)
 	$(PY) -m app openapi

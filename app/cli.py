@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 from pydantic import SecretStr, ValidationError
@@ -258,12 +259,21 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     settings = dev_settings(args.host, args.port)
+    standin = None if settings.mailcow_url else _standin_module()
+    if not settings.mailcow_url and standin is None:
+        print(
+            "dev mode needs a mailcow: the stand-in (devtools/mailcow_standin.py, a test double) ships only with "
+            "the source checkout and is not importable here. Run `make dev` (or `python -m app dev`) in the "
+            "checkout's root, or set TLSO_MAILCOW_URL and TLSO_MAILCOW_API_KEY to use a real mailcow.",
+            file=sys.stderr,
+        )
+        return 2
     configure_logging(settings.log_level, as_json=False)
     if not _hold_sqlite_worker_lock(settings.database_url):
         return 2
     stop_standin = None
-    if not settings.mailcow_url:
-        settings, stop_standin = _start_dev_standin(settings, args.host)
+    if standin is not None:
+        settings, stop_standin = _start_dev_standin(standin, settings, args.host)
     else:
         print(
             f"WARNING: dev mode will change the TLS policy map of the real mailcow at {settings.mailcow_url}; "
@@ -297,15 +307,27 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_dev_standin(settings: Settings, host: str) -> tuple[Settings, Callable[[], None]]:
+def _standin_module() -> ModuleType | None:
+    """The mailcow stand-in, imported from the source checkout (it never ships in the package); None
+    where it is not importable (an installed wheel, or a directory other than the checkout's root)."""
+    import importlib
+
+    try:
+        return importlib.import_module("devtools.mailcow_standin")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("devtools", "devtools.mailcow_standin"):
+            raise  # the stand-in is there, but something it needs is not: say so as it is
+        return None
+
+
+def _start_dev_standin(standin: ModuleType, settings: Settings, host: str) -> tuple[Settings, Callable[[], None]]:
     """Serve the mailcow stand-in on a free loopback port (a thread of this process), with a fresh key."""
     import secrets
 
     from app.core.threaded_server import ThreadedServer
-    from app.mailcow.standin import StandinKey, create_standin_app
 
     key = "-".join(secrets.token_hex(3).upper() for _ in range(5))
-    server = ThreadedServer(create_standin_app([StandinKey(key)]), host, lifespan="off")
+    server = ThreadedServer(standin.create_standin_app([standin.StandinKey(key)]), host, lifespan="off")
     server.start()
     return settings.model_copy(update={"mailcow_url": server.url, "mailcow_api_key": SecretStr(key)}), server.stop
 

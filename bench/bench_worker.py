@@ -5,7 +5,7 @@
 * apply (and removal) throughput for N overrides approved at once: one worker on SQLite, one and two
   workers on PostgreSQL.
 
-Everything runs in real processes: the stand-in (`python -m app.mailcow.standin`) and the workers
+Everything runs in real processes: the stand-in (`python -m devtools.mailcow_standin`) and the workers
 (`python -m app worker`). Times come from the database (`applied_at`, `expires_at`, `ended_at`, set by
 the worker) against the moment of approval.
 
@@ -66,7 +66,17 @@ def free_port() -> int:
 def standin_process(key: str) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.mailcow.standin", "--port", str(port), "--api-key", key, "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "devtools.mailcow_standin",
+            "--port",
+            str(port),
+            "--api-key",
+            key,
+            "--log-level",
+            "warning",
+        ],
         cwd=REPO_ROOT,
     )
     url = f"http://127.0.0.1:{port}"

@@ -4,7 +4,6 @@ an app wired to the dev identity provider (real JWT validation), and small facto
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import uuid
@@ -14,30 +13,25 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
-from app.audit.signing import PublicKey, trusted_keys
 from app.core.config import Settings
 from app.core.db import make_engine
-from app.core.devidp import DEV_AUDIENCE, DEV_ROLE_MAP, DevIdentityProvider, DevTokenRequest
+from app.core.devidp import DevIdentityProvider, DevTokenRequest
 from app.core.migrations import upgrade
 from app.main import create_app
-from tests.helpers import LiveServer
+from tests.helpers import ISSUER, VALID_REQUEST, Headers, LiveServer, make_settings
 
 # The DNSSEC/SMTP lab (`dane_lab`) and the real OpenID provider (`oidc_provider`) are session fixtures;
-# `private_postgres` is a PostgreSQL cluster of its own for tests that stop the server.
-pytest_plugins = ["tests.lab.fixtures", "tests.oidc_provider", "tests.private_postgres"]
-
-# Tests sign audit checkpoints with a key of their own (dev mode makes one beside its database).
-AUDIT_SIGNING_KEY = base64.b64encode(Ed25519PrivateKey.generate().private_bytes_raw()).decode()
+# `private_postgres` is a PostgreSQL cluster of its own for tests that stop the server; `standin` and
+# `standin_app` are the mailcow stand-in (devtools/), `served_standin` the same over real HTTP.
+pytest_plugins = ["tests.lab.fixtures", "tests.oidc.fixtures", "tests.private_postgres", "tests.standin"]
 
 PG_ADMIN_URL = os.environ.get("TLSO_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_TEMPLATE = f"tlso_tpl_{os.getpid()}"
-ISSUER = "http://testserver/dev"
 
 
 def _pg_available() -> bool:
@@ -120,44 +114,6 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "env": "test",
-        "database_url": "sqlite://",
-        "oidc_issuer": ISSUER,
-        "oidc_audience": DEV_AUDIENCE,
-        "oidc_roles_claim": "roles",
-        "oidc_role_map": DEV_ROLE_MAP,
-        "oidc_algorithms": ["ES256"],
-        "audit_signing_key": AUDIT_SIGNING_KEY,
-        "justification_min_length": 20,
-        "log_json": False,
-        # Diagnosis on create would reach the real DNS; the diagnosis tests turn it on against the lab.
-        "diagnosis_on_create": False,
-        # The worker's remediation watch would too; tests/test_recheck.py runs it against the lab.
-        "remediation": "off",
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
-def audit_keys() -> dict[str, PublicKey]:
-    """The public keys that verify the checkpoints the tests' settings sign."""
-    return trusted_keys(make_settings())
-
-
-def lab_settings(lab: Any, **overrides: Any) -> Settings:
-    """Settings that point the diagnosis at the DNSSEC/SMTP lab (tests/lab)."""
-    values: dict[str, Any] = {
-        "dns_resolver": lab.resolver,
-        "smtp_port": lab.smtp_port,
-        "diagnosis_allow_reserved": True,
-        "dns_selftest_name": "test.",
-        "diagnosis_timeout_seconds": 3.0,
-    }
-    return make_settings(**{**values, **overrides})
-
-
 @pytest.fixture
 def settings() -> Settings:
     return make_settings()
@@ -179,9 +135,6 @@ def client(app: FastAPI) -> Iterator[TestClient]:
         yield test_client
 
 
-Headers = dict[str, str]
-
-
 @pytest.fixture
 def auth(idp: DevIdentityProvider) -> Callable[..., Headers]:
     """`auth("alice", "requester")` → Authorization headers for that person and roles."""
@@ -194,15 +147,6 @@ def auth(idp: DevIdentityProvider) -> Callable[..., Headers]:
         return headers
 
     return make
-
-
-VALID_REQUEST: dict[str, Any] = {
-    "destination": "example.org",
-    "policy": "encrypt",
-    "justification": "Recipient TLSA records are stale after a certificate renewal.",
-    "ticket": "OPS-1",
-    "duration": "P3D",
-}
 
 
 @pytest.fixture

@@ -1,16 +1,22 @@
-"""Small helpers shared by the API tests: problem assertions, audit reads, row counts, worker steps."""
+"""Small helpers shared by the tests (imported by name; fixtures live in conftest.py files and plugins):
+settings and requests as the tests make them, problem assertions, audit reads, row counts, worker steps."""
 
 from __future__ import annotations
 
+import base64
 import socket
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import Engine
 
+from app.audit.signing import PublicKey, trusted_keys
+from app.core.config import Settings
 from app.core.db import transaction, utcnow
+from app.core.devidp import DEV_AUDIENCE, DEV_ROLE_MAP
 from app.core.threaded_server import ThreadedServer
 from app.overrides import service
 from app.overrides.models import Override, OverrideState
@@ -103,3 +109,58 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings and requests as the tests make them
+
+# Tests sign audit checkpoints with a key of their own (dev mode makes one beside its database).
+AUDIT_SIGNING_KEY = base64.b64encode(Ed25519PrivateKey.generate().private_bytes_raw()).decode()
+ISSUER = "http://testserver/dev"
+Headers = dict[str, str]
+
+VALID_REQUEST: dict[str, Any] = {
+    "destination": "example.org",
+    "policy": "encrypt",
+    "justification": "Recipient TLSA records are stale after a certificate renewal.",
+    "ticket": "OPS-1",
+    "duration": "P3D",
+}
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "env": "test",
+        "database_url": "sqlite://",
+        "oidc_issuer": ISSUER,
+        "oidc_audience": DEV_AUDIENCE,
+        "oidc_roles_claim": "roles",
+        "oidc_role_map": DEV_ROLE_MAP,
+        "oidc_algorithms": ["ES256"],
+        "audit_signing_key": AUDIT_SIGNING_KEY,
+        "justification_min_length": 20,
+        "log_json": False,
+        # Diagnosis on create would reach the real DNS; the diagnosis tests turn it on against the lab.
+        "diagnosis_on_create": False,
+        # The worker's remediation watch would too; tests/worker/test_recheck.py runs it against the lab.
+        "remediation": "off",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def audit_keys() -> dict[str, PublicKey]:
+    """The public keys that verify the checkpoints the tests' settings sign."""
+    return trusted_keys(make_settings())
+
+
+def lab_settings(lab: Any, **overrides: Any) -> Settings:
+    """Settings that point the diagnosis at the DNSSEC/SMTP lab (tests/lab)."""
+    values: dict[str, Any] = {
+        "dns_resolver": lab.resolver,
+        "smtp_port": lab.smtp_port,
+        "diagnosis_allow_reserved": True,
+        "dns_selftest_name": "test.",
+        "diagnosis_timeout_seconds": 3.0,
+    }
+    return make_settings(**{**values, **overrides})

@@ -15,8 +15,7 @@ import pytest
 
 from app.core.devidp import DevIdentityProvider
 from app.main import create_app
-from tests.conftest import make_settings
-from tests.helpers import free_port
+from tests.helpers import free_port, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,15 +24,14 @@ from sqlalchemy.engine import Engine
 from app.audit.service import verify_chain
 from app.core.db import make_engine, reading
 from app.core.devidp import DevIdentityProvider
-from app.mailcow.standin import StandinKey, create_standin_app
 from app.main import create_app
 from app.overrides.models import OverrideState
 from app.worker.loop import Worker
-from tests.conftest import VALID_REQUEST, audit_keys, make_settings
-from tests.helpers import PROBLEM_JSON, LiveServer, assert_problem, load
-from tests.mailcow_fixtures import KEY
+from devtools.mailcow_standin import StandinKey, create_standin_app
+from tests.helpers import PROBLEM_JSON, VALID_REQUEST, LiveServer, assert_problem, audit_keys, load, make_settings
 from tests.private_postgres import PrivatePostgres
-from tests.worker_fixtures import approved
+from tests.standin import KEY
+from tests.worker.helpers import approved
 
 Auth = Callable[..., dict[str, str]]
 

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 
 from app.core.migrations import current_and_head
 from app.main import create_app
-from tests.conftest import make_settings
+from tests.helpers import make_settings
 
 
 def test_healthz(client: Any) -> None:

@@ -13,7 +13,7 @@ from app.core.db import make_engine
 from app.core.errors import PROBLEM_JSON, PROBLEM_TYPES, TYPE_BASE
 from app.core.idempotency import KEY_MAX_LENGTH, KEY_PATTERN
 from app.main import create_app
-from tests.conftest import make_settings
+from tests.helpers import make_settings
 
 # What each kind of operation can answer besides success.
 ACTION_ERRORS = {"400", "401", "403", "404", "409", "412", "422", "428"}

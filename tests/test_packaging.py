@@ -51,7 +51,9 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    shutil.copytree(ROOT / "app", source / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # devtools/ (the mailcow stand-in) sits beside app/ as in the checkout: the package discovery must leave it out.
+    for package in ("app", "devtools"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
     built = subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"), str(source)],
@@ -112,3 +114,22 @@ def test_the_installed_package_migrates_from_any_directory(installed_wheel: Inst
     with sqlite3.connect(database) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"override", "vote", "audit_event"} <= tables
+
+
+def test_the_wheel_ships_no_test_double(installed_wheel: InstalledWheel) -> None:
+    """The mailcow stand-in is a development tool: no module of the product is, or holds, a copy of it."""
+    names = installed_wheel.names()
+    assert not [name for name in names if "standin" in name or name.startswith("devtools/")], names
+    with zipfile.ZipFile(installed_wheel.wheel) as archive:
+        doubles = [name for name in names if name.endswith(".py") and b"class MailcowStandin" in archive.read(name)]
+    assert doubles == []
+
+
+def test_dev_mode_without_the_stand_in_says_why(installed_wheel: InstalledWheel, tmp_path: Path) -> None:
+    """Installed from the wheel, dev mode has no stand-in to talk to: it stops with a reason, not a traceback."""
+    result = installed_wheel.run(
+        "-m", "app", "dev", "--port", "9", cwd=tmp_path, TLSO_DATABASE_URL=f"sqlite:///{tmp_path / 'dev.db'}"
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "stand-in" in result.stderr and "TLSO_MAILCOW_URL" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "dev.db").exists()

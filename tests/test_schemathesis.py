@@ -31,10 +31,9 @@ from sqlalchemy.engine import Engine
 from app.cli import OPENAPI_FILE
 from app.core.config import Settings
 from app.core.errors import PROBLEM_JSON
-from tests.conftest import VALID_REQUEST, Headers, lab_settings
-from tests.helpers import COMMENT, apply_now
+from tests.helpers import COMMENT, VALID_REQUEST, Headers, apply_now, lab_settings
 from tests.lab.lab import Lab
-from tests.mailcow_fixtures import KEY, make_app, served
+from tests.standin import KEY, make_app, served
 
 # Per operation: examples of the fuzzing phase; per run: scenarios and steps of the stateful phase. Small
 # enough for CI (about 2 minutes for all 11 runs on 2 cores); TLSO_SCHEMATHESIS_SCALE=10 digs ten times deeper.
