@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from slack_sdk.signature import SignatureVerifier
+from slack_sdk.signature import Clock, SignatureVerifier
 from sqlalchemy import Engine, delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -40,6 +40,7 @@ from app.slack.blocks import APPROVE, REJECT, escape, override_message
 from app.slack.commands import Command
 
 VIA = "slack"
+DONE = {"approve": "approved", "reject": "rejected"}
 REPLAY_WINDOW = timedelta(minutes=5)  # slack_sdk refuses older timestamps; Slack's documented window
 SLACK_ROLES: frozenset[Role] = frozenset({"requester", "approver"})
 T = TypeVar("T")
@@ -83,8 +84,17 @@ def principal_for(settings: Settings, user_id: str) -> Principal | None:
 # Is it Slack, and the first time?
 
 
-def verify(engine: Engine, settings: Settings, body: bytes, headers: dict[str, str]) -> None:
-    """Slack's signature over this body, fresh, and never seen before; else SlackRequestRefused."""
+class _Clock(Clock):
+    def __init__(self, now: float) -> None:
+        self._now = now
+
+    def now(self) -> float:
+        return self._now
+
+
+def verify(engine: Engine, settings: Settings, body: bytes, headers: dict[str, str], now: float | None = None) -> None:
+    """Slack's signature over this body, fresh, and never seen before; else SlackRequestRefused.
+    (`now`: the clock for the freshness check, the real one unless a test replays Slack's documented example.)"""
     secret = read_secret(settings.slack_signing_secret, settings.slack_signing_secret_file)
     if not secret:
         raise NotFound("Slack is not configured here (TLSO_SLACK_SIGNING_SECRET).")
@@ -93,7 +103,8 @@ def verify(engine: Engine, settings: Settings, body: bytes, headers: dict[str, s
         raise SlackRequestRefused("X-Slack-Request-Timestamp and X-Slack-Signature are required.")
     if not timestamp.isascii() or not timestamp.isdigit():
         raise SlackRequestRefused("X-Slack-Request-Timestamp is not a Unix time.")
-    if not SignatureVerifier(secret).is_valid(body=body, timestamp=timestamp, signature=signature):
+    verifier = SignatureVerifier(secret) if now is None else SignatureVerifier(secret, clock=_Clock(now))
+    if not verifier.is_valid(body=body, timestamp=timestamp, signature=signature):
         raise SlackRequestRefused(
             "The request's X-Slack-Signature does not match its body and timestamp, or the timestamp is more "
             "than 5 minutes away."
@@ -226,16 +237,16 @@ def button_click(engine: Engine, settings: Settings, payload: dict[str, Any]) ->
         return unmapped(engine, settings, user_id, decision, override_id), False
     channel = (payload.get("channel") or {}).get("name")
     where = f" in #{channel}" if channel else ""
-    comment = f"{decision.capitalize()}d with the Slack button{where}."
+    comment = f"{DONE[decision].capitalize()} with the Slack button{where}."
     after, refused = decide(engine, settings, principal, decision, override_id, comment, version)
     if refused is not None:
         now = current(engine, settings, principal, override_id)
         if now is not None and now.version != version:
             # The message was out of date: show what there is now, and say why nothing happened.
-            return {"replace_original": True, **override_message(now, f"Not {decision}d: {escape(refused)}")}, True
-        return ephemeral(f"Not {decision}d: {escape(refused)}"), False
+            return {"replace_original": True, **override_message(now, f"Not {DONE[decision]}: {escape(refused)}")}, True
+        return ephemeral(f"Not {DONE[decision]}: {escape(refused)}"), False
     assert after is not None
-    footer = f"{decision.capitalize()}d by {escape(principal.actor)} via Slack"
+    footer = f"{DONE[decision].capitalize()} by {escape(principal.actor)} via Slack"
     return {"replace_original": True, **override_message(after, footer)}, True
 
 
@@ -253,9 +264,12 @@ def command_reply(engine: Engine, settings: Settings, principal: Principal, comm
         engine, settings, principal, command.name, command.override_id, command.comment or "", version=None
     )
     if refused is not None:
-        return ephemeral(f"Not {command.name}d: {escape(refused)}")
+        return ephemeral(f"Not {DONE[command.name]}: {escape(refused)}")
     assert after is not None
-    return {"response_type": "ephemeral", **override_message(after, f"{command.name.capitalize()}d by you via Slack")}
+    return {
+        "response_type": "ephemeral",
+        **override_message(after, f"{DONE[command.name].capitalize()} by you via Slack"),
+    }
 
 
 def ephemeral_blocks(text: str) -> dict[str, Any]:
