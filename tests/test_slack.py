@@ -6,9 +6,9 @@ people, clicks recorded `via` Slack under the no-self-approval rule, and the mes
 from __future__ import annotations
 
 import json
-from functools import partial
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -311,7 +311,7 @@ def test_request_list_show_approve_and_reject_through_the_command(engine: Engine
         "U0ALICE",
         "request bücher.example fingerprint ticket=MAIL-4711 ticket_url=<https://t.example/MAIL-4711> "
         'duration=PT12H parameters="match=7F:92:30:AA:01:02:03:04:05:06:07:08:09:0A:0B:0C:0D:0E:0F:10:11:12:13:14:'
-        '15:16:17:18:19:1A:1B:1C" The recipient’s TLSA is stale since 09:00 &lt;ticket&gt;',
+        '15:16:17:18:19:1A:1B:1C" The recipient\u2019s TLSA is stale since 09:00 &lt;ticket&gt;',
     )
     assert created["response_type"] == "ephemeral", created
     number = int(header(created).split("#")[1].split(" ")[0])
