@@ -95,12 +95,12 @@ class _Clock(Clock):
 def verify(engine: Engine, settings: Settings, body: bytes, headers: dict[str, str], now: float | None = None) -> None:
     """Slack's signature over this body, fresh, and never seen before; else SlackRequestRefused.
     (`now`: the clock for the freshness check, the real one unless a test replays Slack's documented example.)"""
-    secret = read_secret(settings.slack_signing_secret, settings.slack_signing_secret_file)
-    if not secret:
-        raise NotFound("Slack is not configured here (TLSO_SLACK_SIGNING_SECRET).")
     timestamp, signature = headers.get("x-slack-request-timestamp"), headers.get("x-slack-signature")
     if not timestamp or not signature:
         raise SlackRequestRefused("X-Slack-Request-Timestamp and X-Slack-Signature are required.")
+    secret = read_secret(settings.slack_signing_secret, settings.slack_signing_secret_file)
+    if not secret:
+        raise NotFound("Slack is not configured here (TLSO_SLACK_SIGNING_SECRET).")
     if not timestamp.isascii() or not timestamp.isdigit():
         raise SlackRequestRefused("X-Slack-Request-Timestamp is not a Unix time.")
     verifier = SignatureVerifier(secret) if now is None else SignatureVerifier(secret, clock=_Clock(now))
