@@ -28,7 +28,7 @@ from app.mailcow.standin import StandinKey, create_standin_app
 from app.main import create_app
 from app.overrides.models import OverrideState
 from app.worker.loop import Worker
-from tests.conftest import VALID_REQUEST, make_settings
+from tests.conftest import VALID_REQUEST, audit_keys, make_settings
 from tests.helpers import PROBLEM_JSON, LiveServer, assert_problem, load
 from tests.mailcow_fixtures import KEY
 from tests.private_postgres import PrivatePostgres
@@ -171,7 +171,7 @@ def test_a_stopped_database_gives_503_and_the_api_recovers_by_itself(
             )
         assert created <= stored and created <= audited
         with reading(engine) as session:
-            assert verify_chain(session).valid
+            assert verify_chain(session, audit_keys()).valid
     finally:
         engine.dispose()
 

@@ -392,3 +392,18 @@ def until_count(items: list[Any], n: int) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"expected {n} Slack responses, got {len(items)}")
         time.sleep(0.02)
+
+
+def test_signed_payloads_of_another_shape_are_answered_not_failed(engine: Engine, client: TestClient) -> None:
+    before = counts(engine)
+    for payload in (
+        {"type": "block_actions", "team": {"id": TEAM}, "user": ["U0BOB"], "actions": "approve"},
+        {"type": "block_actions", "team": {"id": TEAM}, "user": {"id": "U0BOB"}, "actions": [{"action_id": APPROVE}]},
+        {"type": "view_submission", "team": {"id": TEAM}},
+    ):
+        body = urlencode({"payload": json.dumps(payload)})
+        answered = client.post("/slack/interactions", content=body, headers=signed(body))
+        assert (answered.status_code, answered.content) == (200, b""), answered.text
+    body = urlencode({"payload": "{not json"})
+    assert_problem(client.post("/slack/interactions", content=body, headers=signed(body)), 400)
+    assert counts(engine) == before

@@ -83,7 +83,6 @@ class Outcome:
 class _Claim:
     retries: list[Outgoing]
     fresh: list[tuple[int, Outgoing | None]]  # every event after the cursor; None: the sink does not want it
-    unavailable_streak: int
     sent: list[tuple[Outgoing, Outcome]] = field(default_factory=list)
 
 
@@ -195,7 +194,6 @@ def _claim(engine: Engine, settings: Settings, sink: Sink, owner: str, lease: ti
         return _Claim(
             retries=[renderer.retry(n) for n in retries],
             fresh=[(event.seq, renderer.fresh(event)) for event in events],
-            unavailable_streak=cursor.attempts,
         )
 
 

@@ -112,7 +112,7 @@ async def interactions(request: Request, background: BackgroundTasks) -> Respons
     if not isinstance(payload, dict):
         raise MalformedBody("The form field `payload` is not a JSON object.")
     settings: Settings = request.app.state.settings
-    slack.check_team(settings, str((payload.get("team") or {}).get("id") or ""))
+    slack.check_team(settings, str(slack.field(payload, "team", "id")))
     if payload.get("type") != "block_actions":
         return Response(status_code=200)
     message, _ = await run_in_threadpool(slack.button_click, request.app.state.engine, settings, payload)

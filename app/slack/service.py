@@ -133,6 +133,14 @@ def check_team(settings: Settings, team_id: str | None) -> None:
 # Acting
 
 
+def field(payload: dict[str, Any], *path: str) -> str:
+    """A string inside Slack's payload, or "" (a payload of another shape answers, never fails)."""
+    value: Any = payload
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else ""
+
+
 def ephemeral(text: str) -> dict[str, Any]:
     return {"response_type": "ephemeral", "replace_original": False, "text": text}
 
@@ -221,8 +229,9 @@ def button_click(engine: Engine, settings: Settings, payload: dict[str, Any]) ->
     """A block action: (the message for response_url, whether it replaces the clicked message)."""
     import json
 
-    user_id = str((payload.get("user") or {}).get("id") or "")
-    action = (payload.get("actions") or [{}])[0]
+    user_id = str(field(payload, "user", "id"))
+    actions = payload.get("actions")
+    action = actions[0] if isinstance(actions, list) and actions and isinstance(actions[0], dict) else {}
     action_id = action.get("action_id")
     if action_id not in (APPROVE, REJECT):
         return ephemeral("Nothing to do for this button."), False
@@ -235,7 +244,7 @@ def button_click(engine: Engine, settings: Settings, payload: dict[str, Any]) ->
     principal = principal_for(settings, user_id)
     if principal is None:
         return unmapped(engine, settings, user_id, decision, override_id), False
-    channel = (payload.get("channel") or {}).get("name")
+    channel = field(payload, "channel", "name")
     where = f" in #{channel}" if channel else ""
     comment = f"{DONE[decision].capitalize()} with the Slack button{where}."
     after, refused = decide(engine, settings, principal, decision, override_id, comment, version)
