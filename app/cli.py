@@ -133,6 +133,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = load_settings("worker", Settings)
     if settings is None:
         return 2
+    from app.notify.sinks import SinkConfigError, sinks_from
+
+    try:
+        sinks_from(settings)  # a sink that cannot work stops the start, not every later pass
+    except SinkConfigError as exc:
+        print(f"worker: invalid settings: {exc}", file=sys.stderr)
+        return 2
     if settings.env == "production" and not settings.audit_signing_key_text:
         print(
             "worker: TLSO_AUDIT_SIGNING_KEY_FILE (or TLSO_AUDIT_SIGNING_KEY) must be set outside dev mode: "
@@ -205,6 +212,7 @@ def dev_settings(host: str, port: int) -> Settings:
         database_url=database_url,
         **signing,
         oidc_issuer=f"http://{host}:{port}/dev",
+        public_base_url=os.environ.get("TLSO_PUBLIC_BASE_URL", f"http://{host}:{port}"),
         oidc_audience=DEV_AUDIENCE,
         oidc_roles_claim="roles",
         oidc_role_map=DEV_ROLE_MAP,

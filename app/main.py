@@ -36,8 +36,12 @@ from app.core.metrics import metrics_router
 from app.core.security_headers import SecurityHeaders, page_policy
 from app.diagnosis.router import router as diagnosis_router
 from app.diagnosis.service import RateLimiter
+from app.notify.router import router as notifications_router
+from app.notify.webhooks import document_webhooks
 from app.overrides.evidence import RecentDiagnoses
 from app.overrides.router import router as overrides_router
+from app.slack.router import router as slack_router
+from app.slack.service import slack_users
 from app.targets.router import router as targets_router
 
 log = logging.getLogger("app")
@@ -113,6 +117,7 @@ def create_app(
     app.state.diagnosis_limiter = RateLimiter(settings.diagnosis_rate_per_minute)
     app.state.recent_diagnoses = RecentDiagnoses()
     app.state.audit_keys = trusted_keys(settings)  # a malformed key stops the start, not a later request
+    slack_users(settings)  # so does a malformed Slack user map
     install_error_handlers(app)
 
     # The OAuth2 scheme only documents the Swagger UI login; tokens are checked by current_principal.
@@ -123,7 +128,10 @@ def create_app(
     api.include_router(audit_router)
     api.include_router(diagnosis_router)
     api.include_router(targets_router)
+    api.include_router(notifications_router)
     app.include_router(api)
+    app.include_router(slack_router)
+    document_webhooks(app)
     app.include_router(health_router())
     app.include_router(metrics_router())
     if dev_idp is not None:

@@ -29,8 +29,42 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "app", "migrate"], check=True, env=env, cwd=here)
         committed_before_answer = _one_request_through_the_app(database)
     assert committed_before_answer, "the create was committed after its answer was sent"
+    _signatures()
     print("smoke: import, migrate, create_app, POST /v1/overrides committed before the answer: ok")
+    print("smoke: a webhook signed as the notifier signs verifies; Slack's documented example verifies: ok")
     return 0
+
+
+def _signatures() -> None:
+    """The notifier's Standard Webhooks signature and slack_sdk's verifier work at the floor versions."""
+    import base64
+    from datetime import UTC, datetime
+
+    from slack_sdk.signature import Clock, SignatureVerifier
+    from standardwebhooks.webhooks import Webhook
+
+    from app.notify.service import signature
+
+    secret = "whsec_" + base64.b64encode(b"f" * 32).decode()
+    now = datetime.now(UTC)
+    headers = {
+        "webhook-id": "msg_1_x",
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": signature([secret], "msg_1_x", now, '{"a":1}'),
+    }
+    assert Webhook(secret).verify('{"a":1}', headers) == {"a": 1}
+
+    class At(Clock):
+        def now(self) -> float:
+            return 1531420618.0
+
+    body = "token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&" + (
+        "channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url="
+        "https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id="
+        "398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c"
+    )
+    signed = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503"
+    assert SignatureVerifier("8f742231b10e8888abcd99yyyzzz85a5", clock=At()).is_valid(body, "1531420618", signed)
 
 
 def _one_request_through_the_app(database: Path) -> bool:

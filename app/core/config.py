@@ -150,9 +150,25 @@ class Settings(CoreSettings):
     remediation: Literal["end", "notify", "off"] = "notify"  # off: the worker does not re-diagnose
     refuse_rules: Annotated[list[str], NoDecode] = ["policy_useless"]
 
-    # notifications: {"name": {"url": "...", "secret_file": "...", "format": "json|slack", "events": ["override.*"]}}
+    # Where clients reach the API (`https://tlso.example.com`): the absolute links of webhook events and
+    # Slack messages are built on it. Required in production once a sink or Slack is configured.
+    public_base_url: str = ""
+
+    # notifications (app/notify/sinks.py): {"name": {"url": "...", "secret_file": "...", "format": "json|slack",
+    # "events": ["override.*"], "requested_via": "client-id"}}
     notify_webhooks: Annotated[dict[str, dict[str, Any]], NoDecode] = {}
-    notify_max_attempts: int = 10
+    notify_max_attempts: int = Field(default=10, ge=1, le=100)  # per event and sink, then a dead letter
+
+    # Slack (app/slack/): the app's signing secret turns /slack/* on; the bot token is optional (chat.postMessage
+    # and chat.update for `format: slack` sinks that name a channel); users: {"U0123": "alice"} or
+    # {"U0123": {"person": "alice", "roles": ["approver"]}}.
+    slack_signing_secret: SecretStr | None = None
+    slack_signing_secret_file: Path | None = None
+    slack_bot_token: SecretStr | None = None
+    slack_bot_token_file: Path | None = None
+    slack_users: Annotated[dict[str, Any], NoDecode] = {}
+    slack_team_id: str = ""  # when set, requests from any other workspace are refused
+    slack_api_url: str = "https://slack.com/api/"  # GovSlack: https://slack-gov.com/api/
 
     @field_validator(
         "oidc_algorithms",
@@ -170,7 +186,9 @@ class Settings(CoreSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("oidc_role_map", "approvals_required", "mailcow_targets", "notify_webhooks", mode="before")
+    @field_validator(
+        "oidc_role_map", "approvals_required", "mailcow_targets", "notify_webhooks", "slack_users", mode="before"
+    )
     @classmethod
     def _parse_json(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -213,6 +231,11 @@ class Settings(CoreSettings):
                 raise ValueError(f"{', '.join(missing)} must be set outside dev mode")
             if self.oidc_issuer.startswith("http://") and not _is_loopback_url(self.oidc_issuer):
                 raise ValueError("TLSO_OIDC_ISSUER must use https outside loopback")
+            if (self.notify_webhooks or self.slack_enabled) and not self.public_base_url:
+                # A receiver cannot follow a relative link: refuse rather than send events nobody can act on.
+                raise ValueError("TLSO_PUBLIC_BASE_URL must be set when webhooks or Slack are configured")
+        if self.public_base_url:
+            self.public_base_url = _base_url(self.public_base_url)
         if self.default_duration > self.max_duration:
             raise ValueError("TLSO_DEFAULT_DURATION exceeds TLSO_MAX_DURATION")
         return self
@@ -223,6 +246,23 @@ class Settings(CoreSettings):
 
     def approvals_for(self, policy: str) -> int:
         return max(1, self.approvals_required.get(policy, 1))
+
+    @property
+    def slack_enabled(self) -> bool:
+        return self.slack_signing_secret is not None or self.slack_signing_secret_file is not None
+
+    def link(self, path: str) -> str:
+        """An absolute URL of `path` on this service (relative without TLSO_PUBLIC_BASE_URL: dev and tests)."""
+        return f"{self.public_base_url}{path}"
+
+
+def _base_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("TLSO_PUBLIC_BASE_URL must be an http(s) URL without query or fragment")
+    return value.strip().rstrip("/")
 
 
 def _is_loopback_url(url: str) -> bool:

@@ -91,6 +91,13 @@ class Unauthenticated(AppError):
         super().__init__(detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
+class SlackRequestRefused(AppError):
+    """Not a request from Slack: no or a wrong signature, too old, or one seen before (a replay)."""
+
+    status, type, title = 401, "slack-signature", "Not a valid request from Slack"
+    example = "The request's X-Slack-Signature does not match its body and timestamp."
+
+
 class Forbidden(AppError):
     status, type, title = 403, "forbidden", "Not allowed"
     example = "This needs one of the roles: auditor, admin."
@@ -262,6 +269,7 @@ def install_error_handlers(app: FastAPI) -> None:
 PROBLEM_TYPES: tuple[type[AppError], ...] = (
     MalformedBody,
     Unauthenticated,
+    SlackRequestRefused,
     Forbidden,
     NotFound,
     MethodNotAllowed,

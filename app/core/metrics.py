@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -172,6 +172,15 @@ class DatabaseCollector(Collector):
         return [states, overdue_family, conflicts, drifted, reconciled, paused, rows]
 
 
+_DATABASE_COLLECTORS: list[Callable[[Engine], Collector]] = []
+
+
+def register_database_collector(factory: Callable[[Engine], Collector]) -> None:
+    """A domain package's gauges read from the database at scrape time (core imports no domain package)."""
+    if factory not in _DATABASE_COLLECTORS:
+        _DATABASE_COLLECTORS.append(factory)
+
+
 def registry_for(engine: Engine) -> CollectorRegistry:
     """Everything a scrape shows: every process's metrics (or this one's) plus the database gauges."""
     registry = CollectorRegistry(auto_describe=False)
@@ -180,6 +189,8 @@ def registry_for(engine: Engine) -> CollectorRegistry:
     else:
         registry.register(_ProcessMetrics())
     registry.register(DatabaseCollector(engine))
+    for factory in _DATABASE_COLLECTORS:
+        registry.register(factory(engine))
     return registry
 
 

@@ -35,7 +35,8 @@ from app.core.db import utcnow
 from app.core.metrics import WORKER_LAG, WORKER_LAST_LOOP
 from app.mailcow.client import MailcowClient
 from app.mailcow.targets import Target, TargetNotConfigured, configured_targets
-from app.notify.service import deliver, sinks_from
+from app.notify.service import deliver
+from app.notify.sinks import sinks_from
 from app.overrides.models import OverrideState
 from app.targets.service import claim_reconcile, ensure_targets, renew_reconcile, running_pauses
 from app.worker import store

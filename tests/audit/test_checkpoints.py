@@ -445,11 +445,11 @@ async def test_checkpoints_reach_every_webhook_sink_that_keeps_the_default(engin
     import httpx
 
     from app.notify.service import deliver
-    from tests.notify.test_service import Receiver
+    from tests.notify.test_service import SECRET, Receiver
 
     receiver = Receiver()
     with receiver.server:
-        settings = make_settings(notify_webhooks={"ops": {"url": f"{receiver.server.url}/hook"}})
+        settings = make_settings(notify_webhooks={"ops": {"url": receiver.url, "secret": SECRET}})
         async with httpx.AsyncClient() as http:
             await deliver(engine, settings, http, "w1")  # the sink starts at the end of the trail
             with transaction(engine) as session:
@@ -457,7 +457,7 @@ async def test_checkpoints_reach_every_webhook_sink_that_keeps_the_default(engin
             checkpoint = write_checkpoint(engine, _signer())
             assert await deliver(engine, settings, http, "w1") == 2
     body = receiver.received[-1]["body"]
-    assert (body["event"], body["data"]["after"]) == (
+    assert (body["type"], body["data"]["checkpoint"]) == (
         "audit.checkpoint",
         checkpoint.model_dump() if checkpoint else None,
     )
