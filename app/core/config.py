@@ -224,6 +224,10 @@ class Settings(CoreSettings):
     def approvals_for(self, policy: str) -> int:
         return max(1, self.approvals_required.get(policy, 1))
 
+    def target_names(self) -> list[str]:
+        """Every mailcow target an override may name: the default one first."""
+        return [self.default_target, *[name for name in self.mailcow_targets if name != self.default_target]]
+
 
 def _is_loopback_url(url: str) -> bool:
     from urllib.parse import urlsplit

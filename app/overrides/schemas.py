@@ -152,25 +152,6 @@ class OverridePage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page.")
 
 
-class EventRead(BaseModel):
-    seq: int
-    at: datetime
-    actor: str
-    via: str | None
-    action: str
-    override_id: int | None
-    before: dict[str, Any] | None
-    after: dict[str, Any] | None
-    comment: str | None
-    prev_hash: str
-    hash: str
-
-
-class EventPage(BaseModel):
-    items: list[EventRead]
-    next_cursor: str | None
-
-
 class ResolveConflictBody(ActionBody):
     action: Literal["replace", "abandon"] = Field(
         description="`replace`: delete the foreign row, apply the override, restore the row when it ends; "

@@ -34,9 +34,9 @@ from app.mailcow.client import (
     PolicyRow,
 )
 from app.mailcow.dest import dest_forms, dest_key
-from app.overrides import service
+from app.mailcow.policy_map import PolicyMap, is_our_content, row_dict
+from app.overrides import lifecycle
 from app.overrides.models import OverrideState
-from app.targets.service import PolicyMap, is_our_content, row_dict
 from app.worker import store
 from app.worker.context import JobContext, describe
 from app.worker.faults import crash_point
@@ -250,7 +250,7 @@ def _applied_in(session: Session, job: Job, owner: str, row_id: int, adopted: bo
         return False
     now = utcnow()
     how = f"adopted row {row_id}, added by an interrupted attempt" if adopted else f"added as row {row_id}"
-    service.transition(
+    lifecycle.transition(
         session,
         override,
         S.active,
@@ -279,7 +279,7 @@ def _record_conflict(engine: Engine, job: Job, owner: str, row: PolicyRow) -> No
             store.drop_lease(session, job.id, owner)
             return
         snapshot = row_dict(row)
-        service.update_in_place(
+        lifecycle.update_in_place(
             session,
             override,
             actor="system",
@@ -305,7 +305,7 @@ def _record_replaced(engine: Engine, job: Job, owner: str, snapshot: dict[str, A
         if override is None or (override.conflict or {}).get("status") != "replace":
             store.drop_lease(session, job.id, owner)
             return False
-        service.update_in_place(
+        lifecycle.update_in_place(
             session,
             override,
             actor="system",
@@ -330,7 +330,7 @@ def _record_failed(engine: Engine, settings: Settings, job: Job, owner: str, rea
             # We may have deleted the foreign row an admin let us replace, or an add whose answer was lost
             # may have landed: the removal cleans up (and restores), then the override ends as `failed`.
             why = "restoring the row it was to replace" if replaced else "removing whatever an earlier add left"
-            service.begin_removal(
+            lifecycle.begin_removal(
                 session,
                 override,
                 "apply_failed",
@@ -341,7 +341,7 @@ def _record_failed(engine: Engine, settings: Settings, job: Job, owner: str, rea
             )
             store.drop_lease(session, job.id, owner, last_error=reason[:1000])
             return
-        service.transition(
+        lifecycle.transition(
             session,
             override,
             S.failed,

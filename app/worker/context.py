@@ -13,8 +13,9 @@ from sqlalchemy import Engine
 from app.core.config import Settings
 from app.core.metrics import WORKER_JOBS
 from app.mailcow.client import MailcowAuthError, MailcowClient, MailcowError
+from app.mailcow.policy_map import PolicyMap
 from app.mailcow.targets import Target
-from app.targets.service import PolicyMap, pause_target
+from app.targets.service import pause_target
 from app.worker import store
 from app.worker.store import Job
 

@@ -24,7 +24,7 @@ from app.diagnosis.assess import is_clean
 from app.diagnosis.engine import diagnose
 from app.diagnosis.models import Diagnosis
 from app.diagnosis.service import diagnosis_config
-from app.overrides import service
+from app.overrides import lifecycle
 from app.overrides.models import Override, OverrideState
 from app.overrides.postfix import mx_domain_of
 
@@ -62,7 +62,7 @@ def _claim(engine: Engine, override_id: int, seen: datetime | None) -> bool:
 def _record_result(engine: Engine, settings: Settings, override_id: int, diagnosis: Diagnosis) -> str:
     clean = is_clean(diagnosis)
     with transaction(engine) as session:
-        override = service.load(session, override_id, for_update=True)
+        override = lifecycle.load(session, override_id, for_update=True)
         if override.state != OverrideState.active:
             return "gone"
         checks = override.clean_checks + 1 if clean else 0
@@ -83,7 +83,7 @@ def _record_result(engine: Engine, settings: Settings, override_id: int, diagnos
             )
             if settings.remediation == "end":
                 session.refresh(override)
-                service.begin_removal(
+                lifecycle.begin_removal(
                     session,
                     override,
                     "remediated",

@@ -19,17 +19,10 @@ from sqlmodel import Session
 from app.core.db import transaction, utcnow
 from app.core.metrics import DRIFT_EVENTS, WORKER_JOBS
 from app.mailcow.client import MailcowAuthError, MailcowClient, MailcowError, PolicyRow
-from app.overrides import service
+from app.mailcow.policy_map import PolicyMap, drift_of, is_our_content, same_drift
+from app.overrides import lifecycle
 from app.overrides.models import Override, OverrideState
-from app.targets.service import (
-    PolicyMap,
-    Wanted,
-    drift_of,
-    finish_reconcile,
-    is_our_content,
-    owning_overrides,
-    same_drift,
-)
+from app.targets.service import Wanted, finish_reconcile, owning_overrides
 from app.worker import store
 from app.worker.context import JobContext, describe
 from app.worker.faults import crash_point
@@ -177,7 +170,7 @@ def _record(
             changes["add_sent_at"] = None  # the re-apply's outcome is known now
         if owner is not None:
             changes.update(store.RELEASED)
-        service.update_in_place(
+        lifecycle.update_in_place(
             session,
             override,
             actor="system",

@@ -23,9 +23,9 @@ from app.core.errors import AppError
 from app.core.metrics import WORKER_JOBS
 from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected
 from app.mailcow.dest import dest_key
-from app.overrides import service
+from app.mailcow.policy_map import PolicyMap, is_our_content, row_dict
+from app.overrides import lifecycle
 from app.overrides.models import OverrideState
-from app.targets.service import PolicyMap, is_our_content, row_dict
 from app.worker import store
 from app.worker.context import JobContext, describe
 from app.worker.faults import crash_point
@@ -187,7 +187,7 @@ def _record_restoring(engine: Engine, job: Job, owner: str) -> bool:
         if override is None:
             store.drop_lease(session, job.id, owner)
             return False
-        service.update_in_place(
+        lifecycle.update_in_place(
             session,
             override,
             actor="system",
@@ -209,7 +209,7 @@ def _removed_in(session: Session, job: Job, owner: str, deleted: list[int], rest
         store.drop_lease(session, job.id, owner)
         return False
     reason = override.end_reason or "expired"
-    end = service.END_STATE.get(reason, S.revoked)
+    end = lifecycle.END_STATE.get(reason, S.revoked)
     # A failed apply keeps its error for the API; any other end clears the removal's retry errors.
     keep_error = reason == "apply_failed"
     changes: dict[str, Any] = {**RELEASED, "next_attempt_at": None}
@@ -219,7 +219,7 @@ def _removed_in(session: Session, job: Job, owner: str, deleted: list[int], rest
         status = "restored" if "restored" in restored else "not_restored"
         changes["conflict"] = {**override.conflict, "status": status, **restored}
     what = f"deleted row(s) {deleted} from mailcow" if deleted else "no row of ours was left in mailcow"
-    service.transition(
+    lifecycle.transition(
         session,
         override,
         end,

@@ -8,7 +8,7 @@ worker killed mid-job leaves a row that becomes due again when its lease runs ou
 
 Every outcome is recorded in a second short transaction (a batch's successes together) that first
 re-reads each row under a lock and checks that it is still in the expected state AND still leased by
-this worker; then the state machine in `app.overrides.service` compare-and-sets it and queues the
+this worker; then the state machine in `app.overrides.lifecycle` compare-and-sets it and queues the
 audit entry in the same transaction. If a human acted meanwhile (a cancel turns `approved` into
 `removing`), the record is skipped and the lease dropped: the remove job cleans up whatever the
 interrupted job left in mailcow.
@@ -28,7 +28,7 @@ from app.audit.models import AuditEvent
 from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
-from app.overrides import service
+from app.overrides import lifecycle
 from app.overrides.models import Override, OverrideState
 from app.targets.models import MailcowTarget
 
@@ -210,7 +210,7 @@ def release(engine: Engine, settings: Settings, job: Job, owner: str, error: str
             next_attempt_at=now + timedelta(seconds=wait),
             last_error=override.last_error if keep else error[:1000],
         )
-        if service.is_overdue(override, now) and not _recorded(session, job.id, "override.removal_overdue"):
+        if lifecycle.is_overdue(override, now) and not _recorded(session, job.id, "override.removal_overdue"):
             # Once, so that the alarm reaches the trail (and the notification sinks) without flooding them.
             record(
                 session,
@@ -267,7 +267,7 @@ def expire_due(engine: Engine, settings: Settings, limit: int) -> list[float]:
         late = []
         for override in rows:
             late.append((now - override.expires_at).total_seconds() if override.expires_at else 0.0)
-            service.begin_removal(
+            lifecycle.begin_removal(
                 session,
                 override,
                 "expired",
@@ -291,7 +291,7 @@ def lapse_due(engine: Engine, limit: int) -> int:
             .with_for_update(skip_locked=True)
         ).all()
         for override in rows:
-            service.lapse(session, override)
+            lifecycle.lapse(session, override)
         return len(rows)
 
 
