@@ -11,7 +11,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from app.core.db import utcnow
-from app.overrides.models import Override, OverrideState
+from app.overrides.models import ConflictStatus, Override, OverrideState, conflict_status_of
 from app.targets.models import MailcowTarget
 
 
@@ -48,7 +48,9 @@ def override_gauges(session: Session, now: datetime) -> list[Metric]:
             sum(
                 1
                 for state, conflict, _, _ in live
-                if state == OverrideState.approved and isinstance(conflict, dict) and conflict.get("status") == "open"
+                if state == OverrideState.approved
+                and isinstance(conflict, dict)
+                and conflict_status_of(conflict) == ConflictStatus.open
             )
         ),
     )

@@ -24,16 +24,8 @@ DEFAULT_ROLE_MAP: dict[str, list[Role]] = {
     "tlso-integrations": ["integration"],
 }
 
-DEFAULT_APPROVALS: dict[str, int] = {
-    "none": 2,
-    "may": 1,
-    "encrypt": 1,
-    "verify": 1,
-    "secure": 1,
-    "dane": 1,
-    "dane-only": 1,
-    "fingerprint": 1,
-}
+# Approvals a policy needs by default; one for any policy not named (`Settings.approvals_for`).
+DEFAULT_APPROVALS: dict[str, int] = {"none": 2}
 
 
 class CoreSettings(BaseSettings):

@@ -15,8 +15,9 @@ from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, InvalidTransition
+from app.mailcow.policies import TlsPolicy
 from app.overrides.lifecycle import begin_removal, transition, update_in_place
-from app.overrides.models import Override, OverrideState, Vote
+from app.overrides.models import ConflictStatus, EndReason, Override, OverrideState, Vote
 from app.overrides.permissions import (
     ActionContext,
     admin,
@@ -27,13 +28,12 @@ from app.overrides.permissions import (
     reviewer,
 )
 from app.overrides.postfix import POLICY_STRENGTH
-from app.overrides.schemas import Policy
 from app.overrides.validation import require_whole_seconds
 
 REVIEWERS_ONLY = "Deciding on requests needs the approver role."
 
 
-def approvals_needed(policy: Policy, settings: Settings) -> int:
+def approvals_needed(policy: TlsPolicy, settings: Settings) -> int:
     """How many reviewers must approve a request for `policy` (TLSO_APPROVALS_REQUIRED); 0: none, it is
     approved at once (listed in TLSO_AUTO_APPROVE_POLICIES, and stronger than mailcow's default `dane`)."""
     if policy in settings.auto_approve_policies and POLICY_STRENGTH[policy] > POLICY_STRENGTH["dane"]:
@@ -202,14 +202,14 @@ def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str)
             via=principal.via,
             action="override.cancelled",
             comment=comment,
-            changes={"end_reason": "cancelled"},
+            changes={"end_reason": EndReason.cancelled},
         )
     if override.state in {OverrideState.approved, OverrideState.active}:
         # The worker may have added the mailcow row already: it must be removed before this ends.
         return begin_removal(
             session,
             override,
-            "cancelled",
+            EndReason.cancelled,
             actor=principal.actor,
             via=principal.via,
             comment=comment,
@@ -230,13 +230,13 @@ def revoke(session: Session, ctx: ActionContext, override_id: int, comment: str)
             via=ctx.principal.via,
             action="override.revoked",
             comment=comment,
-            changes={"end_reason": "revoked"},
+            changes={"end_reason": EndReason.revoked},
         )
     if override.state in {OverrideState.approved, OverrideState.active}:
         return begin_removal(
             session,
             override,
-            "revoked",
+            EndReason.revoked,
             actor=ctx.principal.actor,
             via=ctx.principal.via,
             comment=comment,
@@ -287,7 +287,7 @@ def resolve_conflict(session: Session, ctx: ActionContext, override_id: int, act
     if action not in ("replace", "abandon"):
         raise InvalidInput.on("body.action", "must be 'replace' or 'abandon'")
     conflict = override.conflict or {}
-    if override.state != OverrideState.approved or conflict.get("status") != "open":
+    if override.state != OverrideState.approved or override.conflict_status != ConflictStatus.open:
         raise InvalidTransition("This override has no open conflict to resolve.")
     decided = {"resolution": action, "resolved_by": principal.actor, "resolved_at": utcnow().isoformat()}
     if action == "abandon":
@@ -300,8 +300,8 @@ def resolve_conflict(session: Session, ctx: ActionContext, override_id: int, act
             action="override.conflict_abandoned",
             comment=comment,
             changes={
-                "conflict": {**conflict, **decided, "status": "abandoned"},
-                "end_reason": "conflict",
+                "conflict": {**conflict, **decided, "status": ConflictStatus.abandoned.value},
+                "end_reason": EndReason.conflict,
                 "next_attempt_at": None,
             },
         )
@@ -314,7 +314,7 @@ def resolve_conflict(session: Session, ctx: ActionContext, override_id: int, act
         action="override.conflict_resolved",
         comment=comment,
         changes={
-            "conflict": {**conflict, **decided, "status": "replace"},
+            "conflict": {**conflict, **decided, "status": ConflictStatus.replace.value},
             "next_attempt_at": utcnow(),
             "attempts": 0,
             "last_error": None,

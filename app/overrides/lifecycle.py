@@ -1,5 +1,6 @@
-"""The override's lifecycle: its states, the one transitions table, and the one `transition()` that
-checks it, compare-and-sets the row in SQL and queues the audit entry in the same transaction.
+"""The override's lifecycle: its states and its conflict's, their transitions tables, and the one
+compare-and-set (`transition()`, `update_in_place()`) that checks both tables, updates the row in SQL
+only if nobody changed it meanwhile, and queues the audit entry in the same transaction.
 
 Every change of an override goes through here (the API's decisions and the worker's outcomes alike).
 Services never commit: the caller's unit of work does.
@@ -8,7 +9,8 @@ Services never commit: the caller's unit of work does.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from enum import Enum
+from typing import Any, TypeVar
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
@@ -17,17 +19,27 @@ from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidTransition, NotFound
-from app.overrides.models import TERMINAL_STATES, Override, OverrideState
+from app.overrides.models import (
+    TERMINAL_STATES,
+    ConflictStatus,
+    EndReason,
+    Override,
+    OverrideState,
+    conflict_status_of,
+)
+
+State = TypeVar("State", bound=Enum)
 
 
-def _table(allowed: dict[str, str]) -> dict[OverrideState, frozenset[OverrideState]]:
+def _table(kind: type[State], allowed: dict[str, str]) -> dict[State, frozenset[State]]:
     """A transitions table from state names (a misspelt one fails at import); the states not listed are
     terminal: they never change again."""
-    table = {OverrideState(state): frozenset(map(OverrideState, targets.split())) for state, targets in allowed.items()}
-    return {state: table.get(state, frozenset()) for state in OverrideState}
+    table = {kind(state): frozenset(map(kind, targets.split())) for state, targets in allowed.items()}
+    return {state: table.get(state, frozenset()) for state in kind}
 
 
 TRANSITIONS = _table(
+    OverrideState,
     {
         "pending": "approved rejected cancelled lapsed",
         "approved": "active failed cancelled revoked removing",
@@ -35,15 +47,37 @@ TRANSITIONS = _table(
         # `failed` from `removing`: an apply that failed for good after an admin let it replace a foreign
         # row; the removal puts that row back first.
         "removing": "expired revoked remediated cancelled failed",
-    }
+    },
 )
 
-END_STATE = {
-    "expired": OverrideState.expired,
-    "revoked": OverrideState.revoked,
-    "remediated": OverrideState.remediated,
-    "cancelled": OverrideState.cancelled,
-    "apply_failed": OverrideState.failed,
+# A foreign mailcow row at an override's destination (`Override.conflict`). Changed only together with
+# the override itself, through the same compare-and-set, which checks this table too.
+CONFLICT_TRANSITIONS: dict[ConflictStatus | None, frozenset[ConflictStatus]] = {
+    None: frozenset({ConflictStatus.open}),  # the apply found the row
+    **{
+        status: allowed
+        for status, allowed in _table(
+            ConflictStatus,
+            {
+                "open": "replace abandoned",  # an admin decides
+                # Before the worker records deleting the row, yet another row may hold the destination (open
+                # again), or the override may end: its removal restores the snapshot if the row is gone.
+                "replace": "replaced open restoring",
+                # A row that is not ours appears where ours was to be added: open again.
+                "replaced": "restoring open",
+                "restoring": "restored not_restored",
+            },
+        ).items()
+    },
+}
+
+# Why an override is being removed → the state it ends in once mailcow is clean.
+END_STATE: dict[EndReason, OverrideState] = {
+    EndReason.expired: OverrideState.expired,
+    EndReason.revoked: OverrideState.revoked,
+    EndReason.remediated: OverrideState.remediated,
+    EndReason.cancelled: OverrideState.cancelled,
+    EndReason.apply_failed: OverrideState.failed,
 }
 
 
@@ -100,7 +134,7 @@ def update_in_place(
     changes: dict[str, Any] | None = None,
     audit_extra: dict[str, Any] | None = None,
 ) -> Override:
-    """Change an override without changing its state (an extension, a conflict note), same guarantees."""
+    """Change an override without changing its state (an extension, its conflict), same guarantees."""
     if override.state in TERMINAL_STATES:
         raise InvalidTransition(f"An override in state '{override.state}' never changes again.")
     return _compare_and_set(
@@ -130,6 +164,9 @@ def _compare_and_set(
 ) -> Override:
     before = snapshot(override)
     now = utcnow()
+    moved = _conflict_move(override, changes)
+    if moved is not None:
+        before["conflict_status"] = moved[0]
     values: dict[str, Any] = {
         "state": to,
         "live": to not in TERMINAL_STATES,
@@ -152,6 +189,8 @@ def _compare_and_set(
     session.expire(override)
     session.refresh(override)
     after = snapshot(override)
+    if moved is not None:
+        after["conflict_status"] = moved[1]
     if audit_extra:
         after.update(audit_extra)
     record(
@@ -165,6 +204,17 @@ def _compare_and_set(
         comment=comment,
     )
     return override
+
+
+def _conflict_move(override: Override, changes: dict[str, Any] | None) -> tuple[str | None, str] | None:
+    """The conflict's status before and after `changes` if they move it (checked against the table)."""
+    if not changes or "conflict" not in changes:
+        return None
+    old, new = override.conflict_status, conflict_status_of(changes["conflict"])
+    if new is None or new not in CONFLICT_TRANSITIONS[old]:
+        was, to = (old.value if old else None), (new.value if new else None)
+        raise InvalidTransition(f"A conflict in status '{was}' cannot become '{to}'.")
+    return (old.value if old else None), new.value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,14 +254,15 @@ def is_overdue(override: Override, now: datetime | None = None) -> bool:
 def begin_removal(
     session: Session,
     override: Override,
-    reason: str,
+    reason: EndReason,
     *,
     actor: str,
     via: str | None,
     comment: str | None,
     settings: Settings,
 ) -> Override:
-    """Hand an applied (or possibly applied) override to the worker for removal from mailcow."""
+    """Hand an applied (or possibly applied) override to the worker for removal from mailcow; it ends in
+    `END_STATE[reason]` once mailcow is clean."""
     now = utcnow()
     return transition(
         session,
@@ -219,7 +270,7 @@ def begin_removal(
         OverrideState.removing,
         actor=actor,
         via=via,
-        action=f"override.{reason}",
+        action=f"override.{reason.value}",
         comment=comment,
         changes={
             "end_reason": reason,
@@ -242,5 +293,5 @@ def lapse(session: Session, override: Override) -> Override:
         actor="system",
         action="override.lapsed",
         comment="nobody decided within the review window",
-        changes={"end_reason": "lapsed"},
+        changes={"end_reason": EndReason.lapsed},
     )

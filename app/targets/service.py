@@ -21,19 +21,18 @@ from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.core.errors import InvalidTransition, NotFound, ServiceUnavailable
-from app.mailcow.client import MailcowAuthError, MailcowError, PolicyRow
+from app.mailcow.client import PolicyRow
 from app.mailcow.dest import dest_key
+from app.mailcow.errors import MailcowAuthError, MailcowError
 from app.mailcow.policy_map import PolicyMap, drift_of, row_dict
 from app.mailcow.targets import Target, configured_targets
-from app.overrides.models import Override, OverrideState
+from app.overrides.models import ConflictStatus, Override, OverrideState, conflict_status_of
 from app.overrides.permissions import ActionContext, refuse
 from app.targets.models import MailcowTarget
 from app.targets.schemas import MissingRowRead, PolicyRowRead, TargetPolicies, TargetRead
 
-S = OverrideState
-
 # States in which an override may own a mailcow row.
-OWNING_STATES = (S.approved, S.active, S.removing)
+OWNING_STATES = (OverrideState.approved, OverrideState.active, OverrideState.removing)
 
 
 @dataclass(frozen=True)
@@ -93,12 +92,14 @@ def describe_map(policy_map: PolicyMap, overrides: Sequence[Wanted]) -> tuple[li
     conflict_of = {
         int(o.conflict["row"]["id"]): o.id
         for o in overrides
-        if o.conflict and o.conflict.get("status") == "open" and isinstance(o.conflict.get("row"), dict)
+        if o.conflict
+        and conflict_status_of(o.conflict) == ConflictStatus.open
+        and isinstance(o.conflict.get("row"), dict)
     }
     views = []
     for row in sorted(policy_map.rows, key=lambda r: (dest_key(r.dest), r.id)):
         owner = owner_of.get(row.id)
-        drift = drift_of(owner, policy_map) if owner is not None and owner.state == S.active else None
+        drift = drift_of(owner, policy_map) if owner is not None and owner.state == OverrideState.active else None
         views.append(
             RowView(
                 row=row,
@@ -110,7 +111,9 @@ def describe_map(policy_map: PolicyMap, overrides: Sequence[Wanted]) -> tuple[li
         )
     missing = []
     for wanted in overrides:
-        if wanted.state == S.active and (wanted.mailcow_id is None or wanted.mailcow_id not in policy_map.by_id):
+        if wanted.state == OverrideState.active and (
+            wanted.mailcow_id is None or wanted.mailcow_id not in policy_map.by_id
+        ):
             drift = drift_of(wanted, policy_map)
             if drift is not None:
                 missing.append(MissingView(wanted, drift))
@@ -236,7 +239,7 @@ def _waiting_jobs_due(session: Session, name: str, now: datetime) -> int:
     """The target's applies and removals waiting for a retry are due now (none in flight is touched)."""
     result = session.execute(
         update(Override)
-        .where(col(Override.target) == name, col(Override.state).in_([S.approved, S.removing]))
+        .where(col(Override.target) == name, col(Override.state).in_([OverrideState.approved, OverrideState.removing]))
         .where(col(Override.next_attempt_at) > now)
         .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
         .values(next_attempt_at=now)

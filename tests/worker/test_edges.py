@@ -139,7 +139,8 @@ async def test_a_final_unclear_add_is_cleaned_up_when_the_apply_fails(
     transport: SwitchableTransport,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from app.mailcow.client import MailcowClient, MailcowProtocolError
+    from app.mailcow.client import MailcowClient
+    from app.mailcow.errors import MailcowProtocolError
 
     settings = worker_settings(apply_max_attempts=1)
     client.app.state.settings = settings  # type: ignore[attr-defined]
