@@ -16,7 +16,7 @@ from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, InvalidTransition
 from app.mailcow.policies import TlsPolicy
-from app.overrides.lifecycle import begin_removal, transition, update_in_place
+from app.overrides.lifecycle import END_STATE, begin_removal, transition, update_in_place
 from app.overrides.models import ConflictStatus, EndReason, Override, OverrideState, Vote
 from app.overrides.permissions import (
     ActionContext,
@@ -190,6 +190,22 @@ def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str)
     """The requester (or an admin) withdraws a request, or ends their own override early."""
     reason = "Only the requester or an admin may cancel an override."
     override = load_for_action(session, ctx, override_id, "cancel", owner_or_admin, reason)
+    if override.state not in {OverrideState.pending, OverrideState.approved, OverrideState.active}:
+        raise InvalidTransition(f"An override in state '{override.state}' cannot be cancelled.")
+    return _end_early(session, ctx, override, EndReason.cancelled, comment)
+
+
+def revoke(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
+    """An admin ends an approved or active override now."""
+    override = load_for_action(session, ctx, override_id, "revoke", admin, "Revoking needs the admin role.")
+    if override.state not in {OverrideState.approved, OverrideState.active}:
+        raise InvalidTransition(f"An override in state '{override.state}' cannot be revoked.")
+    return _end_early(session, ctx, override, EndReason.revoked, comment)
+
+
+def _end_early(session: Session, ctx: ActionContext, override: Override, reason: EndReason, comment: str) -> Override:
+    """End an override before its time: at once while no add of it can have reached mailcow, else through
+    the worker's removal (the row must be gone before it ends)."""
     principal = ctx.principal
     if override.state == OverrideState.pending or (
         override.state == OverrideState.approved and override.add_sent_at is None
@@ -197,52 +213,16 @@ def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str)
         return transition(
             session,
             override,
-            OverrideState.cancelled,
+            END_STATE[reason],
             actor=principal.actor,
             via=principal.via,
-            action="override.cancelled",
+            action=f"override.{reason.value}",
             comment=comment,
-            changes={"end_reason": EndReason.cancelled},
+            changes={"end_reason": reason},
         )
-    if override.state in {OverrideState.approved, OverrideState.active}:
-        # The worker may have added the mailcow row already: it must be removed before this ends.
-        return begin_removal(
-            session,
-            override,
-            EndReason.cancelled,
-            actor=principal.actor,
-            via=principal.via,
-            comment=comment,
-            settings=ctx.settings,
-        )
-    raise InvalidTransition(f"An override in state '{override.state}' cannot be cancelled.")
-
-
-def revoke(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
-    """An admin ends an approved or active override now."""
-    override = load_for_action(session, ctx, override_id, "revoke", admin, "Revoking needs the admin role.")
-    if override.state == OverrideState.approved and override.add_sent_at is None:
-        return transition(
-            session,
-            override,
-            OverrideState.revoked,
-            actor=ctx.principal.actor,
-            via=ctx.principal.via,
-            action="override.revoked",
-            comment=comment,
-            changes={"end_reason": EndReason.revoked},
-        )
-    if override.state in {OverrideState.approved, OverrideState.active}:
-        return begin_removal(
-            session,
-            override,
-            EndReason.revoked,
-            actor=ctx.principal.actor,
-            via=ctx.principal.via,
-            comment=comment,
-            settings=ctx.settings,
-        )
-    raise InvalidTransition(f"An override in state '{override.state}' cannot be revoked.")
+    return begin_removal(
+        session, override, reason, actor=principal.actor, via=principal.via, comment=comment, settings=ctx.settings
+    )
 
 
 def extend(session: Session, ctx: ActionContext, override_id: int, duration: timedelta, comment: str) -> Override:
