@@ -160,7 +160,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not _hold_sqlite_worker_lock(settings.database_url):
         return 2
     if settings.worker_metrics_port:
-        serve_worker_metrics(engine, settings.worker_metrics_port, settings.worker_metrics_host)
+        from app.gauges import database_gauges
+
+        serve_worker_metrics(engine, database_gauges, settings.worker_metrics_port, settings.worker_metrics_host)
     run_worker(engine, settings)
     engine.dispose()
     return 0

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp
 
 from app import __version__
+from app.audit.refusals import record_refusal
 from app.audit.router import router as audit_router
 from app.audit.signing import trusted_keys
 from app.core.auth import TokenValidator, oauth2_scheme
@@ -36,8 +37,9 @@ from app.core.metrics import metrics_router
 from app.core.security_headers import SecurityHeaders, page_policy
 from app.diagnosis.router import router as diagnosis_router
 from app.diagnosis.service import RateLimiter
+from app.gauges import database_gauges
+from app.notify.router import document_webhooks
 from app.notify.router import router as notifications_router
-from app.notify.webhooks import document_webhooks
 from app.overrides.evidence import RecentDiagnoses
 from app.overrides.router import router as overrides_router
 from app.slack.router import router as slack_router
@@ -114,6 +116,11 @@ def create_app(
         oidc_transport = httpx.ASGITransport(app=app)
     app.state.oidc_http = httpx.AsyncClient(transport=oidc_transport, timeout=10.0, follow_redirects=False)
     app.state.token_validator = TokenValidator(settings, app.state.oidc_http)
+
+    def refusal_on_record(**fields: Any) -> None:
+        record_refusal(app.state.engine, app.state.settings, **fields)
+
+    app.state.record_refusal = refusal_on_record  # core.auth records refused identities through it
     app.state.diagnosis_limiter = RateLimiter(settings.diagnosis_rate_per_minute)
     app.state.recent_diagnoses = RecentDiagnoses()
     app.state.audit_keys = trusted_keys(settings)  # a malformed key stops the start, not a later request
@@ -133,7 +140,7 @@ def create_app(
     app.include_router(slack_router)
     document_webhooks(app)
     app.include_router(health_router())
-    app.include_router(metrics_router())
+    app.include_router(metrics_router(database_gauges))
     if dev_idp is not None:
         app.include_router(dev_idp.router())
     app.security_pages = _mount_docs(app, settings)

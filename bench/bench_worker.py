@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from app.audit.service import record  # noqa: E402
 from app.core.db import make_engine, transaction, utcnow  # noqa: E402
 from app.core.migrations import upgrade  # noqa: E402
-from app.overrides import service  # noqa: E402
+from app.overrides import lifecycle  # noqa: E402
 from app.overrides.models import Override, OverrideState  # noqa: E402
 
 S = OverrideState
@@ -206,11 +206,11 @@ def insert(engine: sa.Engine, overrides: list[Override]) -> list[int]:
 
 
 def approve(engine: sa.Engine, override_id: int) -> datetime:
-    """The final step of `service.approve`: pending → approved, due for the worker now."""
+    """The final step of `decisions.approve`: pending → approved, due for the worker now."""
     with transaction(engine) as session:
-        override = service.load(session, override_id, for_update=True)
+        override = lifecycle.load(session, override_id, for_update=True)
         now = utcnow()
-        service.transition(
+        lifecycle.transition(
             session,
             override,
             S.approved,

@@ -18,7 +18,7 @@ from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.core.devidp import DEV_AUDIENCE, DEV_ROLE_MAP
 from app.core.threaded_server import ThreadedServer
-from app.overrides import service
+from app.overrides import lifecycle
 from app.overrides.models import Override, OverrideState
 
 PROBLEM_JSON = "application/problem+json"
@@ -75,14 +75,14 @@ def act(client: Any, override_id: int, action: str, headers: dict[str, str], **b
 
 def load(engine: Engine, override_id: int) -> Override:
     with transaction(engine) as session:
-        return service.load(session, override_id)
+        return lifecycle.load(session, override_id)
 
 
 def worker_step(engine: Engine, override_id: int, to: OverrideState, action: str, **changes: Any) -> Override:
     """What the worker does: one table-checked, compare-and-set transition in its own transaction."""
     with transaction(engine) as session:
-        override = service.load(session, override_id, for_update=True)
-        return service.transition(session, override, to, actor="worker", action=action, changes=changes or None)
+        override = lifecycle.load(session, override_id, for_update=True)
+        return lifecycle.transition(session, override, to, actor="worker", action=action, changes=changes or None)
 
 
 def apply_now(engine: Engine, override_id: int, mailcow_id: int = 7) -> Override:

@@ -7,18 +7,17 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from app.audit.export import to_csv_rows, to_jsonl
 from app.audit.models import AuditEvent
+from app.audit.schemas import AuditKey, AuditKeys, EventPage, EventRead, PublishedCheckpoints
 from app.audit.service import VerifyResult, as_dict, iter_events, verify_chain
-from app.audit.signing import Checkpoint, PublicKey
+from app.audit.signing import PublicKey
 from app.core.auth import Principal, require
 from app.core.db import ReadSessionDep, reading
 from app.core.errors import problem_responses
 from app.core.text import MAX_ID, Filter, decode_cursor, encode_cursor
-from app.overrides.schemas import EventPage, EventRead
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 Reader = Annotated[Principal, require("auditor", "admin")]
@@ -45,24 +44,6 @@ def list_events(
     rows = list(session.exec(query.order_by(col(AuditEvent.seq)).limit(limit + 1)).all())
     next_cursor = encode_cursor("a", rows[limit - 1].seq) if len(rows) > limit else None
     return EventPage(items=[EventRead.model_validate(as_dict(r)) for r in rows[:limit]], next_cursor=next_cursor)
-
-
-class PublishedCheckpoints(BaseModel):
-    checkpoints: list[Checkpoint] = Field(
-        min_length=1,
-        max_length=100,
-        description="Checkpoints as published in the log or to a webhook (the `after` of `audit.checkpoint`).",
-    )
-
-
-class AuditKey(BaseModel):
-    key_id: str
-    algorithm: str = Field(examples=["Ed25519"])
-    public_key: str = Field(description="The 32 raw bytes of the public key, base64.")
-
-
-class AuditKeys(BaseModel):
-    keys: list[AuditKey]
 
 
 def _keys(request: Request) -> dict[str, PublicKey]:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -282,15 +282,21 @@ async def current_principal(
     return principal
 
 
+class RecordRefusal(Protocol):
+    """Puts a refused attempt on record in its own transaction (`create_app` hands it over as
+    `app.state.record_refusal`: the audit trail is a layer above this one)."""
+
+    def __call__(
+        self, *, actor: str, via: str | None, override_id: int | None, after: dict[str, Any], comment: str | None
+    ) -> None: ...
+
+
 async def _record_refusal(request: Request, claims: dict[str, Any], exc: Forbidden) -> None:
     from starlette.concurrency import run_in_threadpool
 
-    from app.audit.refusals import record_refusal
-
+    record: RecordRefusal = request.app.state.record_refusal
     await run_in_threadpool(
-        record_refusal,
-        request.app.state.engine,
-        request.app.state.settings,
+        record,
         actor=str(claims["sub"]),
         via=None,
         override_id=parse_id(str(request.path_params.get("override_id", ""))),

@@ -24,16 +24,8 @@ DEFAULT_ROLE_MAP: dict[str, list[Role]] = {
     "tlso-integrations": ["integration"],
 }
 
-DEFAULT_APPROVALS: dict[str, int] = {
-    "none": 2,
-    "may": 1,
-    "encrypt": 1,
-    "verify": 1,
-    "secure": 1,
-    "dane": 1,
-    "dane-only": 1,
-    "fingerprint": 1,
-}
+# Approvals a policy needs by default; one for any policy not named (`Settings.approvals_for`).
+DEFAULT_APPROVALS: dict[str, int] = {"none": 2}
 
 
 class CoreSettings(BaseSettings):
@@ -246,6 +238,10 @@ class Settings(CoreSettings):
 
     def approvals_for(self, policy: str) -> int:
         return max(1, self.approvals_required.get(policy, 1))
+
+    def target_names(self) -> list[str]:
+        """Every mailcow target an override may name: the default one first."""
+        return [self.default_target, *[name for name in self.mailcow_targets if name != self.default_target]]
 
     @property
     def slack_enabled(self) -> bool:

@@ -1,8 +1,10 @@
 """`Idempotency-Key`: a retried request gets the first answer instead of a second change.
 
-The key is claimed by inserting its record *before* the work runs, in the same transaction: a
-concurrent duplicate waits on the unique index, then finds the finished record and replays it. A
-request that fails (4xx/5xx problem) rolls back with its claim, so it can be retried with the same key.
+The service claims the key by inserting its record right *before* the change, in the change's own
+transaction: a concurrent duplicate waits on the unique index, then finds the finished record and
+replays it. A request that fails (4xx/5xx problem) rolls back with its claim, so it can be retried with
+the same key. The answer kept is the one the route returns (its model, status and headers), and a
+replay is that answer again, validated by the same model.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Header
-from fastapi.responses import JSONResponse
+from fastapi import Header, Response
+from pydantic import BaseModel
 from sqlalchemy import JSON, Column, UniqueConstraint, delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -79,54 +82,93 @@ def fingerprint(method: str, path: str, body: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _replay(record: IdempotencyRecord, print_: str) -> JSONResponse:
-    if record.fingerprint != print_:
-        raise IdempotencyMismatch(f"{HEADER} was first used for a different request.")
-    return JSONResponse(record.body, status_code=record.status_code, headers={**record.headers, REPLAYED: "true"})
+class Replay(Exception):
+    """The request repeats one (same caller, same key) that already has its answer: that answer, again."""
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        super().__init__(f"{HEADER} already answered")
+        self.status_code, self.body, self.headers = record.status_code, record.body, record.headers
 
 
-def _owner(principal: Principal) -> str:
-    return f"{principal.via or ''}|{principal.key}"
+@dataclass
+class Idempotency:
+    """One request's `Idempotency-Key`, checked against `IdempotencyKey` where it came in."""
+
+    principal: Principal
+    key: str
+    fingerprint: str
+    ttl: timedelta
+    _claim: tuple[Session, IdempotencyRecord] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def owner(self) -> str:
+        # An integration and the user it acts for count as one caller.
+        return f"{self.principal.via or ''}|{self.principal.key}"
+
+    def _record(self) -> SelectOfScalar[IdempotencyRecord]:
+        return select(IdempotencyRecord).where(
+            IdempotencyRecord.principal == self.owner, IdempotencyRecord.key == self.key
+        )
+
+    def answered(self, session: Session) -> bool:
+        """Whether the key already has an answer (the request will be a replay); any session will do."""
+        return session.exec(self._record()).first() is not None
+
+    def claim(self, session: Session) -> None:
+        """Claim the key before the change, in its transaction; raise `Replay` when it already has an answer."""
+        session.execute(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < utcnow() - self.ttl))
+        found = session.exec(self._record()).first()
+        if found is None:
+            claim = IdempotencyRecord(
+                principal=self.owner,
+                key=self.key,
+                fingerprint=self.fingerprint,
+                status_code=0,
+                body={},
+                headers={},
+                created_at=utcnow(),
+            )
+            session.add(claim)
+            try:
+                session.flush()
+            except IntegrityError:  # a concurrent request with the key finished first
+                session.rollback()
+                found = session.exec(self._record()).one()
+            else:
+                self._claim = (session, claim)
+                return
+        if found.fingerprint != self.fingerprint:
+            raise IdempotencyMismatch(f"{HEADER} was first used for a different request.")
+        raise Replay(found)
+
+    def keep(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+        """The change's answer, kept with the claim for the retries."""
+        if self._claim is not None:
+            session, claim = self._claim
+            claim.status_code, claim.body, claim.headers = status, body, headers
+            session.add(claim)
 
 
-def _record_of(owner: str, key: str) -> SelectOfScalar[IdempotencyRecord]:
-    return select(IdempotencyRecord).where(IdempotencyRecord.principal == owner, IdempotencyRecord.key == key)
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
-def already_used(session: Session, principal: Principal, key: str | None) -> bool:
-    """Whether this caller's key already has an answer (the request will be a replay)."""
-    return key is not None and session.exec(_record_of(_owner(principal), key)).first() is not None
-
-
-def run_idempotent(
-    session: Session,
-    principal: Principal,
-    key: str | None,
-    print_: str,
-    work: Callable[[], tuple[int, dict[str, Any], dict[str, str]]],
-    ttl: timedelta,
-) -> JSONResponse:
-    """Run `work` once per (caller, key); replay its answer for later requests with that key (the key was
-    checked against `IdempotencyKey` where it came in)."""
-    if key is None:
-        status, body, headers = work()
-        return JSONResponse(body, status_code=status, headers=headers)
-    owner = _owner(principal)
-    session.execute(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < utcnow() - ttl))
-    query = _record_of(owner, key)
-    found = session.exec(query).first()
-    if found is not None:
-        return _replay(found, print_)
-    claim = IdempotencyRecord(
-        principal=owner, key=key, fingerprint=print_, status_code=0, body={}, headers={}, created_at=utcnow()
-    )
-    session.add(claim)
+def answer_once(
+    idempotency: Idempotency | None,
+    response: Response,
+    status: int,
+    model: type[Answer],
+    change: Callable[[], tuple[Answer, dict[str, str]]],
+) -> Answer:
+    """The answer to a change and its headers, kept for retries with the same key; a retry gets the kept
+    answer again (with `Idempotent-Replayed: true`), validated by `model` as the first one was."""
     try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        return _replay(session.exec(query).one(), print_)
-    status, body, headers = work()
-    claim.status_code, claim.body, claim.headers = status, body, headers
-    session.add(claim)
-    return JSONResponse(body, status_code=status, headers=headers)
+        answer, headers = change()
+    except Replay as replay:
+        response.status_code = replay.status_code
+        response.headers.update({**replay.headers, REPLAYED: "true"})
+        return model.model_validate(replay.body)
+    response.status_code = status
+    response.headers.update(headers)
+    if idempotency is not None:
+        idempotency.keep(status, answer.model_dump(mode="json"), headers)
+    return answer

@@ -31,11 +31,10 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func
-from sqlmodel import Session, col, select
+from sqlalchemy import Engine
+from sqlmodel import Session
 
 from app.core.auth import OnBehalfOf, OnBehalfOfName, bearer_scheme, current_principal
-from app.core.db import utcnow
 from app.core.errors import Forbidden, problem_responses
 
 log = logging.getLogger("app.metrics")
@@ -80,16 +79,23 @@ class _ProcessMetrics(Collector):
         yield from REGISTRY.collect()
 
 
+# The gauges that describe the database, read at scrape time: the domain defines them (`app.gauges`),
+# `create_app` and the worker hand them over.
+Gauges = Callable[[Session], list[Metric]]
+
+
 class DatabaseCollector(Collector):
     """Gauges read from the database at scrape time."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, gauges: Gauges) -> None:
         self.engine = engine
+        self.gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("tlso_database_up", "Whether the metrics query reached the database")
         try:
-            families = self._families()
+            with Session(self.engine) as session:
+                families = self.gauges(session)
         except Exception as exc:  # a scrape must answer even when the database does not
             log.warning("metrics: database query failed: %s", exc)
             up.add_metric([], 0)
@@ -99,103 +105,20 @@ class DatabaseCollector(Collector):
         yield up
         yield from families
 
-    def _families(self) -> list[Metric]:
-        from app.overrides.models import Override, OverrideState
-        from app.targets.models import MailcowTarget
 
-        now = utcnow()
-        with Session(self.engine) as session:
-            by_state = dict(session.exec(select(Override.state, func.count()).group_by(col(Override.state))).all())
-            overdue = session.exec(
-                select(func.count())
-                .select_from(Override)
-                .where(col(Override.state) == OverrideState.removing, col(Override.removal_deadline) < now)
-            ).one()
-            live = session.exec(
-                select(Override.state, Override.conflict, Override.drift, Override.target).where(
-                    col(Override.live).is_(True)
-                )
-            ).all()
-            targets = session.exec(select(MailcowTarget)).all()
-
-        states = GaugeMetricFamily("tlso_overrides", "Overrides by state", labels=["state"])
-        for state in OverrideState:
-            states.add_metric([state.value], float(by_state.get(state, 0)))
-        overdue_family = GaugeMetricFamily(
-            "tlso_overrides_overdue", "Overrides still being removed past their removal deadline"
-        )
-        overdue_family.add_metric([], float(overdue))
-        conflicts = GaugeMetricFamily(
-            "tlso_overrides_conflict", "Approved overrides blocked by a foreign mailcow row (an admin decides)"
-        )
-        conflicts.add_metric(
-            [],
-            float(
-                sum(
-                    1
-                    for state, conflict, _, _ in live
-                    if state == OverrideState.approved
-                    and isinstance(conflict, dict)
-                    and conflict.get("status") == "open"
-                )
-            ),
-        )
-        drifted = GaugeMetricFamily(
-            "tlso_overrides_drift", "Active overrides whose mailcow row drifted", labels=["target"]
-        )
-        per_target: dict[str, int] = {}
-        for row_state, _, drift, row_target in live:
-            if row_state == OverrideState.active and drift:
-                per_target[row_target] = per_target.get(row_target, 0) + 1
-        for target, count in sorted(per_target.items()):
-            drifted.add_metric([target], float(count))
-        reconciled = GaugeMetricFamily(
-            "tlso_reconcile_last_success_timestamp_seconds",
-            "When each target's policy map was last reconciled successfully",
-            labels=["target"],
-        )
-        paused = GaugeMetricFamily(
-            "tlso_target_paused",
-            "1 while calls to a target are paused after an authentication failure",
-            labels=["target"],
-        )
-        rows = GaugeMetricFamily(
-            "tlso_mailcow_rows", "Rows in each target's policy map at the last reconcile", labels=["target", "owner"]
-        )
-        for target_row in targets:
-            if target_row.last_reconcile_at is not None:
-                reconciled.add_metric([target_row.name], target_row.last_reconcile_at.timestamp())
-            is_paused = target_row.paused_until is not None and target_row.paused_until > now
-            paused.add_metric([target_row.name], 1.0 if is_paused else 0.0)
-            rows.add_metric([target_row.name, "tlsoverride"], float(target_row.rows_owned))
-            rows.add_metric([target_row.name, "foreign"], float(target_row.rows_foreign))
-        return [states, overdue_family, conflicts, drifted, reconciled, paused, rows]
-
-
-_DATABASE_COLLECTORS: list[Callable[[Engine], Collector]] = []
-
-
-def register_database_collector(factory: Callable[[Engine], Collector]) -> None:
-    """A domain package's gauges read from the database at scrape time (core imports no domain package)."""
-    if factory not in _DATABASE_COLLECTORS:
-        _DATABASE_COLLECTORS.append(factory)
-
-
-def registry_for(engine: Engine) -> CollectorRegistry:
+def registry_for(engine: Engine, gauges: Gauges) -> CollectorRegistry:
     """Everything a scrape shows: every process's metrics (or this one's) plus the database gauges."""
     registry = CollectorRegistry(auto_describe=False)
     if multiprocess_dir():
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry.register(_ProcessMetrics())
-    registry.register(DatabaseCollector(engine))
-    for factory in _DATABASE_COLLECTORS:
-        registry.register(factory(engine))
+    registry.register(DatabaseCollector(engine, gauges))
     return registry
 
 
-def render(engine: Engine) -> bytes:
-    return generate_latest(registry_for(engine))
+def render(engine: Engine, gauges: Gauges) -> bytes:
+    return generate_latest(registry_for(engine, gauges))
 
 
 async def _scraper(
@@ -213,7 +136,7 @@ async def _scraper(
         raise Forbidden("Metrics need one of the roles: admin, auditor.")
 
 
-def metrics_router() -> APIRouter:
+def metrics_router(gauges: Gauges) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get(
@@ -229,12 +152,12 @@ def metrics_router() -> APIRouter:
     def metrics(request: Request) -> Response:
         """Overrides by state, overdue removals, conflicts, drift, mailcow calls, worker lag, reconcile times.
         Needs the admin or auditor role unless `TLSO_METRICS_PUBLIC=true`."""
-        return Response(render(request.app.state.engine), media_type=CONTENT_TYPE_LATEST)
+        return Response(render(request.app.state.engine, gauges), media_type=CONTENT_TYPE_LATEST)
 
     return router
 
 
-def serve_worker_metrics(engine: Engine, port: int, host: str) -> Any:
+def serve_worker_metrics(engine: Engine, gauges: Gauges, port: int, host: str) -> Any:
     """A standalone worker's own `/metrics` (when it shares no multiprocess directory with the API).
     Plain HTTP without authentication: bind it to an address only the scraper reaches."""
-    return start_http_server(port, addr=host, registry=registry_for(engine))
+    return start_http_server(port, addr=host, registry=registry_for(engine, gauges))

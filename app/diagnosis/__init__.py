@@ -11,10 +11,10 @@ from app.diagnosis.models import (
     MxHost,
     PolicyOption,
     Recommendation,
-    TlsPolicy,
     Verdict,
 )
 from app.diagnosis.policy import POLICY_STRENGTH
+from app.mailcow.policies import TlsPolicy
 
 __all__ = [
     "POLICY_STRENGTH",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from app.diagnosis.models import AddressResult, Diagnosis, Finding, TlsPolicy
+from app.diagnosis.models import AddressResult, Diagnosis, Finding
 from app.diagnosis.policy import POLICY_STRENGTH, TLS_VERSIONS, is_policy, simulate
+from app.mailcow.policies import TlsPolicy
 
 
 def assess_request(diagnosis: Diagnosis, policy: str, parameters: str) -> list[Finding]:

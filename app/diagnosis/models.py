@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from app.mailcow.policies import TlsPolicy
+
 SCHEMA_VERSION = 1
 
 Verdict = Literal["ok", "degraded", "blocked", "unknown"]
@@ -20,7 +22,6 @@ FailureClass = Literal["A", "A'", "A''", "B", "C", "D", "D'", "E", "F", "G", "H"
 Security = Literal["secure", "insecure", "bogus", "error"]
 """DNSSEC state of one answer: AD=1, AD=0, SERVFAIL with a DNSSEC EDE code, or any other failure."""
 
-TlsPolicy = Literal["none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure"]
 
 PostfixLevel = Literal["dane", "encrypt", "may", "defer", "unknown"]
 """What Postfix's `dane` level turns into for one MX host, after its DNS lookups (`unknown`: the host

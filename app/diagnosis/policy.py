@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.diagnosis.models import AddressResult, MxHost, TlsPolicy
+from app.diagnosis.models import AddressResult, MxHost
+from app.mailcow.policies import TlsPolicy
 
 POLICY_STRENGTH: dict[TlsPolicy, int] = {
     "none": 0,
@@ -22,8 +23,6 @@ POLICY_STRENGTH: dict[TlsPolicy, int] = {
 }
 """How much a policy protects: plaintext allowed < unauthenticated TLS < opportunistic DANE <
 WebPKI < mandatory DANE or domain-matched WebPKI < a pinned key. Used for "weaker than"."""
-
-POLICIES: tuple[TlsPolicy, ...] = tuple(POLICY_STRENGTH)
 
 _PLAINTEXT_POLICIES = frozenset({"none", "may"})
 

@@ -33,4 +33,6 @@ async def get_diagnosis(
         name = normalize_domain(domain)
     except InvalidDomain as exc:
         raise InvalidInput.on("path.domain", str(exc)) from exc
-    return await diagnose_within_budget(request.app, principal, name)
+    return await diagnose_within_budget(
+        request.app.state.diagnosis_limiter, request.app.state.settings, principal, name
+    )

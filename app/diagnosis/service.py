@@ -7,8 +7,6 @@ import time
 from collections import deque
 from threading import Lock
 
-from fastapi import FastAPI
-
 from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.errors import TooManyRequests
@@ -74,8 +72,9 @@ def rate_limit_key(principal: Principal) -> str:
     return f"via:{principal.via}" if principal.via else f"actor:{principal.key}"
 
 
-async def diagnose_within_budget(app: FastAPI, principal: Principal, domain: str) -> Diagnosis:
+async def diagnose_within_budget(
+    limiter: RateLimiter, settings: Settings, principal: Principal, domain: str
+) -> Diagnosis:
     """Diagnose `domain` if the caller's budget allows (else TooManyRequests, with Retry-After)."""
-    limiter: RateLimiter = app.state.diagnosis_limiter
     limiter.check(rate_limit_key(principal))
-    return await diagnose(domain, diagnosis_config(app.state.settings))
+    return await diagnose(domain, diagnosis_config(settings))

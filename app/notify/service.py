@@ -36,12 +36,12 @@ from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.notify import metrics
+from app.notify import slack_web as web
 from app.notify.events import WebhookEvent, build_event
 from app.notify.models import Notification, NotificationCursor, NotificationState, SlackMessage
 from app.notify.sinks import Sink, sinks_from
+from app.notify.slack_blocks import notification_message
 from app.overrides.models import Override, Vote
-from app.slack import web
-from app.slack.blocks import notification_message
 
 log = logging.getLogger("app.notify")
 

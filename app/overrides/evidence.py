@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.from_thread
-from fastapi import FastAPI
 
 from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.db import reading
 from app.core.errors import TooManyRequests
-from app.core.idempotency import already_used
 from app.diagnosis.assess import assess_request
 from app.diagnosis.models import Diagnosis, Finding
-from app.diagnosis.service import diagnose_within_budget
+from app.diagnosis.service import RateLimiter, diagnose_within_budget
 from app.mailcow.dest import DEVIATION_NAMES, deviations_in, transitional_form, unicode_form
+from app.overrides.lifecycle import find_live
+from app.overrides.permissions import ActionContext
 from app.overrides.postfix import mx_domain_of
-from app.overrides.service import find_live
 
 log = logging.getLogger("app.overrides.evidence")
 
@@ -95,40 +96,46 @@ class RecentDiagnoses:
         return diagnosis
 
 
-Evidence = tuple[dict[str, Any] | None, list[dict[str, Any]]]
+Found = tuple[dict[str, Any] | None, list[dict[str, Any]]]
 
 
-def gather_evidence(
-    app: FastAPI,
-    principal: Principal,
-    idempotency_key: str | None,
-    target: str,
-    destination: str,
-    policy: str,
-    parameters: str,
-) -> Evidence:
-    """Diagnose the destination's domain (from a worker thread of the API) and assess the request.
+@dataclass(frozen=True)
+class Evidence:
+    """How a new request's evidence is gathered: within the caller's diagnosis budget (the one
+    `GET /v1/diagnostics` uses), from a recent diagnosis of the same domain where there is one."""
 
-    Nothing is probed for a request that will be a replay or a 409 (read without a write lock, so the
-    probe holds up nobody), nor for a next hop. A fresh diagnosis counts against the caller's budget
-    (the one `GET /v1/diagnostics` uses); over it, the request is still taken, without evidence: an
-    urgent request never waits."""
-    settings: Settings = app.state.settings
-    named = destination_findings(destination, settings)
-    domain = mx_domain_of(destination)
-    if not settings.diagnosis_on_create or domain is None:
-        return None, named
-    with reading(app.state.engine) as peek:
-        if already_used(peek, principal, idempotency_key) or find_live(peek, target, destination):
-            return None, []
-    recent: RecentDiagnoses = app.state.recent_diagnoses
-    try:
-        diagnosis = recent.get(domain) or recent.put(
-            domain, anyio.from_thread.run(diagnose_within_budget, app, principal, domain)
-        )
-    except TooManyRequests as exc:
-        return {"error": f"not diagnosed: {exc.detail} See GET /v1/diagnostics/{domain}."}, named
-    except Exception as exc:  # evidence is best effort: a failed diagnosis must not block an urgent request
-        log.warning("diagnosis of %s failed: %s", domain, exc)
-        return {"error": f"diagnosis failed: {exc}"}, named
-    return diagnosis.model_dump(mode="json"), findings_for(diagnosis, policy, parameters, settings) + named
+    limiter: RateLimiter
+    recent: RecentDiagnoses
+    time_limit: float | None = None  # a caller that must answer quickly (Slack: 3 s) takes no longer
+
+    def gather(self, ctx: ActionContext, target: str, destination: str, policy: str, parameters: str) -> Found:
+        """Diagnose the destination's domain (from a worker thread of the API) and assess the request.
+
+        Nothing is probed for a request that will be a replay or a 409 (read without a write lock, so the
+        probe holds up nobody), nor for a next hop. Over the caller's budget the request is still taken,
+        without evidence: an urgent request never waits."""
+        settings = ctx.settings
+        named = destination_findings(destination, settings)
+        domain = mx_domain_of(destination)
+        if not settings.diagnosis_on_create or domain is None:
+            return None, named
+        with reading(ctx.engine) as peek:
+            replay = ctx.idempotency is not None and ctx.idempotency.answered(peek)
+            if replay or find_live(peek, target, destination):
+                return None, []
+        try:
+            diagnosis = self.recent.get(domain) or self.recent.put(
+                domain, anyio.from_thread.run(self._diagnose, settings, ctx.principal, domain)
+            )
+        except TimeoutError:
+            return {"error": f"not diagnosed within {self.time_limit:g} s; see GET /v1/diagnostics/{domain}."}, named
+        except TooManyRequests as exc:
+            return {"error": f"not diagnosed: {exc.detail} See GET /v1/diagnostics/{domain}."}, named
+        except Exception as exc:  # evidence is best effort: a failed diagnosis must not block an urgent request
+            log.warning("diagnosis of %s failed: %s", domain, exc)
+            return {"error": f"diagnosis failed: {exc}"}, named
+        return diagnosis.model_dump(mode="json"), findings_for(diagnosis, policy, parameters, settings) + named
+
+    async def _diagnose(self, settings: Settings, principal: Principal, domain: str) -> Diagnosis:
+        work = diagnose_within_budget(self.limiter, settings, principal, domain)
+        return await (work if self.time_limit is None else asyncio.wait_for(work, self.time_limit))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Column, Index, UniqueConstraint, text
@@ -40,6 +40,36 @@ TERMINAL_STATES = frozenset(
 )
 # States in which an override holds (or may hold) its destination at the target.
 LIVE_STATES = frozenset({OverrideState.pending, OverrideState.approved, OverrideState.active, OverrideState.removing})
+
+
+class EndReason(StrEnum):
+    """Why an override ended, or is being removed from mailcow to end."""
+
+    expired = "expired"
+    revoked = "revoked"
+    remediated = "remediated"  # the recipient fixed DANE
+    cancelled = "cancelled"
+    apply_failed = "apply_failed"
+    lapsed = "lapsed"  # nobody decided within the review window
+    conflict = "conflict"  # an admin abandoned it to a foreign row
+
+
+class ConflictStatus(Enum):
+    """Where a foreign row at an override's destination stands (`Override.conflict["status"]`, its value);
+    it moves through `app.overrides.lifecycle.CONFLICT_TRANSITIONS` only. (Not a `str`: `replace` would
+    shadow `str.replace`.)"""
+
+    open = "open"  # found and left untouched: an admin decides
+    replace = "replace"  # the admin chose to replace it: the worker deletes it (its snapshot is kept)
+    replaced = "replaced"  # deleted; ours is applied; it comes back when the override ends
+    restoring = "restoring"  # ours is gone from mailcow: the snapshot is being put back
+    restored = "restored"
+    not_restored = "not_restored"  # another row holds the destination now, or mailcow refused the snapshot
+    abandoned = "abandoned"  # the admin gave the override up: the row stays as it was
+
+
+def conflict_status_of(conflict: dict[str, Any] | None) -> ConflictStatus | None:
+    return ConflictStatus(conflict["status"]) if conflict else None
 
 
 def _ts(nullable: bool = True) -> Any:
@@ -95,7 +125,13 @@ class Override(SQLModel, table=True):
     ended_at: datetime | None = _ts()
 
     # Removal: why it ends, and by when mailcow must be clean (else it is overdue).
-    end_reason: str | None = Field(default=None, max_length=20)
+    end_reason: EndReason | None = Field(
+        default=None,
+        sa_column=Column(
+            SAEnum(EndReason, native_enum=False, length=20, values_callable=lambda e: [m.value for m in e]),
+            nullable=True,
+        ),
+    )
     removal_deadline: datetime | None = _ts()
 
     # Pending extension request (approved through the same approve/reject actions).
@@ -121,6 +157,10 @@ class Override(SQLModel, table=True):
     findings: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     clean_checks: int = Field(default=0)
     last_checked_at: datetime | None = _ts()
+
+    @property
+    def conflict_status(self) -> ConflictStatus | None:
+        return conflict_status_of(self.conflict)
 
 
 class Vote(SQLModel, table=True):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import idna
 
-from app.diagnosis.policy import POLICIES, POLICY_STRENGTH
+from app.diagnosis.policy import POLICY_STRENGTH
+from app.mailcow.policies import POLICIES
 
 __all__ = [
     "POLICIES",

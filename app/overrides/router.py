@@ -6,23 +6,24 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from pydantic import BaseModel
 from sqlmodel import Session
 
+from app.audit.schemas import EventRead
 from app.audit.service import as_dict, iter_events
 from app.core.auth import CurrentPrincipal, Principal
-from app.core.config import Settings
 from app.core.db import SessionDep
-from app.core.errors import NotFound, problem_responses
-from app.core.idempotency import REPLAYED_HEADER, IdempotencyKey, fingerprint, run_idempotent
+from app.core.errors import problem_responses
+from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
-from app.overrides import service
-from app.overrides.evidence import gather_evidence
+from app.overrides import decisions, service
+from app.overrides.evidence import Evidence
+from app.overrides.lifecycle import is_overdue
 from app.overrides.models import Override, OverrideState
+from app.overrides.permissions import ActionContext, load_visible
 from app.overrides.schemas import (
     ActionBody,
-    EventRead,
     ExtendBody,
     FindingRead,
     OverrideCreate,
@@ -110,7 +111,7 @@ def to_read(session: Session, override: Override) -> OverrideRead:
         ended_at=override.ended_at,
         end_reason=override.end_reason,
         removal_deadline=override.removal_deadline,
-        overdue=service.is_overdue(override),
+        overdue=is_overdue(override),
         pending_extension=pending,
         mailcow_id=override.mailcow_id,
         conflict=override.conflict,
@@ -123,23 +124,42 @@ def to_read(session: Session, override: Override) -> OverrideRead:
     )
 
 
-def _answer(session: Session, override: Override, status: int = 200) -> tuple[int, dict[str, Any], dict[str, str]]:
-    body = to_read(session, override).model_dump(mode="json")
-    headers = {"ETag": f'"{override.version}"'}
-    if status == 201:
-        headers["Location"] = f"/v1/overrides/{override.id}"
-    return status, body, headers
+def _answer(
+    session: Session, ctx: ActionContext, response: Response, change: Callable[[], Override], status: int = 200
+) -> OverrideRead:
+    """The override as the change left it, with its ETag (and, when created, its Location); kept for a retry
+    with the same Idempotency-Key, which gets this answer again."""
+
+    def changed() -> tuple[OverrideRead, dict[str, str]]:
+        override = change()
+        headers = {"ETag": f'"{override.version}"'}
+        if status == 201:
+            headers["Location"] = f"/v1/overrides/{override.id}"
+        return to_read(session, override), headers
+
+    return answer_once(ctx.idempotency, response, status, OverrideRead, changed)
 
 
 def _context(
-    request: Request, principal: Principal, if_match: str | None = None, session: Session | None = None
-) -> service.ActionContext:
-    return service.ActionContext(
+    request: Request,
+    principal: Principal,
+    session: Session,
+    body: BaseModel,
+    idempotency_key: str | None,
+    if_match: str | None = None,
+) -> ActionContext:
+    settings = request.app.state.settings
+    idempotency = None
+    if idempotency_key is not None:
+        print_ = fingerprint("POST", request.url.path, body.model_dump(mode="json"))
+        idempotency = Idempotency(principal, idempotency_key, print_, settings.idempotency_ttl)
+    return ActionContext(
         principal=principal,
-        settings=request.app.state.settings,
+        settings=settings,
         engine=request.app.state.engine,
         if_match=if_match,
         session=session,
+        idempotency=idempotency,
     )
 
 
@@ -165,27 +185,13 @@ def create_override(
     body: OverrideCreate,
     session: SessionDep,
     principal: CurrentPrincipal,
+    response: Response,
     idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+) -> OverrideRead:
     """Ask for a temporary TLS policy override. The domain is diagnosed and the evidence stored with it."""
-    ctx = _context(request, principal, session=session)
-    settings: Settings = request.app.state.settings
-    if not principal.has("requester", "admin"):
-        raise service.refuse(ctx, None, "create", "Creating overrides needs the requester role.")
-    target, destination, parameters, _ = service.validate_request(body, settings)
-    diagnosis, findings = gather_evidence(
-        request.app, principal, idempotency_key, target, destination, body.policy, parameters
-    )
-    return run_idempotent(
-        session,
-        principal,
-        idempotency_key,
-        fingerprint("POST", request.url.path, body.model_dump(mode="json")),
-        lambda: _answer(
-            session, service.create_override(session, ctx, body, diagnosis=diagnosis, findings=findings), 201
-        ),
-        settings.idempotency_ttl,
-    )
+    ctx = _context(request, principal, session, body, idempotency_key)
+    evidence = Evidence(request.app.state.diagnosis_limiter, request.app.state.recent_diagnoses)
+    return _answer(session, ctx, response, lambda: service.create_override(session, ctx, body, evidence), 201)
 
 
 @router.get("", response_model=OverridePage, summary="List overrides", responses=problem_responses(401, 422))
@@ -219,22 +225,18 @@ def list_overrides(
     return OverridePage(items=[to_read(session, row) for row in rows], next_cursor=next_cursor)
 
 
-def _visible(session: Session, principal: Principal, override_id: int) -> Override:
-    override = service.load(session, override_id)
-    if not service.can_see(principal, override):
-        raise NotFound(f"Override {override_id} does not exist.")
-    return override
-
-
 @router.get(
     "/{override_id}",
     response_model=OverrideRead,
     summary="Get one override",
     responses={200: {"headers": ETAG_HEADER, "links": ACTION_LINKS}, **problem_responses(401, 404, 422)},
 )
-def get_override(override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal) -> JSONResponse:
-    status, body, headers = _answer(session, _visible(session, principal, override_id))
-    return JSONResponse(body, status_code=status, headers=headers)
+def get_override(
+    override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal, response: Response
+) -> OverrideRead:
+    override = load_visible(session, principal, override_id)
+    response.headers["ETag"] = f'"{override.version}"'
+    return to_read(session, override)
 
 
 @router.get(
@@ -244,14 +246,14 @@ def get_override(override_id: OverrideId, session: SessionDep, principal: Curren
     responses=problem_responses(401, 404, 422),
 )
 def override_events(override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal) -> list[EventRead]:
-    _visible(session, principal, override_id)
+    load_visible(session, principal, override_id)
     return [EventRead.model_validate(as_dict(e)) for e in iter_events(session, override_id=override_id)]
 
 
 ACTION_ERRORS = problem_responses(400, 401, 403, 404, 409, 412, 422, 428)
 
 
-Call = Callable[[Session, service.ActionContext, int, Any], Override]
+Call = Callable[[Session, ActionContext, int, Any], Override]
 
 
 def _action_route(
@@ -266,18 +268,12 @@ def _action_route(
         body: ActionBody,
         session: SessionDep,
         principal: CurrentPrincipal,
+        response: Response,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
-    ) -> JSONResponse:
-        ctx = _context(request, principal, if_match, session)
-        return run_idempotent(
-            session,
-            principal,
-            idempotency_key,
-            fingerprint("POST", request.url.path, body.model_dump(mode="json")),
-            lambda: _answer(session, call(session, ctx, override_id, body)),
-            request.app.state.settings.idempotency_ttl,
-        )
+    ) -> OverrideRead:
+        ctx = _context(request, principal, session, body, idempotency_key, if_match)
+        return _answer(session, ctx, response, lambda: call(session, ctx, override_id, body))
 
     endpoint.__annotations__["body"] = body_type  # FastAPI reads the body model from the signature
     endpoint.__name__ = endpoint.__qualname__ = operation or f"{name}_override"  # the operationId's stem
@@ -295,35 +291,35 @@ _action_route(
     "Approve (request or extension)",
     "Vote to approve. Nobody approves their own request; enough approvals make it `approved`.",
     ActionBody,
-    lambda session, ctx, oid, body: service.approve(session, ctx, oid, body.comment),
+    lambda session, ctx, oid, body: decisions.approve(session, ctx, oid, body.comment),
 )
 _action_route(
     "reject",
     "Reject (request or extension)",
     "Reject a pending request, or only the pending extension of an active override.",
     ActionBody,
-    lambda session, ctx, oid, body: service.reject(session, ctx, oid, body.comment),
+    lambda session, ctx, oid, body: decisions.reject(session, ctx, oid, body.comment),
 )
 _action_route(
     "cancel",
     "Cancel your own request or override",
     "Withdraw a request; once applied, the worker removes the mailcow row first (state `removing`).",
     ActionBody,
-    lambda session, ctx, oid, body: service.cancel(session, ctx, oid, body.comment),
+    lambda session, ctx, oid, body: decisions.cancel(session, ctx, oid, body.comment),
 )
 _action_route(
     "revoke",
     "Revoke an override (admin)",
     "End an approved or active override now.",
     ActionBody,
-    lambda session, ctx, oid, body: service.revoke(session, ctx, oid, body.comment),
+    lambda session, ctx, oid, body: decisions.revoke(session, ctx, oid, body.comment),
 )
 _action_route(
     "extend",
     "Ask for more time",
     "Request an extension; it takes effect when approved, without a gap and with the same mailcow row.",
     ExtendBody,
-    lambda session, ctx, oid, body: service.extend(session, ctx, oid, body.duration, body.comment),
+    lambda session, ctx, oid, body: decisions.extend(session, ctx, oid, body.duration, body.comment),
 )
 _action_route(
     "resolve-conflict",
@@ -331,6 +327,6 @@ _action_route(
     "An approved override whose destination already has a row tlsoverride did not write waits here.\n"
     "The row is never overwritten silently; its snapshot is in the override's `conflict` field.",
     ResolveConflictBody,
-    lambda session, ctx, oid, body: service.resolve_conflict(session, ctx, oid, body.action, body.comment),
+    lambda session, ctx, oid, body: decisions.resolve_conflict(session, ctx, oid, body.action, body.comment),
     operation="resolve_conflict",
 )

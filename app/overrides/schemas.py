@@ -10,9 +10,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from app.core.durations import DESCRIPTION as DURATION_RULES
 from app.core.durations import IsoDuration
 from app.core.text import Line, Text, visible_length
+from app.mailcow.policies import TlsPolicy
 from app.overrides.models import OverrideState
-
-Policy = Literal["none", "may", "encrypt", "verify", "secure", "dane", "dane-only", "fingerprint"]
 
 
 class OverrideCreate(BaseModel):
@@ -43,7 +42,7 @@ class OverrideCreate(BaseModel):
         "the policy up by the next hop exactly as written, so the two IPv6 forms are different keys). Normalised: "
         "lower case, IDNA A-labels, IPv6 in its RFC 5952 short form.",
     )
-    policy: Policy
+    policy: TlsPolicy
     parameters: str = Field(default="", max_length=1000, description="Postfix TLS policy attributes, `name=value`.")
     justification: Text = Field(
         max_length=4000,
@@ -150,25 +149,6 @@ class OverrideRead(BaseModel):
 class OverridePage(BaseModel):
     items: list[OverrideRead]
     next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page.")
-
-
-class EventRead(BaseModel):
-    seq: int
-    at: datetime
-    actor: str
-    via: str | None
-    action: str
-    override_id: int | None
-    before: dict[str, Any] | None
-    after: dict[str, Any] | None
-    comment: str | None
-    prev_hash: str
-    hash: str
-
-
-class EventPage(BaseModel):
-    items: list[EventRead]
-    next_cursor: str | None
 
 
 class ResolveConflictBody(ActionBody):

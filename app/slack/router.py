@@ -13,7 +13,6 @@ anything Slack sent with a valid signature gets a 200 with a message for the per
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -27,15 +26,13 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.auth import Principal
 from app.core.config import Settings
-from app.core.errors import AppError, MalformedBody, problem_responses
-from app.diagnosis.service import diagnose_within_budget
+from app.core.errors import MalformedBody, problem_responses
+from app.notify import slack_web as web
+from app.notify.slack_blocks import escape, override_message
 from app.overrides import service
-from app.overrides.evidence import RecentDiagnoses, destination_findings, findings_for
-from app.overrides.postfix import mx_domain_of
+from app.overrides.evidence import Evidence
 from app.overrides.schemas import OverrideCreate
 from app.slack import service as slack
-from app.slack import web
-from app.slack.blocks import escape, override_message
 from app.slack.commands import USAGE, Command, CommandError, parse
 
 log = logging.getLogger("app.slack")
@@ -169,49 +166,23 @@ async def _request_override(app: FastAPI, principal: Principal, command: Command
     settings: Settings = app.state.settings
     try:
         body = OverrideCreate.model_validate(command.request)
-        _, destination, parameters, _ = service.validate_request(body, settings)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return slack.ephemeral(f"Not requested: {escape(problems)}")
-    except AppError as exc:
-        return slack.ephemeral(f"Not requested: {escape(exc.detail or exc.title)}")
-    diagnosis, findings = await _evidence(app, principal, destination, body.policy, parameters)
+    # Taken as the API takes it, but the diagnosis gets only what Slack's 3 s leave: past that, the request
+    # is taken without evidence (as the API does when a caller's diagnosis budget is spent).
+    evidence = Evidence(app.state.diagnosis_limiter, app.state.recent_diagnoses, time_limit=DIAGNOSIS_BUDGET_SECONDS)
     created, refused = await run_in_threadpool(
         slack.act,
         app.state.engine,
         settings,
         principal,
-        lambda session, ctx: service.create_override(session, ctx, body, diagnosis=diagnosis, findings=findings),
+        lambda session, ctx: service.create_override(session, ctx, body, evidence),
     )
     if refused is not None:
         return slack.ephemeral(f"Not requested: {escape(refused)}")
     assert created is not None
     note = "Requested; reviewers decide with the buttons or `/tlso approve`."
-    if diagnosis is not None and "error" in diagnosis:
-        note += f" Taken without a diagnosis ({escape(str(diagnosis['error']))})."
+    if created.diagnosis is not None and created.diagnosis.error:
+        note += f" Taken without a diagnosis ({escape(created.diagnosis.error)})."
     return {"response_type": "ephemeral", **override_message(created, note)}
-
-
-async def _evidence(
-    app: FastAPI, principal: Principal, destination: str, policy: str, parameters: str
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The request's evidence, as the API takes it, within Slack's time: without it past the budget."""
-    settings: Settings = app.state.settings
-    named = destination_findings(destination, settings)
-    domain = mx_domain_of(destination)
-    if not settings.diagnosis_on_create or domain is None:
-        return None, named
-    recent: RecentDiagnoses = app.state.recent_diagnoses
-    try:
-        diagnosis = recent.get(domain) or recent.put(
-            domain,
-            await asyncio.wait_for(diagnose_within_budget(app, principal, domain), DIAGNOSIS_BUDGET_SECONDS),
-        )
-    except TimeoutError:
-        return {"error": f"not diagnosed within Slack's time limit; see GET /v1/diagnostics/{domain}"}, named
-    except AppError as exc:
-        return {"error": f"not diagnosed: {exc.detail} See GET /v1/diagnostics/{domain}."}, named
-    except Exception as exc:  # evidence is best effort, as in the API
-        log.warning("diagnosis of %s failed: %s", domain, exc)
-        return {"error": f"diagnosis failed: {exc}"}, named
-    return diagnosis.model_dump(mode="json"), findings_for(diagnosis, policy, parameters, settings) + named

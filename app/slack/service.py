@@ -33,10 +33,13 @@ from app.core.errors import AppError, NotFound, SlackRequestRefused
 from app.core.person import is_reserved
 from app.notify.events import OverrideSnapshot, snapshot_at
 from app.notify.models import SlackRequestSeen
+from app.notify.slack_blocks import APPROVE, REJECT, escape, override_message
 from app.overrides import service
+from app.overrides.decisions import approve, reject
+from app.overrides.lifecycle import load
 from app.overrides.models import Override, Vote
+from app.overrides.permissions import ActionContext, can_see
 from app.overrides.summary import summarize
-from app.slack.blocks import APPROVE, REJECT, escape, override_message
 from app.slack.commands import Command
 
 VIA = "slack"
@@ -173,17 +176,15 @@ def snapshot(session: Session, settings: Settings, override: Override) -> Overri
 
 def _context(
     engine: Engine, settings: Settings, principal: Principal, session: Session, if_match: str | None = None
-) -> service.ActionContext:
-    return service.ActionContext(
-        principal=principal, settings=settings, engine=engine, if_match=if_match, session=session
-    )
+) -> ActionContext:
+    return ActionContext(principal=principal, settings=settings, engine=engine, if_match=if_match, session=session)
 
 
 def act(
     engine: Engine,
     settings: Settings,
     principal: Principal,
-    work: Callable[[Session, service.ActionContext], Override],
+    work: Callable[[Session, ActionContext], Override],
     if_match: str | None = None,
 ) -> tuple[OverrideSnapshot | None, str | None]:
     """Run one service call in its own transaction; the override afterwards, or why it was refused."""
@@ -193,7 +194,7 @@ def act(
     except AppError as exc:
         return None, exc.detail or exc.title
     with reading(engine) as session:
-        return snapshot(session, settings, service.load(session, override_id)), None
+        return snapshot(session, settings, load(session, override_id)), None
 
 
 def decide(
@@ -206,7 +207,7 @@ def decide(
     version: int | None = None,
 ) -> tuple[OverrideSnapshot | None, str | None]:
     """Approve or reject as `principal`, at `version` when a button carried one (If-Match)."""
-    call = service.approve if decision == "approve" else service.reject
+    call = approve if decision == "approve" else reject
     return act(
         engine,
         settings,
@@ -219,10 +220,10 @@ def decide(
 def current(engine: Engine, settings: Settings, principal: Principal, override_id: int) -> OverrideSnapshot | None:
     with reading(engine) as session:
         try:
-            override = service.load(session, override_id)
+            override = load(session, override_id)
         except NotFound:
             return None
-        return snapshot(session, settings, override) if service.can_see(principal, override) else None
+        return snapshot(session, settings, override) if can_see(principal, override) else None
 
 
 def button_click(engine: Engine, settings: Settings, payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:

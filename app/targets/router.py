@@ -9,8 +9,8 @@ from fastapi import APIRouter, Path, Request
 from app.core.auth import CurrentPrincipal, Principal, require
 from app.core.db import SessionDep
 from app.core.errors import problem_responses
+from app.overrides.permissions import ActionContext
 from app.overrides.schemas import ActionBody
-from app.overrides.service import ActionContext
 from app.targets import service
 from app.targets.schemas import TargetPolicies, TargetRead
 

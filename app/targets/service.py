@@ -1,14 +1,13 @@
-"""What tlsoverride owns in a target's policy map, what drifted, and the per-target bookkeeping.
+"""What tlsoverride owns in each target's policy map, and the per-target bookkeeping.
 
 Ownership is by mailcow row id (`override.mailcow_id`): a row is ours only if a live override recorded
-its id. Every other row is inventory — listed, never touched. The drift rules here are the ones the
-worker's reconcile job acts on and the ones `GET /v1/targets/{name}/policies` shows.
+its id. Every other row is inventory — listed, never touched. How a row of ours drifted is decided in
+`app.mailcow.policy_map`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,27 +21,18 @@ from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.core.errors import InvalidTransition, NotFound, ServiceUnavailable
-from app.mailcow.client import MailcowAuthError, MailcowError, PolicyRow
-from app.mailcow.dest import dest_forms, dest_key
+from app.mailcow.client import PolicyRow
+from app.mailcow.dest import dest_key
+from app.mailcow.errors import MailcowAuthError, MailcowError
+from app.mailcow.policy_map import PolicyMap, drift_of, row_dict
 from app.mailcow.targets import Target, configured_targets
-from app.overrides.models import Override, OverrideState
-from app.overrides.service import ActionContext, refuse, target_names
+from app.overrides.models import ConflictStatus, Override, OverrideState, conflict_status_of
+from app.overrides.permissions import ActionContext, refuse
 from app.targets.models import MailcowTarget
 from app.targets.schemas import MissingRowRead, PolicyRowRead, TargetPolicies, TargetRead
 
-S = OverrideState
-
 # States in which an override may own a mailcow row.
-OWNING_STATES = (S.approved, S.active, S.removing)
-
-
-def row_dict(row: PolicyRow) -> dict[str, Any]:
-    return dataclasses.asdict(row)
-
-
-def is_our_content(row: PolicyRow, destination: str, policy: str, parameters: str) -> bool:
-    """The row says what the override says (dest, policy, parameters); `active` is checked separately."""
-    return dest_key(row.dest) == dest_key(destination) and row.policy == policy and row.parameters == parameters
+OWNING_STATES = (OverrideState.approved, OverrideState.active, OverrideState.removing)
 
 
 @dataclass(frozen=True)
@@ -73,68 +63,6 @@ class Wanted:
             conflict=override.conflict,
         )
 
-    def expected(self) -> dict[str, Any]:
-        return {"dest": self.destination, "policy": self.policy, "parameters": self.parameters, "active": 1}
-
-
-class PolicyMap:
-    """One listing of a target's map, indexed by id and by dest."""
-
-    def __init__(self, rows: Iterable[PolicyRow]) -> None:
-        self.rows = list(rows)
-        self.by_id = {row.id: row for row in self.rows}
-        self.by_dest = {dest_key(row.dest): row for row in self.rows}
-
-    def at(self, destination: str) -> PolicyRow | None:
-        """The row whose dest is `destination` (the only place tlsoverride ever puts its own rows)."""
-        return self.by_dest.get(dest_key(destination))
-
-    def holding(self, destination: str) -> PolicyRow | None:
-        """The row that holds `destination`: at its dest, or else where mailcow's add put the same name typed
-        with a deviation character (`straße.example` → `strasse.example`, mailcow-api.md §3)."""
-        for key in dest_forms(destination):
-            row = self.by_dest.get(key)
-            if row is not None:
-                return row
-        return None
-
-
-def drift_of(wanted: Wanted, policy_map: PolicyMap) -> dict[str, Any] | None:
-    """How an ACTIVE override's row differs from what it should be; None when it is as applied.
-
-    kinds: `missing` (no row for the destination), `recreated` (our content under another id: someone
-    re-added it), `replaced` (a row we did not write now holds the destination, in either of its forms:
-    see `PolicyMap.holding`), `edited` (our row, changed by hand: the differing fields are listed).
-    """
-    row = policy_map.by_id.get(wanted.mailcow_id) if wanted.mailcow_id is not None else None
-    if row is None:
-        other = policy_map.holding(wanted.destination)
-        if other is None:
-            return {"kind": "missing", "expected": wanted.expected(), "found": None}
-        if is_our_content(other, wanted.destination, wanted.policy, wanted.parameters) and other.active == 1:
-            return {"kind": "recreated", "expected": wanted.expected(), "found": row_dict(other)}
-        return {"kind": "replaced", "expected": wanted.expected(), "found": row_dict(other)}
-    fields = [
-        name
-        for name, differs in (
-            ("dest", dest_key(row.dest) != dest_key(wanted.destination)),
-            ("policy", row.policy != wanted.policy),
-            ("parameters", row.parameters != wanted.parameters),
-            ("active", row.active != 1),
-        )
-        if differs
-    ]
-    if not fields:
-        return None
-    return {"kind": "edited", "fields": fields, "expected": wanted.expected(), "found": row_dict(row)}
-
-
-def same_drift(old: dict[str, Any] | None, new: dict[str, Any] | None) -> bool:
-    """Already reported: the same kind and the same row content (timestamps aside)."""
-    if old is None or new is None:
-        return old is new
-    return bool(old.get("kind") == new.get("kind") and old.get("found") == new.get("found"))
-
 
 def owning_overrides(session: Session, target: str) -> list[Wanted]:
     rows = session.exec(
@@ -164,12 +92,14 @@ def describe_map(policy_map: PolicyMap, overrides: Sequence[Wanted]) -> tuple[li
     conflict_of = {
         int(o.conflict["row"]["id"]): o.id
         for o in overrides
-        if o.conflict and o.conflict.get("status") == "open" and isinstance(o.conflict.get("row"), dict)
+        if o.conflict
+        and conflict_status_of(o.conflict) == ConflictStatus.open
+        and isinstance(o.conflict.get("row"), dict)
     }
     views = []
     for row in sorted(policy_map.rows, key=lambda r: (dest_key(r.dest), r.id)):
         owner = owner_of.get(row.id)
-        drift = drift_of(owner, policy_map) if owner is not None and owner.state == S.active else None
+        drift = drift_of(owner, policy_map) if owner is not None and owner.state == OverrideState.active else None
         views.append(
             RowView(
                 row=row,
@@ -181,7 +111,9 @@ def describe_map(policy_map: PolicyMap, overrides: Sequence[Wanted]) -> tuple[li
         )
     missing = []
     for wanted in overrides:
-        if wanted.state == S.active and (wanted.mailcow_id is None or wanted.mailcow_id not in policy_map.by_id):
+        if wanted.state == OverrideState.active and (
+            wanted.mailcow_id is None or wanted.mailcow_id not in policy_map.by_id
+        ):
             drift = drift_of(wanted, policy_map)
             if drift is not None:
                 missing.append(MissingView(wanted, drift))
@@ -280,7 +212,7 @@ def resume_target(session: Session, ctx: ActionContext, name: str, comment: str)
     """An admin ends a target's pause now; every job that waited for it is due at once."""
     if not ctx.principal.has("admin"):
         raise refuse(ctx, None, f"resume target {name}", "Resuming a target needs the admin role.")
-    if name not in target_names(ctx.settings):
+    if name not in ctx.settings.target_names():
         raise NotFound(f"There is no target {name!r}.")
     now = utcnow()
     row = session.get(MailcowTarget, name, with_for_update=True)
@@ -307,7 +239,7 @@ def _waiting_jobs_due(session: Session, name: str, now: datetime) -> int:
     """The target's applies and removals waiting for a retry are due now (none in flight is touched)."""
     result = session.execute(
         update(Override)
-        .where(col(Override.target) == name, col(Override.state).in_([S.approved, S.removing]))
+        .where(col(Override.target) == name, col(Override.state).in_([OverrideState.approved, OverrideState.removing]))
         .where(col(Override.next_attempt_at) > now)
         .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
         .values(next_attempt_at=now)
@@ -408,7 +340,7 @@ def _without_credentials(url: str) -> str:
 
 def list_targets(session: Session, settings: Settings) -> list[TargetRead]:
     configs = configured_targets(settings)  # reads the key files: once per request
-    return [_target_read(name, configs.get(name), session.get(MailcowTarget, name)) for name in target_names(settings)]
+    return [_target_read(name, configs.get(name), session.get(MailcowTarget, name)) for name in settings.target_names()]
 
 
 def _snapshot(engine: Engine, name: str, config: Target) -> tuple[TargetRead, list[Wanted]]:
@@ -418,7 +350,7 @@ def _snapshot(engine: Engine, name: str, config: Target) -> tuple[TargetRead, li
 
 async def live_policies(engine: Engine, settings: Settings, name: str) -> TargetPolicies:
     """The target's map as mailcow has it now, each row with its owner and drift."""
-    if name not in target_names(settings):
+    if name not in settings.target_names():
         raise NotFound(f"There is no target {name!r}.")
     config = configured_targets(settings).get(name)
     if config is None:

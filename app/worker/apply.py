@@ -23,31 +23,28 @@ from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.core.errors import AppError
 from app.core.metrics import WORKER_JOBS
-from app.mailcow.client import (
+from app.mailcow.client import MailcowClient, PolicyRow
+from app.mailcow.dest import dest_forms, dest_key
+from app.mailcow.errors import (
     MailcowAuthError,
-    MailcowClient,
     MailcowEmptyResponse,
     MailcowError,
     MailcowProtocolError,
     MailcowRejected,
     MailcowUnavailable,
-    PolicyRow,
 )
-from app.mailcow.dest import dest_forms, dest_key
-from app.overrides import service
-from app.overrides.models import OverrideState
-from app.targets.service import PolicyMap, is_our_content, row_dict
+from app.mailcow.policy_map import PolicyMap, is_our_content, row_dict
+from app.overrides import lifecycle
+from app.overrides.models import ConflictStatus, EndReason, OverrideState
 from app.worker import store
-from app.worker.context import JobContext, describe
+from app.worker.context import JobContext
+from app.worker.failures import Call, describe, given_up, read_map, retry_later
 from app.worker.faults import crash_point
 from app.worker.store import RELEASED, Job
 
 log = logging.getLogger("app.worker.apply")
-S = OverrideState
 
 ENTRY_EXISTS = "tls_policy_map_entry_exists"
-# mailcow refuses these deterministically: retrying cannot help.
-PERMANENT_REJECTIONS = frozenset({"tls_policy_map_dest_invalid", "tls_policy_map_parameter_invalid"})
 
 
 def adoptable(row: PolicyRow, job: Job) -> bool:
@@ -57,7 +54,7 @@ def adoptable(row: PolicyRow, job: Job) -> bool:
 async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -> None:
     """Apply claimed overrides of one target."""
     crash_point("after_claim")
-    before = await ctx.read_map(client, jobs, "apply")
+    before = await read_map(ctx, client, jobs, "apply")
     if before is None:
         return
     to_add: list[Job] = []
@@ -65,7 +62,7 @@ async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -
     for job in jobs:
         # A row in either form of the name is someone's (ours are only ever at `destination` itself).
         existing = before.holding(job.destination)
-        if job.conflict_status == "replace":
+        if job.conflict_status == ConflictStatus.replace:
             if not await _replace_foreign_row(ctx, client, job, before):
                 continue
             existing = None
@@ -76,7 +73,9 @@ async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -
         else:
             await _conflict(ctx, job, existing)
     if to_add:
-        sending = set(await ctx.db(store.mark_add_sent, ctx.engine, [job.id for job in to_add], ctx.owner, S.approved))
+        sending = set(
+            await ctx.db(store.mark_add_sent, ctx.engine, [job.id for job in to_add], ctx.owner, OverrideState.approved)
+        )
         to_add = [job for job in to_add if job.id in sending]  # the others were cancelled meanwhile
     if not to_add:
         await _record_all(ctx, applied)
@@ -106,7 +105,7 @@ async def apply_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -
         except MailcowError as exc:
             # Whatever was added is adopted on the next attempt (add_sent_at is set).
             for job in to_add:
-                await ctx.retry_later(job, "apply", exc)
+                await retry_later(ctx, job, "apply", exc)
             await _record_all(ctx, applied)
             return
     for job, result in zip(to_add, results, strict=True):
@@ -132,12 +131,12 @@ async def _settle(ctx: JobContext, job: Job, result: BaseException | None, after
         return None
     row = after.at(job.destination)
     if row is None:
-        await ctx.retry_later(job, "apply", "mailcow confirmed the add, but the row is not in the map")
+        await retry_later(ctx, job, "apply", "mailcow confirmed the add, but the row is not in the map")
         return None
     if result is None:
         if adoptable(row, job):
             return Applied(job, row.id, adopted=False)
-        await ctx.retry_later(job, "apply", f"the row for {job.destination} changed right after it was added")
+        await retry_later(ctx, job, "apply", f"the row for {job.destination} changed right after it was added")
         return None
     # "entry exists": our own row if an earlier attempt (or a retried HTTP call) may have added it.
     retried = isinstance(result, MailcowRejected) and result.retried
@@ -165,15 +164,8 @@ async def _add_failed(ctx: JobContext, job: Job, error: BaseException) -> None:
         # mailcow answered the only attempt with "not added" (or nothing was sent): no row of it can
         # appear later. After a retry, an earlier attempt whose answer was lost may still commit.
         await ctx.db(store.set_add_sent, ctx.engine, [job.id], ctx.owner, None)
-    permanent = isinstance(error, ValueError) or (
-        isinstance(error, MailcowRejected) and error.msg_key in PERMANENT_REJECTIONS
-    )
-    # Other rejections and protocol errors may be configuration trouble: retried, but not forever.
-    persistent = isinstance(error, MailcowRejected | MailcowProtocolError)
-    if permanent or (persistent and job.attempts + 1 >= ctx.settings.apply_max_attempts):
+    if await given_up(ctx, job, "apply", error, Call.add, attempts=job.attempts + 1):
         await _failed(ctx, job, describe(error))
-    else:
-        await ctx.retry_later(job, "apply", error)
 
 
 async def _replace_foreign_row(ctx: JobContext, client: MailcowClient, job: Job, current: PolicyMap) -> bool:
@@ -186,7 +178,7 @@ async def _replace_foreign_row(ctx: JobContext, client: MailcowClient, job: Job,
             await client.delete_policies([row.id])
             crash_point("after_replace_delete")
             if await client.get_policy(row.id) is not None:
-                await ctx.retry_later(job, "apply", f"foreign row {row.id} is still there after the delete")
+                await retry_later(ctx, job, "apply", f"foreign row {row.id} is still there after the delete")
                 return False
             snapshot = row_dict(row)  # what was there just now is what comes back at the end
         else:
@@ -196,7 +188,7 @@ async def _replace_foreign_row(ctx: JobContext, client: MailcowClient, job: Job,
                 await _conflict(ctx, job, other)
                 return False
     except MailcowError as exc:
-        await ctx.retry_later(job, "apply", exc)
+        await retry_later(ctx, job, "apply", exc)
         return False
     return await ctx.db(_record_replaced, ctx.engine, job, ctx.owner, snapshot)
 
@@ -244,16 +236,15 @@ def _record_applied(engine: Engine, applied: list[Applied], owner: str) -> list[
 
 
 def _applied_in(session: Session, job: Job, owner: str, row_id: int, adopted: bool) -> bool:
-    override = store.owned(session, job.id, owner, S.approved)
-    if override is None:
-        store.drop_lease(session, job.id, owner)  # cancelled meanwhile: the remove job cleans up
+    override = store.held(session, job, owner)
+    if override is None:  # cancelled meanwhile: the remove job cleans up
         return False
     now = utcnow()
     how = f"adopted row {row_id}, added by an interrupted attempt" if adopted else f"added as row {row_id}"
-    service.transition(
+    lifecycle.transition(
         session,
         override,
-        S.active,
+        OverrideState.active,
         actor="system",
         action="override.applied",
         comment=f"{how} on {override.target}",
@@ -274,12 +265,11 @@ def _applied_in(session: Session, job: Job, owner: str, row_id: int, adopted: bo
 
 def _record_conflict(engine: Engine, job: Job, owner: str, row: PolicyRow) -> None:
     with transaction(engine) as session:
-        override = store.owned(session, job.id, owner, S.approved)
+        override = store.held(session, job, owner)
         if override is None:
-            store.drop_lease(session, job.id, owner)
             return
         snapshot = row_dict(row)
-        service.update_in_place(
+        lifecycle.update_in_place(
             session,
             override,
             actor="system",
@@ -291,7 +281,7 @@ def _record_conflict(engine: Engine, job: Job, owner: str, row: PolicyRow) -> No
             ),
             changes={
                 **RELEASED,
-                "conflict": {"status": "open", "row": snapshot, "detected_at": utcnow().isoformat()},
+                "conflict": {"status": ConflictStatus.open.value, "row": snapshot, "detected_at": utcnow().isoformat()},
                 "next_attempt_at": None,  # nothing to do until an admin decides
                 "last_error": f"conflict with mailcow row {row.id}",
             },
@@ -301,18 +291,20 @@ def _record_conflict(engine: Engine, job: Job, owner: str, row: PolicyRow) -> No
 
 def _record_replaced(engine: Engine, job: Job, owner: str, snapshot: dict[str, Any]) -> bool:
     with transaction(engine) as session:
-        override = store.owned(session, job.id, owner, S.approved)
-        if override is None or (override.conflict or {}).get("status") != "replace":
+        override = store.held(session, job, owner)
+        if override is None:
+            return False
+        if override.conflict_status != ConflictStatus.replace:
             store.drop_lease(session, job.id, owner)
             return False
-        service.update_in_place(
+        lifecycle.update_in_place(
             session,
             override,
             actor="system",
             action="override.conflict_replaced",
             comment=f"deleted the foreign row {snapshot.get('id')} as an admin decided; it is restored at the end",
             changes={
-                "conflict": {**(override.conflict or {}), "status": "replaced", "row": snapshot},
+                "conflict": {**(override.conflict or {}), "status": ConflictStatus.replaced.value, "row": snapshot},
             },
             audit_extra={"replaced": snapshot},
         )
@@ -321,19 +313,18 @@ def _record_replaced(engine: Engine, job: Job, owner: str, snapshot: dict[str, A
 
 def _record_failed(engine: Engine, settings: Settings, job: Job, owner: str, reason: str) -> None:
     with transaction(engine) as session:
-        override = store.owned(session, job.id, owner, S.approved)
+        override = store.held(session, job, owner)
         if override is None:
-            store.drop_lease(session, job.id, owner)
             return
-        replaced = (override.conflict or {}).get("status") in ("replace", "replaced")
+        replaced = override.conflict_status in (ConflictStatus.replace, ConflictStatus.replaced)
         if replaced or override.add_sent_at is not None:
             # We may have deleted the foreign row an admin let us replace, or an add whose answer was lost
             # may have landed: the removal cleans up (and restores), then the override ends as `failed`.
             why = "restoring the row it was to replace" if replaced else "removing whatever an earlier add left"
-            service.begin_removal(
+            lifecycle.begin_removal(
                 session,
                 override,
-                "apply_failed",
+                EndReason.apply_failed,
                 actor="system",
                 via=None,
                 comment=f"mailcow refused the row: {reason}; {why}",
@@ -341,12 +332,17 @@ def _record_failed(engine: Engine, settings: Settings, job: Job, owner: str, rea
             )
             store.drop_lease(session, job.id, owner, last_error=reason[:1000])
             return
-        service.transition(
+        lifecycle.transition(
             session,
             override,
-            S.failed,
+            OverrideState.failed,
             actor="system",
             action="override.apply_failed",
             comment=f"mailcow refused the row: {reason}",
-            changes={**RELEASED, "end_reason": "apply_failed", "next_attempt_at": None, "last_error": reason[:1000]},
+            changes={
+                **RELEASED,
+                "end_reason": EndReason.apply_failed,
+                "next_attempt_at": None,
+                "last_error": reason[:1000],
+            },
         )

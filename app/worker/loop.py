@@ -42,6 +42,7 @@ from app.targets.service import claim_reconcile, ensure_targets, renew_reconcile
 from app.worker import store
 from app.worker.apply import apply_batch
 from app.worker.context import JobContext
+from app.worker.failures import retry_later
 from app.worker.faults import CRASH_ENV
 from app.worker.recheck import watch
 from app.worker.reconcile import reconcile_target
@@ -49,7 +50,6 @@ from app.worker.remove import remove_batch
 from app.worker.store import Job
 
 log = logging.getLogger("app.worker")
-S = OverrideState
 
 
 def default_owner() -> str:
@@ -115,10 +115,22 @@ class Worker:
         lapsed = await ctx.db(store.lapse_due, self.engine, batch)
         late = await ctx.db(store.expire_due, self.engine, settings, batch)
         removals = await ctx.db(
-            store.claim, self.engine, S.removing, self.owner, lease_seconds=lease, limit=batch, exclude_targets=paused
+            store.claim,
+            self.engine,
+            OverrideState.removing,
+            self.owner,
+            lease_seconds=lease,
+            limit=batch,
+            exclude_targets=paused,
         )
         applies = await ctx.db(
-            store.claim, self.engine, S.approved, self.owner, lease_seconds=lease, limit=batch, exclude_targets=paused
+            store.claim,
+            self.engine,
+            OverrideState.approved,
+            self.owner,
+            lease_seconds=lease,
+            limit=batch,
+            exclude_targets=paused,
         )
         now = utcnow()
         lags = late + [(now - job.due_at).total_seconds() for job in removals + applies if job.due_at is not None]
@@ -200,14 +212,14 @@ class Worker:
             client = self.client(target)
         except TargetNotConfigured as exc:
             for job in removals + applies:
-                await self.ctx.retry_later(job, "remove" if job.state == S.removing else "apply", str(exc))
+                await retry_later(self.ctx, job, "remove" if job.state == OverrideState.removing else "apply", str(exc))
             return
         if removals:
             await remove_batch(self.ctx, client, removals)
         if applies:
             if target in self.ctx.auth_failed:
                 for job in applies:  # due again as soon as the target's pause ends
-                    await self.ctx.retry_later(job, "apply", "not tried: the target rejected our API key", 0.0)
+                    await retry_later(self.ctx, job, "apply", "not tried: the target rejected our API key", 0.0)
             else:
                 await apply_batch(self.ctx, client, applies)
 

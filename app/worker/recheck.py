@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, or_, update
+from sqlalchemy import Engine, or_
 from sqlmodel import col, select
 
 from app.audit.service import record
@@ -24,9 +24,10 @@ from app.diagnosis.assess import is_clean
 from app.diagnosis.engine import diagnose
 from app.diagnosis.models import Diagnosis
 from app.diagnosis.service import diagnosis_config
-from app.overrides import service
-from app.overrides.models import Override, OverrideState
+from app.overrides import lifecycle
+from app.overrides.models import EndReason, Override, OverrideState
 from app.overrides.postfix import mx_domain_of
+from app.worker import store
 
 log = logging.getLogger("app.worker.recheck")
 
@@ -46,32 +47,14 @@ def _due(engine: Engine, settings: Settings, limit: int) -> list[tuple[int, str,
         return [(row.id or 0, row.destination, row.last_checked_at) for row in rows]
 
 
-def _claim(engine: Engine, override_id: int, seen: datetime | None) -> bool:
-    """Compare-and-set on `last_checked_at`, so two workers do not diagnose the same override at once."""
-    with transaction(engine) as session:
-        guard = col(Override.last_checked_at).is_(None) if seen is None else col(Override.last_checked_at) == seen
-        result = session.execute(
-            update(Override)
-            .where(col(Override.id) == override_id, col(Override.state) == OverrideState.active, guard)
-            .values(last_checked_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-
 def _record_result(engine: Engine, settings: Settings, override_id: int, diagnosis: Diagnosis) -> str:
     clean = is_clean(diagnosis)
     with transaction(engine) as session:
-        override = service.load(session, override_id, for_update=True)
+        override = lifecycle.load(session, override_id, for_update=True)
         if override.state != OverrideState.active:
             return "gone"
         checks = override.clean_checks + 1 if clean else 0
-        session.execute(
-            update(Override)
-            .where(col(Override.id) == override_id)
-            .values(clean_checks=checks)
-            .execution_options(synchronize_session=False)
-        )
+        store.count_clean_checks(session, override_id, checks)
         if clean and checks == settings.remediation_checks:
             record(
                 session,
@@ -83,10 +66,10 @@ def _record_result(engine: Engine, settings: Settings, override_id: int, diagnos
             )
             if settings.remediation == "end":
                 session.refresh(override)
-                service.begin_removal(
+                lifecycle.begin_removal(
                     session,
                     override,
-                    "remediated",
+                    EndReason.remediated,
                     actor="system",
                     via=None,
                     comment="the recipient fixed DANE; the override is no longer needed",
@@ -116,7 +99,7 @@ async def recheck_due(engine: Engine, settings: Settings, run: Diagnose | None =
 
     checked = 0
     for override_id, destination, seen in await asyncio.to_thread(_due, engine, settings, limit):
-        if not await asyncio.to_thread(_claim, engine, override_id, seen):
+        if not await asyncio.to_thread(store.claim_recheck, engine, override_id, seen):
             continue  # another worker has it
         domain = mx_domain_of(destination)
         if domain is None:

@@ -18,24 +18,18 @@ from sqlmodel import Session
 
 from app.core.db import transaction, utcnow
 from app.core.metrics import DRIFT_EVENTS, WORKER_JOBS
-from app.mailcow.client import MailcowAuthError, MailcowClient, MailcowError, PolicyRow
-from app.overrides import service
+from app.mailcow.client import MailcowClient, PolicyRow
+from app.mailcow.errors import MailcowError
+from app.mailcow.policy_map import PolicyMap, drift_of, is_our_content, same_drift
+from app.overrides import lifecycle
 from app.overrides.models import Override, OverrideState
-from app.targets.service import (
-    PolicyMap,
-    Wanted,
-    drift_of,
-    finish_reconcile,
-    is_our_content,
-    owning_overrides,
-    same_drift,
-)
+from app.targets.service import Wanted, finish_reconcile, owning_overrides
 from app.worker import store
-from app.worker.context import JobContext, describe
+from app.worker.context import JobContext
+from app.worker.failures import describe, pause_if_refused
 from app.worker.faults import crash_point
 
 log = logging.getLogger("app.worker.reconcile")
-S = OverrideState
 
 
 async def reconcile_target(ctx: JobContext, client: MailcowClient, target: str) -> None:
@@ -47,8 +41,7 @@ async def reconcile_target(ctx: JobContext, client: MailcowClient, target: str) 
     try:
         current = PolicyMap(await client.list_policies())
     except MailcowError as exc:
-        if isinstance(exc, MailcowAuthError):
-            await ctx.pause(target, describe(exc))
+        await pause_if_refused(ctx, target, exc)
         retry_in = min(interval, timedelta(seconds=60))
         await ctx.db(finish_reconcile, ctx.engine, target, ctx.owner, next_in=retry_in, error=describe(exc))
         WORKER_JOBS.labels("reconcile", "retry").inc()
@@ -56,7 +49,7 @@ async def reconcile_target(ctx: JobContext, client: MailcowClient, target: str) 
         return
     owned_ids = {o.mailcow_id for o in overrides if o.mailcow_id is not None}
     for wanted in overrides:
-        if wanted.state == S.active:
+        if wanted.state == OverrideState.active:
             await _check(ctx, client, target, wanted, current)
     owned = sum(1 for row in current.rows if row.id in owned_ids)
     foreign = len(current.rows) - owned
@@ -114,7 +107,7 @@ async def _reapply(ctx: JobContext, client: MailcowClient, target: str, wanted: 
     try:
         row: PolicyRow | None
         if drift["kind"] == "missing":
-            if not await ctx.db(store.mark_add_sent, ctx.engine, [wanted.id], ctx.owner, S.active):
+            if not await ctx.db(store.mark_add_sent, ctx.engine, [wanted.id], ctx.owner, OverrideState.active):
                 return  # ended meanwhile; its removal is due
             await client.add_policy(wanted.destination, wanted.policy, wanted.parameters)
             crash_point("after_reapply")
@@ -129,8 +122,7 @@ async def _reapply(ctx: JobContext, client: MailcowClient, target: str, wanted: 
             row = await client.get_policy(wanted.mailcow_id)
     except (MailcowError, ValueError) as exc:
         await ctx.db(store.release_active, ctx.engine, wanted.id, ctx.owner)
-        if isinstance(exc, MailcowAuthError):
-            await ctx.pause(target, describe(exc))
+        await pause_if_refused(ctx, target, exc)
         log.warning("override %s: re-applying after drift failed: %s", wanted.id, describe(exc))
         WORKER_JOBS.labels("reapply", "retry").inc()
         return
@@ -163,7 +155,7 @@ def _record(
         override = session.get(Override, wanted.id, with_for_update=True)
         judged = (
             override is not None
-            and override.state == S.active
+            and override.state == OverrideState.active
             and override.mailcow_id == wanted.mailcow_id
             and (owner is None or override.lease_owner == owner)
         )
@@ -177,7 +169,7 @@ def _record(
             changes["add_sent_at"] = None  # the re-apply's outcome is known now
         if owner is not None:
             changes.update(store.RELEASED)
-        service.update_in_place(
+        lifecycle.update_in_place(
             session,
             override,
             actor="system",

@@ -19,20 +19,21 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from app.core.db import transaction, utcnow
-from app.core.errors import AppError
+from app.core.errors import AppError, InvalidTransition
 from app.core.metrics import WORKER_JOBS
-from app.mailcow.client import MailcowClient, MailcowError, MailcowRejected
+from app.mailcow.client import MailcowClient
 from app.mailcow.dest import dest_key
-from app.overrides import service
-from app.overrides.models import OverrideState
-from app.targets.service import PolicyMap, is_our_content, row_dict
+from app.mailcow.errors import MailcowError
+from app.mailcow.policy_map import PolicyMap, is_our_content, row_dict
+from app.overrides import lifecycle
+from app.overrides.models import ConflictStatus, EndReason
 from app.worker import store
-from app.worker.context import JobContext, describe
+from app.worker.context import JobContext
+from app.worker.failures import Call, describe, given_up, read_map, retry_later
 from app.worker.faults import crash_point
 from app.worker.store import RELEASED, Job
 
 log = logging.getLogger("app.worker.remove")
-S = OverrideState
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,14 @@ class Plan:
 def plan_removal(job: Job, current: PolicyMap) -> Plan:
     status = job.conflict_status
     snapshot = (job.conflict or {}).get("row") if job.conflict else None
-    if status in ("open", "abandoned"):
+    if status in (ConflictStatus.open, ConflictStatus.abandoned):
         return Plan(frozenset(), False, None)  # we never added anything: the row there is foreign
-    if status == "replace":
+    if status == ConflictStatus.replace:
         # The admin said replace, but the apply never recorded deleting the foreign row. If it is gone,
         # we (probably) deleted it; our own row is only ever added after that was recorded.
         foreign_there = isinstance(snapshot, dict) and int(snapshot.get("id", 0)) in current.by_id
         return Plan(frozenset(), False, None if foreign_there else snapshot)
-    if status == "restoring":
+    if status == ConflictStatus.restoring:
         return Plan(frozenset(), False, snapshot)  # ours is gone already (recorded)
     ids = set()
     if job.mailcow_id is not None:
@@ -65,10 +66,11 @@ def plan_removal(job: Job, current: PolicyMap) -> Plan:
     at_dest = current.at(job.destination)
     if ours_possible and at_dest is not None and is_our_content(at_dest, job.destination, job.policy, job.parameters):
         ids.add(at_dest.id)
-    return Plan(frozenset(ids), ours_possible, snapshot if status == "replaced" else None)
+    return Plan(frozenset(ids), ours_possible, snapshot if status == ConflictStatus.replaced else None)
 
 
-def _settle(ctx: JobContext) -> timedelta:
+def _landing_window(ctx: JobContext) -> timedelta:
+    """How long after it was sent an unanswered add may still land in mailcow."""
     return timedelta(seconds=ctx.settings.mailcow_add_settle_seconds)
 
 
@@ -77,7 +79,10 @@ def _add_may_still_land(ctx: JobContext, job: Job, plan: Plan) -> bool:
     override was cancelled or revoked before the apply was recorded, or a re-apply failed): mailcow may
     still commit it. Recording the end now would leave that row behind, active, owned by nobody."""
     return (
-        not plan.ids and plan.check_dest and job.add_sent_at is not None and utcnow() - job.add_sent_at < _settle(ctx)
+        not plan.ids
+        and plan.check_dest
+        and job.add_sent_at is not None
+        and utcnow() - job.add_sent_at < _landing_window(ctx)
     )
 
 
@@ -93,14 +98,14 @@ def leftovers(job: Job, plan: Plan, current: PolicyMap) -> list[int]:
 async def remove_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) -> None:
     """Remove claimed overrides of one target."""
     crash_point("after_remove_claim")
-    before = await ctx.read_map(client, jobs, "remove")
+    before = await read_map(ctx, client, jobs, "remove")
     if before is None:
         return
     plans = {job.id: plan_removal(job, before) for job in jobs}
     settling = [job for job in jobs if _add_may_still_land(ctx, job, plans[job.id])]
     for job in settling:
-        wait = (job.add_sent_at + _settle(ctx) - utcnow()).total_seconds() if job.add_sent_at else 0.0
-        await ctx.retry_later(job, "remove", "an add sent moments ago may still land in mailcow", delay=max(wait, 0.1))
+        wait = (job.add_sent_at + _landing_window(ctx) - utcnow()).total_seconds() if job.add_sent_at else 0.0
+        await retry_later(ctx, job, "remove", "an add sent moments ago may still land in mailcow", delay=max(wait, 0.1))
     jobs = [job for job in jobs if job not in settling]
     delete_ids = sorted(set().union(*(plan.ids for plan in plans.values())))
     after = before
@@ -112,14 +117,14 @@ async def remove_batch(ctx: JobContext, client: MailcowClient, jobs: list[Job]) 
         except MailcowError as exc:
             for job in jobs:
                 if plans[job.id].ids:
-                    await ctx.retry_later(job, "remove", exc)
+                    await retry_later(ctx, job, "remove", exc)
             jobs = [job for job in jobs if not plans[job.id].ids]
     removed: list[tuple[Job, list[int], dict[str, Any]]] = []
     for job in jobs:
         plan = plans[job.id]
         left = leftovers(job, plan, after)
         if left:
-            await ctx.retry_later(job, "remove", f"mailcow still lists row(s) {left} after deleting them")
+            await retry_later(ctx, job, "remove", f"mailcow still lists row(s) {left} after deleting them")
             continue
         restored: dict[str, Any] = {}
         if plan.restore is not None:
@@ -144,7 +149,9 @@ async def _restore(
     ctx: JobContext, client: MailcowClient, job: Job, snapshot: dict[str, Any], current: PolicyMap
 ) -> dict[str, Any] | None:
     """Put the replaced foreign row back; never overwrite a row someone else put there meanwhile."""
-    if job.conflict_status != "restoring" and not await ctx.db(_record_restoring, ctx.engine, job, ctx.owner):
+    if job.conflict_status != ConflictStatus.restoring and not await ctx.db(
+        _record_restoring, ctx.engine, job, ctx.owner
+    ):
         return None
     dest, policy, parameters = str(snapshot["dest"]), str(snapshot["policy"]), str(snapshot.get("parameters", ""))
     active = int(snapshot.get("active", 1))
@@ -160,40 +167,37 @@ async def _restore(
             crash_point("after_restore")
             row = await client.find_policy(dest)
         if row is None:
-            await ctx.retry_later(job, "remove", f"the restored row for {dest} is not in the map")
+            await retry_later(ctx, job, "remove", f"the restored row for {dest} is not in the map")
             return None
         if (active == 1) != (row.active == 1):
             # Only a row left by an older version (which added active, then edited): set the flag back.
             await client.edit_policy(row.id, active=1 if active == 1 else 0)
             row = await client.get_policy(row.id)
             if row is None or (active == 1) != (row.active == 1):
-                await ctx.retry_later(job, "remove", f"the restored row for {dest} does not read back as it was")
+                await retry_later(ctx, job, "remove", f"the restored row for {dest} does not read back as it was")
                 return None
-    except MailcowRejected as exc:
-        # mailcow's add refuses some dests its edit form accepted (e.g. `.sub.example`): say so, go on.
-        log.error("override %s: could not restore the replaced row %s: %s", job.id, snapshot, describe(exc))
-        return {"restore_failed": snapshot, "reason": describe(exc)}
     except (MailcowError, ValueError) as exc:
-        if isinstance(exc, ValueError):
-            return {"restore_failed": snapshot, "reason": str(exc)}
-        await ctx.retry_later(job, "remove", exc)
-        return None
+        if not await given_up(ctx, job, "remove", exc, Call.restore):
+            return None
+        # mailcow's add refuses some dests its edit form accepted (e.g. `.sub.example`): say so, go on.
+        reason = str(exc) if isinstance(exc, ValueError) else describe(exc)
+        log.error("override %s: could not restore the replaced row %s: %s", job.id, snapshot, reason)
+        return {"restore_failed": snapshot, "reason": reason}
     return {"restored": row_dict(row)}
 
 
 def _record_restoring(engine: Engine, job: Job, owner: str) -> bool:
     with transaction(engine) as session:
-        override = store.owned(session, job.id, owner, S.removing)
+        override = store.held(session, job, owner)
         if override is None:
-            store.drop_lease(session, job.id, owner)
             return False
-        service.update_in_place(
+        lifecycle.update_in_place(
             session,
             override,
             actor="system",
             action="override.conflict_restoring",
             comment="our row is gone from mailcow; restoring the row it replaced",
-            changes={"conflict": {**(override.conflict or {}), "status": "restoring"}},
+            changes={"conflict": {**(override.conflict or {}), "status": ConflictStatus.restoring.value}},
         )
         return True
 
@@ -204,25 +208,25 @@ def _record_removed(engine: Engine, removed: list[tuple[Job, list[int], dict[str
 
 
 def _removed_in(session: Session, job: Job, owner: str, deleted: list[int], restored: dict[str, Any]) -> bool:
-    override = store.owned(session, job.id, owner, S.removing)
+    override = store.held(session, job, owner)
     if override is None:
-        store.drop_lease(session, job.id, owner)
         return False
-    reason = override.end_reason or "expired"
-    end = service.END_STATE.get(reason, S.revoked)
+    reason = override.end_reason
+    if reason not in lifecycle.END_STATE:
+        raise InvalidTransition(f"override {job.id} is being removed without a reason to end ({reason})")
     # A failed apply keeps its error for the API; any other end clears the removal's retry errors.
-    keep_error = reason == "apply_failed"
+    keep_error = reason == EndReason.apply_failed
     changes: dict[str, Any] = {**RELEASED, "next_attempt_at": None}
     if not keep_error:
         changes["last_error"] = None
     if restored and override.conflict:
-        status = "restored" if "restored" in restored else "not_restored"
-        changes["conflict"] = {**override.conflict, "status": status, **restored}
+        status = ConflictStatus.restored if "restored" in restored else ConflictStatus.not_restored
+        changes["conflict"] = {**override.conflict, "status": status.value, **restored}
     what = f"deleted row(s) {deleted} from mailcow" if deleted else "no row of ours was left in mailcow"
-    service.transition(
+    lifecycle.transition(
         session,
         override,
-        end,
+        lifecycle.END_STATE[reason],
         actor="system",
         action="override.removed",
         comment=f"{what} ({reason})",

@@ -1,4 +1,7 @@
-"""The worker's database side: claim due overrides, record outcomes, release and back off.
+"""The worker's database side: claim due overrides, record outcomes, release and back off. The worker
+writes its bookkeeping on an override row — the lease, attempts, the add in flight, the next attempt,
+the remediation watch's count — here and nowhere else (the API only makes waiting jobs due when an
+admin resumes a target); the state only ever changes through `app.overrides.lifecycle`.
 
 A claim is a short committed transaction that leases rows to one worker (`lease_owner`,
 `lease_until`); on PostgreSQL the due rows are read with `FOR UPDATE SKIP LOCKED`, so two workers
@@ -8,10 +11,10 @@ worker killed mid-job leaves a row that becomes due again when its lease runs ou
 
 Every outcome is recorded in a second short transaction (a batch's successes together) that first
 re-reads each row under a lock and checks that it is still in the expected state AND still leased by
-this worker; then the state machine in `app.overrides.service` compare-and-sets it and queues the
-audit entry in the same transaction. If a human acted meanwhile (a cancel turns `approved` into
-`removing`), the record is skipped and the lease dropped: the remove job cleans up whatever the
-interrupted job left in mailcow.
+this worker (`held`, the one guard every record starts with); then the state machine in
+`app.overrides.lifecycle` compare-and-sets it and queues the audit entry in the same transaction. If a
+human acted meanwhile (a cancel turns `approved` into `removing`), the record is skipped and the lease
+dropped: the remove job cleans up whatever the interrupted job left in mailcow.
 """
 
 from __future__ import annotations
@@ -28,11 +31,9 @@ from app.audit.models import AuditEvent
 from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
-from app.overrides import service
-from app.overrides.models import Override, OverrideState
+from app.overrides import lifecycle
+from app.overrides.models import ConflictStatus, EndReason, Override, OverrideState, conflict_status_of
 from app.targets.models import MailcowTarget
-
-S = OverrideState
 
 RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None}
 
@@ -50,7 +51,7 @@ class Job:
     mailcow_id: int | None
     attempts: int
     conflict: dict[str, Any] | None
-    end_reason: str | None
+    end_reason: EndReason | None
     due_at: datetime | None
     add_sent_at: datetime | None  # an add sent whose outcome is not recorded; it may land late
 
@@ -60,8 +61,8 @@ class Job:
         return self.add_sent_at is None
 
     @property
-    def conflict_status(self) -> str | None:
-        return str(self.conflict.get("status")) if self.conflict else None
+    def conflict_status(self) -> ConflictStatus | None:
+        return conflict_status_of(self.conflict)
 
 
 def backoff(settings: Settings, attempts: int) -> float:
@@ -152,6 +153,16 @@ def owned(session: Session, override_id: int, owner: str, state: OverrideState) 
     return override
 
 
+def held(session: Session, job: Job, owner: str) -> Override | None:
+    """The job's override, locked, if it is still in the state it was claimed in and leased by this worker.
+    Else None, and the lease is let go: a human acted meanwhile (a cancel, a revoke), so the outcome is
+    not recorded and whatever the override needs now is due at once. Every record of an outcome starts here."""
+    override = owned(session, job.id, owner, job.state)
+    if override is None:
+        drop_lease(session, job.id, owner)
+    return override
+
+
 def drop_lease(session: Session, override_id: int, owner: str, **also: Any) -> None:
     """Let go of an override whose state changed under us (a cancel, a revoke): whatever job it needs
     now is due at once, not when our lease would have run out."""
@@ -192,15 +203,14 @@ def _still_ours(session: Session, override_ids: list[int], owner: str, state: Ov
 def release(engine: Engine, settings: Settings, job: Job, owner: str, error: str, delay: float | None = None) -> float:
     """The attempt failed: drop the lease, count it and schedule the next one. Returns the delay."""
     with transaction(engine) as session:
-        override = owned(session, job.id, owner, job.state)
+        override = held(session, job, owner)
         if override is None:
-            drop_lease(session, job.id, owner)
             return 0.0
         attempts = override.attempts + 1
         wait = backoff(settings, attempts - 1) if delay is None else delay
         now = utcnow()
         # A failed apply being cleaned up keeps the apply's error: that is what the API must show.
-        keep = override.state == S.removing and override.end_reason == "apply_failed"
+        keep = override.state == OverrideState.removing and override.end_reason == EndReason.apply_failed
         _leased(
             session,
             [job.id],
@@ -210,7 +220,7 @@ def release(engine: Engine, settings: Settings, job: Job, owner: str, error: str
             next_attempt_at=now + timedelta(seconds=wait),
             last_error=override.last_error if keep else error[:1000],
         )
-        if service.is_overdue(override, now) and not _recorded(session, job.id, "override.removal_overdue"):
+        if lifecycle.is_overdue(override, now) and not _recorded(session, job.id, "override.removal_overdue"):
             # Once, so that the alarm reaches the trail (and the notification sinks) without flooding them.
             record(
                 session,
@@ -236,7 +246,7 @@ def claim_active(engine: Engine, override_id: int, owner: str, lease_seconds: fl
         now = utcnow()
         result = session.execute(
             update(Override)
-            .where(col(Override.id) == override_id, col(Override.state) == S.active)
+            .where(col(Override.id) == override_id, col(Override.state) == OverrideState.active)
             .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
             .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
             .execution_options(synchronize_session=False)
@@ -250,6 +260,33 @@ def release_active(engine: Engine, override_id: int, owner: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The remediation watch's bookkeeping (it does not bump the version: a reviewer's ETag stays valid)
+
+
+def claim_recheck(engine: Engine, override_id: int, seen: datetime | None) -> bool:
+    """Compare-and-set on `last_checked_at`, so two workers do not diagnose the same override at once."""
+    with transaction(engine) as session:
+        guard = col(Override.last_checked_at).is_(None) if seen is None else col(Override.last_checked_at) == seen
+        result = session.execute(
+            update(Override)
+            .where(col(Override.id) == override_id, col(Override.state) == OverrideState.active, guard)
+            .values(last_checked_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def count_clean_checks(session: Session, override_id: int, checks: int) -> None:
+    """The clean diagnoses in a row so far (0: the last one failed)."""
+    session.execute(
+        update(Override)
+        .where(col(Override.id) == override_id)
+        .values(clean_checks=checks)
+        .execution_options(synchronize_session=False)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Time-driven transitions (no mailcow call involved)
 
 
@@ -259,7 +296,7 @@ def expire_due(engine: Engine, settings: Settings, limit: int) -> list[float]:
         now = utcnow()
         rows = session.exec(
             select(Override)
-            .where(col(Override.state) == S.active, col(Override.expires_at) <= now)
+            .where(col(Override.state) == OverrideState.active, col(Override.expires_at) <= now)
             .order_by(col(Override.expires_at))
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -267,10 +304,10 @@ def expire_due(engine: Engine, settings: Settings, limit: int) -> list[float]:
         late = []
         for override in rows:
             late.append((now - override.expires_at).total_seconds() if override.expires_at else 0.0)
-            service.begin_removal(
+            lifecycle.begin_removal(
                 session,
                 override,
-                "expired",
+                EndReason.expired,
                 actor="system",
                 via=None,
                 comment="the override's duration is over",
@@ -285,26 +322,32 @@ def lapse_due(engine: Engine, limit: int) -> int:
         now = utcnow()
         rows = session.exec(
             select(Override)
-            .where(col(Override.state) == S.pending, col(Override.review_deadline) <= now)
+            .where(col(Override.state) == OverrideState.pending, col(Override.review_deadline) <= now)
             .order_by(col(Override.review_deadline))
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
         for override in rows:
-            service.lapse(session, override)
+            lifecycle.lapse(session, override)
         return len(rows)
 
 
 def next_due(engine: Engine, targets: list[str], paused: set[str]) -> datetime | None:
     """The earliest time any job becomes due (the worker sleeps until then, or its poll interval)."""
     with transaction(engine) as session:
-        attempts = select(func.min(Override.next_attempt_at)).where(col(Override.state).in_([S.approved, S.removing]))
+        attempts = select(func.min(Override.next_attempt_at)).where(
+            col(Override.state).in_([OverrideState.approved, OverrideState.removing])
+        )
         if paused:
             attempts = attempts.where(col(Override.target).not_in(sorted(paused)))
         candidates = [
             session.exec(attempts).one(),
-            session.exec(select(func.min(Override.expires_at)).where(col(Override.state) == S.active)).one(),
-            session.exec(select(func.min(Override.review_deadline)).where(col(Override.state) == S.pending)).one(),
+            session.exec(
+                select(func.min(Override.expires_at)).where(col(Override.state) == OverrideState.active)
+            ).one(),
+            session.exec(
+                select(func.min(Override.review_deadline)).where(col(Override.state) == OverrideState.pending)
+            ).one(),
         ]
         live = [name for name in targets if name not in paused]
         if live:

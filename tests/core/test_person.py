@@ -17,7 +17,7 @@ from app.core.auth import Principal
 from app.core.person import is_reserved, person_key, same_person
 from app.core.text import is_default_ignorable
 from app.overrides.models import Override, OverrideState
-from app.overrides.service import asked_for_it
+from app.overrides.permissions import asked_for_it
 
 Draw = Callable[..., object]
 

@@ -7,8 +7,14 @@ from typing import Any
 import pytest
 
 from app.diagnosis.models import AddressResult, MxHost, SmtpProbe
-from app.diagnosis.policy import admitted_protocols, parse_protocols, simulate
+from app.diagnosis.policy import POLICY_STRENGTH, admitted_protocols, parse_protocols, simulate
+from app.mailcow.policies import POLICIES
 from tests.diagnosis.test_rules import leaf
+
+
+def test_every_policy_has_a_strength_and_nothing_else_has_one() -> None:
+    """The policies are spelled once (app/mailcow/policies.py); the strengths name each of them."""
+    assert sorted(POLICY_STRENGTH) == sorted(POLICIES)
 
 
 @pytest.mark.parametrize(

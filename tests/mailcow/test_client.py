@@ -12,15 +12,14 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from starlette.applications import Starlette
 
-from app.mailcow.client import (
+from app.mailcow.client import MailcowClient, PolicyRow
+from app.mailcow.errors import (
     MailcowAuthError,
-    MailcowClient,
     MailcowEmptyResponse,
     MailcowError,
     MailcowProtocolError,
     MailcowRejected,
     MailcowUnavailable,
-    PolicyRow,
 )
 from devtools.mailcow_standin import MailcowStandin, StandinKey
 from tests.helpers import free_port

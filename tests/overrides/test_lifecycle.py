@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
+from app.audit.models import AuditEvent
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.core.errors import Conflict, InvalidTransition
-from app.overrides import service
-from app.overrides.models import TERMINAL_STATES, Override, OverrideState
+from app.overrides import lifecycle
+from app.overrides.models import TERMINAL_STATES, ConflictStatus, EndReason, Override, OverrideState
 from tests.helpers import act, apply_now, assert_problem, audit_rows, events, load, worker_step
 
 S = OverrideState
@@ -48,9 +49,9 @@ def bring_to(
 
     def removing(override_id: int, reason: str) -> None:
         with transaction(engine) as session:
-            override = service.load(session, override_id, for_update=True)
-            service.begin_removal(
-                session, override, reason, actor="worker", via=None, comment="expiry", settings=settings
+            override = lifecycle.load(session, override_id, for_update=True)
+            lifecycle.begin_removal(
+                session, override, EndReason(reason), actor="worker", via=None, comment="expiry", settings=settings
             )
 
     def make(state: OverrideState) -> int:
@@ -63,7 +64,7 @@ def bring_to(
             assert act(client, override_id, "cancel", people["alice"]).status_code == 200
         elif state == S.lapsed:
             with transaction(engine) as session:
-                service.lapse(session, service.load(session, override_id, for_update=True))
+                lifecycle.lapse(session, lifecycle.load(session, override_id, for_update=True))
         else:
             assert act(client, override_id, "approve", people["bob"]).status_code == 200
             if state == S.failed:
@@ -173,7 +174,7 @@ def test_approved_with_an_add_sent_goes_through_removing(
         with subtests.test(action=action):
             override_id = bring_to(S.approved)
             with transaction(engine) as session:  # the worker sent the add: the mailcow row may exist
-                override = service.load(session, override_id)
+                override = lifecycle.load(session, override_id)
                 override.add_sent_at = utcnow()
                 session.add(override)
             response = act(client, override_id, action, people[who])
@@ -185,7 +186,7 @@ def test_approved_with_an_add_sent_goes_through_removing(
                 "approved",
                 "removing",
             )
-            done = worker_step(engine, override_id, service.END_STATE[end.value], "override.removed")
+            done = worker_step(engine, override_id, lifecycle.END_STATE[end.value], "override.removed")
             assert done.state == end and not done.live and done.ended_at is not None
 
 
@@ -199,8 +200,10 @@ def test_worker_applies_and_expires(
     assert active.expires_at is not None and active.applied_at is not None
     assert active.expires_at - active.applied_at == timedelta(days=3)  # the clock starts when applied
     with transaction(engine) as session:
-        override = service.load(session, override_id, for_update=True)
-        service.begin_removal(session, override, "expired", actor="worker", via=None, comment=None, settings=settings)
+        override = lifecycle.load(session, override_id, for_update=True)
+        lifecycle.begin_removal(
+            session, override, EndReason.expired, actor="worker", via=None, comment=None, settings=settings
+        )
     expired = worker_step(engine, override_id, S.expired, "override.removed", mailcow_id=None)
     assert expired.state == S.expired and expired.version == before.version + 3 and not expired.live
     applied, removing, removed = _last_events(client, override_id, people["bob"], 3)
@@ -317,14 +320,14 @@ def test_transition_table_is_exactly_the_designed_one(engine: Engine) -> None:
     for source, override_id in ids.items():
         for target in S:
             with Session(engine) as session:
-                override = service.load(session, override_id)
+                override = lifecycle.load(session, override_id)
                 if target in ALLOWED[source]:
-                    moved = service.transition(session, override, target, actor="t", action="t")
+                    moved = lifecycle.transition(session, override, target, actor="t", action="t")
                     assert moved.state == target and moved.version == 2
                     assert moved.live == (target not in TERMINAL_STATES)
                 else:
                     with pytest.raises(InvalidTransition):
-                        service.transition(session, override, target, actor="t", action="t")
+                        lifecycle.transition(session, override, target, actor="t", action="t")
                 session.rollback()
     assert audit_rows(engine) == []  # rolled back: the queued audit entries went with it
 
@@ -333,20 +336,20 @@ def test_terminal_states_never_change_in_place(engine: Engine) -> None:
     for n, state in enumerate(sorted(TERMINAL_STATES)):
         override_id = _insert(engine, state, n)
         with Session(engine) as session, pytest.raises(InvalidTransition):
-            service.update_in_place(
-                session, service.load(session, override_id), actor="t", action="t", changes={"attempts": 1}
+            lifecycle.update_in_place(
+                session, lifecycle.load(session, override_id), actor="t", action="t", changes={"attempts": 1}
             )
 
 
 def test_compare_and_set_refuses_a_stale_version(engine: Engine) -> None:
     override_id = _insert(engine, S.approved, 1)
     with Session(engine, expire_on_commit=False) as stale_session:
-        stale = service.load(stale_session, override_id)  # read version 1
+        stale = lifecycle.load(stale_session, override_id)  # read version 1
         stale_session.commit()  # end the read (SQLite has one writer: the other transaction must get in)
         with transaction(engine) as session:  # meanwhile someone else moves it on
-            service.transition(session, service.load(session, override_id), S.active, actor="w1", action="applied")
+            lifecycle.transition(session, lifecycle.load(session, override_id), S.active, actor="w1", action="applied")
         with pytest.raises(Conflict):
-            service.transition(stale_session, stale, S.failed, actor="w2", action="failed")
+            lifecycle.transition(stale_session, stale, S.failed, actor="w2", action="failed")
         stale_session.rollback()
     winner = load(engine, override_id)
     assert (winner.state, winner.version) == (S.active, 2)
@@ -356,11 +359,101 @@ def test_compare_and_set_refuses_a_stale_version(engine: Engine) -> None:
 def test_compare_and_set_checks_the_version_not_only_the_state(engine: Engine) -> None:
     override_id = _insert(engine, S.active, 1)
     with Session(engine, expire_on_commit=False) as stale_session:
-        stale = service.load(stale_session, override_id)
+        stale = lifecycle.load(stale_session, override_id)
         stale_session.commit()
         with transaction(engine) as session:  # same state, new version (e.g. an extension)
-            service.update_in_place(session, service.load(session, override_id), actor="a", action="noted")
+            lifecycle.update_in_place(session, lifecycle.load(session, override_id), actor="a", action="noted")
         with pytest.raises(Conflict):
-            service.transition(stale_session, stale, S.removing, actor="b", action="removing")
+            lifecycle.transition(stale_session, stale, S.removing, actor="b", action="removing")
         stale_session.rollback()
     assert load(engine, override_id).state == S.active
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The conflict's own machine: a foreign row at the destination, changed only with the override itself
+
+C = ConflictStatus
+# Written out by hand, as the design says it: the lifecycle's table must be exactly this.
+CONFLICT_ALLOWED: dict[ConflictStatus | None, set[ConflictStatus]] = {
+    None: {C.open},
+    C.open: {C.replace, C.abandoned},
+    C.replace: {C.replaced, C.open, C.restoring},
+    C.replaced: {C.restoring, C.open},
+    C.restoring: {C.restored, C.not_restored},
+    C.restored: set(),
+    C.not_restored: set(),
+    C.abandoned: set(),
+}
+
+
+def _conflict(status: ConflictStatus | None) -> dict[str, Any] | None:
+    return None if status is None else {"status": status.value, "row": {"id": 3, "dest": "t.example"}}
+
+
+def test_conflict_table_is_exactly_the_designed_one(engine: Engine) -> None:
+    assert {k: set(v) for k, v in lifecycle.CONFLICT_TRANSITIONS.items()} == CONFLICT_ALLOWED
+    for n, source in enumerate([None, *C]):
+        override_id = _insert(engine, S.approved, n)
+        if source is not None:
+            with transaction(engine) as session:
+                override = lifecycle.load(session, override_id)
+                override.conflict = _conflict(source)  # set directly: a fixture, not a move
+                session.add(override)
+        for target in C:
+            with Session(engine) as session:
+                override = lifecycle.load(session, override_id)
+                changes = {"conflict": _conflict(target)}
+                if target in CONFLICT_ALLOWED[source]:
+                    moved = lifecycle.update_in_place(session, override, actor="t", action="t", changes=changes)
+                    assert moved.conflict_status == target
+                else:
+                    with pytest.raises(InvalidTransition):
+                        lifecycle.update_in_place(session, override, actor="t", action="t", changes=changes)
+                session.rollback()
+
+
+def _audit(engine: Engine, override_id: int) -> list[dict[str, Any]]:
+    with Session(engine) as session:
+        rows = session.exec(
+            select(AuditEvent).where(AuditEvent.override_id == override_id).order_by(col(AuditEvent.seq))
+        ).all()
+        return [{"action": row.action, "before": row.before, "after": row.after} for row in rows]
+
+
+def test_a_conflict_move_is_compare_and_set_and_audited(engine: Engine) -> None:
+    override_id = _insert(engine, S.approved, 1)
+    with transaction(engine) as session:
+        lifecycle.update_in_place(
+            session,
+            lifecycle.load(session, override_id),
+            actor="w",
+            action="override.conflict",
+            changes={"conflict": _conflict(C.open)},
+        )
+    with Session(engine, expire_on_commit=False) as stale_session:
+        stale = lifecycle.load(stale_session, override_id)
+        stale_session.commit()
+        with transaction(engine) as session:  # an admin decides first
+            lifecycle.update_in_place(
+                session,
+                lifecycle.load(session, override_id),
+                actor="root",
+                action="override.conflict_resolved",
+                changes={"conflict": _conflict(C.replace)},
+            )
+        with pytest.raises(Conflict):  # the other decision, on the version it read, loses
+            lifecycle.transition(
+                stale_session,
+                stale,
+                S.failed,
+                actor="eve",
+                action="override.conflict_abandoned",
+                changes={"conflict": _conflict(C.abandoned)},
+            )
+        stale_session.rollback()
+    assert load(engine, override_id).conflict_status == C.replace
+    moves = [
+        (event["action"], (event["before"] or {}).get("conflict_status"), (event["after"] or {}).get("conflict_status"))
+        for event in _audit(engine, override_id)
+    ]
+    assert moves == [("override.conflict", None, "open"), ("override.conflict_resolved", "open", "replace")]

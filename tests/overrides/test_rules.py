@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from app.core.db import transaction, utcnow
-from app.overrides import service
+from app.overrides import lifecycle
 from tests.helpers import act, apply_now, assert_problem, audit_rows, counts, events, load, make_settings
 
 FINGERPRINT = "match=" + ":".join(["AB"] * 32)
@@ -133,7 +133,7 @@ def test_a_decision_after_the_review_window_is_refused(
 ) -> None:
     created = make_override()
     with transaction(engine) as session:
-        override = service.load(session, created["id"])
+        override = lifecycle.load(session, created["id"])
         override.review_deadline = utcnow() - timedelta(seconds=1)
         session.add(override)
     body = assert_problem(act(client, created["id"], "approve", people["bob"]), 409)
@@ -438,7 +438,7 @@ def test_list_filters_and_visibility(client: Any, engine: Engine, make_override:
     apply_now(engine, late["id"])
     act(client, late["id"], "revoke", people["root"])
     with transaction(engine) as session:  # the worker has not managed to remove it in time
-        override = service.load(session, late["id"])
+        override = lifecycle.load(session, late["id"])
         override.removal_deadline = utcnow() - timedelta(minutes=1)
         session.add(override)
     assert ids(reviewer, overdue="true") == [late["id"]]

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from app.diagnosis.policy import POLICIES
+from app.mailcow.policies import POLICIES
 from app.overrides.summary import LOSSES, summarize, verdict_text
 
 BLOCKED_A: dict[str, Any] = {

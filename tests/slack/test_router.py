@@ -22,8 +22,8 @@ from sqlalchemy.engine import Engine
 from app.core.config import Settings
 from app.core.errors import SlackRequestRefused
 from app.notify.service import deliver
+from app.notify.slack_blocks import APPROVE, REJECT
 from app.slack import service as slack
-from app.slack.blocks import APPROVE, REJECT
 from app.slack.commands import CommandError, parse
 from tests.helpers import COMMENT, LiveServer, assert_problem, audit_rows, counts, load, make_settings
 

@@ -139,7 +139,8 @@ async def test_a_final_unclear_add_is_cleaned_up_when_the_apply_fails(
     transport: SwitchableTransport,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from app.mailcow.client import MailcowClient, MailcowProtocolError
+    from app.mailcow.client import MailcowClient
+    from app.mailcow.errors import MailcowProtocolError
 
     settings = worker_settings(apply_max_attempts=1)
     client.app.state.settings = settings  # type: ignore[attr-defined]
@@ -163,7 +164,7 @@ async def test_a_final_unclear_add_is_cleaned_up_when_the_apply_fails(
 
 def test_a_removal_never_takes_an_identical_row_when_no_add_of_ours_is_known() -> None:
     from app.mailcow.client import PolicyRow
-    from app.targets.service import PolicyMap
+    from app.mailcow.policy_map import PolicyMap
     from app.worker.remove import plan_removal
     from app.worker.store import Job
 

@@ -23,7 +23,8 @@ from sqlmodel import Session
 
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
-from app.mailcow.client import MailcowClient, MailcowRejected
+from app.mailcow.client import MailcowClient
+from app.mailcow.errors import MailcowRejected
 from app.overrides.models import Override, OverrideState
 from app.targets.models import MailcowTarget
 from app.worker import apply as apply_module

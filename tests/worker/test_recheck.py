@@ -16,7 +16,7 @@ from app.audit.models import AuditEvent
 from app.audit.service import verify_chain
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
-from app.overrides import service
+from app.overrides import lifecycle
 from app.overrides.models import Override, OverrideState
 from app.worker.loop import Worker
 from app.worker.recheck import recheck_due
@@ -52,9 +52,9 @@ def _active(client: TestClient, auth: Callable[..., Headers], engine: Engine, de
     )
     assert approved.status_code == 200, approved.text
     with transaction(engine) as session:  # what the worker does once mailcow has the row
-        override = service.load(session, override_id)
+        override = lifecycle.load(session, override_id)
         now = utcnow()
-        service.transition(
+        lifecycle.transition(
             session,
             override,
             OverrideState.active,

@@ -1,0 +1,118 @@
+"""Who may do what to an override: seeing it, the role each action needs, the version it must be at,
+and the refusals on record. Every action loads its override through `load_for_action`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from app.audit.refusals import record_refusal
+from app.core.auth import Principal
+from app.core.config import Settings
+from app.core.errors import Forbidden, NotFound, PreconditionFailed, PreconditionRequired
+from app.core.idempotency import Idempotency
+from app.overrides.lifecycle import load
+from app.overrides.models import Override
+
+
+@dataclass(frozen=True)
+class ActionContext:
+    """What every action needs: who, with what version precondition and Idempotency-Key, and where to log
+    refusals."""
+
+    principal: Principal
+    settings: Settings
+    engine: Engine
+    if_match: str | None = None
+    session: Session | None = None  # the request's own, ended before a refusal is recorded
+    idempotency: Idempotency | None = None
+
+    def claim(self, session: Session) -> None:
+        """Claim the request's Idempotency-Key in the change's own transaction, right before the change
+        (raises `Replay` when a request with the key already has its answer)."""
+        if self.idempotency is not None:
+            self.idempotency.claim(session)
+
+
+def refuse(ctx: ActionContext, override_id: int | None, action: str, reason: str) -> Forbidden:
+    """Record a refused authorisation (in its own transaction: the request's own is rolled back)."""
+    if ctx.session is not None:
+        # It would be rolled back anyway; end it first, because on SQLite it holds the only write lock
+        # and the refusal's transaction would wait for it until the busy timeout (then fail: a 500).
+        ctx.session.rollback()
+    record_refusal(
+        ctx.engine,
+        ctx.settings,
+        actor=ctx.principal.actor,
+        via=ctx.principal.via,
+        override_id=override_id,
+        after={"attempted": action, "roles": sorted(ctx.principal.roles)},
+        comment=reason,
+    )
+    return Forbidden(reason)
+
+
+def can_see(principal: Principal, override: Override) -> bool:
+    return principal.has("approver", "admin", "auditor") or override.requested_by_key == principal.key
+
+
+def asked_for_it(principal: Principal, override: Override) -> bool:
+    """Whether the caller is the person who asked for the override or for its pending extension."""
+    askers = {override.requested_by_key, override.extension_requested_by_key if override.extension_round else None}
+    return principal.key in askers
+
+
+def _check_version(ctx: ActionContext, override: Override) -> None:
+    if ctx.if_match is None:
+        if ctx.settings.require_if_match:
+            raise PreconditionRequired("Send If-Match with the override's ETag.")
+        return
+    # The tag names a version, not a byte representation, so `W/"2"` counts as `"2"`: reverse proxies
+    # that compress answers (nginx gzip) weaken ETags on the way out, and clients send them back so.
+    wanted = {tag.strip().removeprefix("W/").strip('"') for tag in ctx.if_match.split(",")}
+    if "*" not in wanted and str(override.version) not in wanted:
+        raise PreconditionFailed(
+            f"The override is at version {override.version}; reload it and decide again.",
+        )
+
+
+Permission = Callable[[Principal, Override], bool]
+
+
+def reviewer(principal: Principal, override: Override) -> bool:
+    return principal.has("approver", "admin")
+
+
+def owner_or_admin(principal: Principal, override: Override) -> bool:
+    return override.requested_by_key == principal.key or principal.has("admin")
+
+
+def admin(principal: Principal, override: Override) -> bool:
+    return principal.has("admin")
+
+
+def load_visible(session: Session, principal: Principal, override_id: int) -> Override:
+    """The override, if the caller may see it (else: it does not exist, as far as they can tell)."""
+    override = load(session, override_id)
+    if not can_see(principal, override):
+        raise NotFound(f"Override {override_id} does not exist.")
+    return override
+
+
+def load_for_action(
+    session: Session, ctx: ActionContext, override_id: int, action: str, allowed: Permission, reason: str
+) -> Override:
+    """The override, locked, once the caller may see it, may do `action` on it, and decided on its
+    current version — in that order, so a refused caller learns nothing more and is always on record."""
+    ctx.claim(session)
+    override = load(session, override_id, for_update=True)
+    if not can_see(ctx.principal, override):
+        refuse(ctx, override.id, action, f"{action} on an override the caller may not see")
+        raise NotFound(f"Override {override_id} does not exist.")
+    if not allowed(ctx.principal, override):
+        raise refuse(ctx, override.id, action, reason)
+    _check_version(ctx, override)
+    return override
