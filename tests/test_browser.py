@@ -64,6 +64,10 @@ def _require_browser() -> None:
         pytest.skip(problem)
 
 
+def _loopback(url: str) -> bool:
+    return urlsplit(url).hostname == LOOPBACK
+
+
 class Watch:
     """Everything the browser asks for, in every page and popup of one context."""
 
@@ -79,7 +83,7 @@ class Watch:
 
     def _route(self, route: Any) -> None:
         url = route.request.url
-        if urlsplit(url).scheme in ("http", "https", "ws", "wss") and urlsplit(url).hostname != LOOPBACK:
+        if urlsplit(url).scheme in ("http", "https", "ws", "wss") and not _loopback(url):
             self.outside.append(url)
             route.abort()
             return
@@ -300,3 +304,25 @@ def test_dev_mode_authorize_opens_the_dev_login_page_and_its_token_works(
         assert status == 200, page
         _check_listed(page, override)  # an approver sees alice's request: the token carries bob's roles
         watch.assert_clean()
+
+
+def test_the_watch_sees_a_request_beyond_loopback_and_a_csp_violation(
+    engine: Engine, browser_context: tuple[Any, Path]
+) -> None:
+    """The two guards of the tests above can fail: a blocked fetch and a navigation away are both caught."""
+    context, _ = browser_context
+    port = free_port()
+    base = f"http://{LOOPBACK}:{port}"
+    idp = DevIdentityProvider(f"{base}/dev")
+    with LiveServer(create_app(make_settings(oidc_issuer=idp.issuer), engine=engine, dev_idp=idp), port=port):
+        watch = Watch(context)
+        page = context.new_page()
+        page.goto(f"{base}/docs")
+        with page.expect_console_message(lambda message: "Content Security Policy" in message.text):
+            page.evaluate("() => fetch('https://example.com/x').catch(() => null)")  # connect-src refuses it
+        assert watch.csp and watch.outside == []
+        with pytest.raises(Exception, match="ERR_FAILED"):
+            page.goto("https://example.com/")  # aborted by the route: it never leaves the machine
+        assert watch.outside == ["https://example.com/"]
+        with pytest.raises(AssertionError, match=r"beyond 127\.0\.0\.1"):
+            watch.assert_clean()
