@@ -130,7 +130,10 @@ class SwaggerUI:
         with self.page.expect_popup() as popup_info:
             dialog.get_by_role("button", name="Apply given OAuth2 credentials").click()
         popup = popup_info.value
-        popup.wait_for_load_state()
+        try:
+            popup.wait_for_load_state()
+        except Exception as exc:  # the popup closed at once: the provider logged someone in without asking
+            raise AssertionError(f"the provider's session logged someone in without asking for {who}") from exc
         self.shot(f"login-page-{who}", popup)
         with popup.expect_event("close"):
             fill_login_page(popup)
