@@ -182,25 +182,35 @@ class SwaggerUI:
         return int(status.inner_text().strip()), json.loads(code.inner_text())
 
 
-@pytest.fixture
-def browser_context(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[Any, Path]]:
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """One headless Chromium for the module (each test has a context of its own)."""
     _require_browser()
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def browser_context(
+    request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str], chromium: Any
+) -> Iterator[tuple[Any, Path]]:
     shots = ARTIFACTS / re.sub(r"[^\w.-]+", "_", request.node.name)
     shutil.rmtree(shots, ignore_errors=True)
     shots.mkdir(parents=True)
     with capsys.disabled():
         print(f"\nbrowser screenshots: {shots}")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": 1280, "height": 900})
-            context.set_default_timeout(TIMEOUT_MS)
-            yield context, shots
-            context.close()
-        finally:
-            browser.close()
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield context, shots
+    finally:
+        context.close()
 
 
 def _create(base: str, token: str, **fields: Any) -> dict[str, Any]:
