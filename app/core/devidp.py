@@ -35,7 +35,7 @@ from joserfc.jwk import ECKey
 from pydantic import BaseModel, Field, ValidationError
 
 from app.core.config import ROLES, Role
-from app.core.errors import PROBLEM_JSON, TYPE_BASE, InvalidInput
+from app.core.errors import PROBLEM_JSON, TYPE_BASE, InvalidInput, MalformedBody
 
 DEV_AUDIENCE = "tlsoverride-dev"
 DEV_ROLE_MAP: dict[str, list[Role]] = {role: [role] for role in ROLES}
@@ -265,6 +265,10 @@ class DevIdentityProvider:
             try:
                 wanted = DevTokenRequest.model_validate_json(body or b"{}")
             except ValidationError as exc:
+                invalid = [e for e in exc.errors() if e["type"] == "json_invalid"]
+                if invalid:
+                    reason = (invalid[0].get("ctx") or {}).get("error", "it cannot be parsed")
+                    raise MalformedBody(f"The body is not valid JSON: {reason}.") from exc
                 raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
             return DevTokenResponse(access_token=self.mint(wanted), expires_in=wanted.ttl_seconds)
 

@@ -166,6 +166,8 @@ def test_the_token_endpoint_refuses_other_grants(client: TestClient) -> None:
     minted = client.post("/dev/token", json={"sub": "alice", "roles": ["requester"]})
     assert minted.status_code == 200 and minted.json()["access_token"].count(".") == 2
     assert_problem(client.post("/dev/token", json={"sub": "", "roles": ["requester"]}), 422, field="body.sub")
+    malformed = client.post("/dev/token", content=b"{bad", headers={"content-type": "application/json"})
+    assert "not valid JSON" in assert_problem(malformed, 400)["detail"]
 
 
 def test_discovery_names_the_login_and_pkce(client: TestClient) -> None:
