@@ -189,6 +189,7 @@ async def test_an_integration_follows_what_it_submitted_without_naming_a_user(
     assert [item["id"] for item in listed.json()["items"]] == [ours["id"]]
     trail = await integration.get(f"/v1/overrides/{ours['id']}/events")
     assert trail.status_code == 200, trail.text
-    assert [event["action"] for event in trail.json()][:2] == ["override.created", "override.approved"]
+    actions = [event["action"] for event in trail.json()]
+    assert actions[0] == "override.created" and "override.approved" in actions, actions
     # What it did not submit stays out of its sight.
     assert (await integration.get(f"/v1/overrides/{other.json()['id']}")).status_code in (403, 404)
