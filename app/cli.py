@@ -304,6 +304,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     print(
         f"tlsoverride dev mode: {base}/docs  (database {settings.database_url})\n"
         f"  worker: in this process, polling every {settings.worker_poll_seconds}s; {mailcow}\n"
+        f"  log in from {base}/docs: Authorize → oidc opens the dev login page (any user, any roles)\n"
         f"  get a token:  curl -s -X POST {base}/dev/token -H 'content-type: application/json' "
         f'-d \'{{"sub":"alice","roles":["requester"]}}\'',
         file=sys.stderr,

@@ -25,7 +25,7 @@ from app.audit.signing import trusted_keys
 from app.core.auth import TokenValidator, oauth2_scheme
 from app.core.config import Settings
 from app.core.db import make_engine
-from app.core.devidp import DevIdentityProvider
+from app.core.devidp import LOGIN_PAGE_POLICY, DevIdentityProvider
 from app.core.errors import (
     ServiceUnavailable,
     install_error_handlers,
@@ -107,6 +107,11 @@ def create_app(
             "usePkceWithAuthorizationCodeGrant": True,
             "scopes": settings.oidc_swagger_scopes,
             "appName": "tlsoverride",
+            **(
+                {"additionalQueryStringParams": {"prompt": settings.oidc_swagger_prompt}}
+                if settings.oidc_swagger_prompt
+                else {}
+            ),
         },
     )
     app.state.settings = settings
@@ -144,6 +149,8 @@ def create_app(
     if dev_idp is not None:
         app.include_router(dev_idp.router())
     app.security_pages = _mount_docs(app, settings)
+    if dev_idp is not None:
+        app.security_pages["/dev/auth"] = LOGIN_PAGE_POLICY
     return app
 
 

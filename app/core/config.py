@@ -80,6 +80,9 @@ class Settings(CoreSettings):
     oidc_token_url: str = ""  # default: {issuer}/token
     oidc_swagger_client_id: str = "swagger-ui"
     oidc_swagger_scopes: str = "openid profile groups"
+    # Sent with Swagger UI's login: `login` makes the provider ask who is there every time, so that after
+    # Swagger's logout the next person logs in instead of the provider's session logging the last one back in.
+    oidc_swagger_prompt: str = "login"
     integration_delegated_roles: Annotated[list[Role], NoDecode] = ["requester", "approver"]
     # Approvals one integration may carry per request (and per extension round): it can name any user,
     # so a quorum of two needs a second reviewer acting directly or through another integration.

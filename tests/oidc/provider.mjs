@@ -230,6 +230,16 @@ const provider = new Provider(ISSUER, {
   },
 });
 
+// oidc-provider's built-in pages (dev login, logout, errors) @import a web font from a public CDN; the tests
+// (and a browser driven by them) must reach nothing beyond loopback, so that import is cut from every page.
+const WEB_FONT_IMPORT = /@import url\(https:\/\/fonts\.googleapis\.com\/[^)]*\);?/g;
+provider.use(async (ctx, next) => {
+  await next();
+  if (typeof ctx.body === 'string' && ctx.body.includes('fonts.googleapis.com')) {
+    ctx.body = ctx.body.replace(WEB_FONT_IMPORT, '');
+  }
+});
+
 provider.on('server_error', (ctx, err) => console.error('oidc-provider server_error:', err));
 
 const server = provider.listen(PORT, HOST);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -108,3 +109,22 @@ def test_es256_and_custom_config() -> None:
         user = validate(provider, provider.user_token("zoe"))
         assert user["roles"] == ["g-zoe"]
         assert user["name"] == "Zoe"
+
+
+def test_the_login_page_loads_nothing_from_beyond_loopback(oidc_provider: OidcProvider) -> None:
+    """oidc-provider's own pages @import a web font from a CDN; provider.mjs cuts that out (the browser
+    test asserts that no request leaves 127.0.0.1)."""
+    params = {
+        "client_id": oidc_provider.swagger_client_id,
+        "response_type": "code",
+        "redirect_uri": oidc_provider.redirect_uri,
+        "scope": "openid",
+        "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+        "code_challenge_method": "S256",
+        "prompt": "login",
+    }
+    with httpx.Client(follow_redirects=True, timeout=10) as browser:
+        page = browser.get(oidc_provider.authorization_url, params=params)
+    assert page.status_code == 200 and 'name="login"' in page.text
+    assert "fonts.googleapis.com" not in page.text and "@import" not in page.text
+    assert not re.search(r"""(src|href|action)=["']?(https?:)?//(?!127\.0\.0\.1[:/])""", page.text), page.text
