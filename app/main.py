@@ -33,6 +33,7 @@ from app.core.errors import (
     problem_responses,
     problem_schemas,
 )
+from app.core.me import router as me_router
 from app.core.metrics import metrics_router
 from app.core.security_headers import SecurityHeaders, page_policy
 from app.diagnosis.router import router as diagnosis_router
@@ -136,6 +137,7 @@ def create_app(
     # Every authenticated route can also answer 403 (X-On-Behalf-Of from a non-integration), 503 (the
     # identity provider's keys cannot be fetched) and 500 (a bug: still a problem document).
     api = APIRouter(dependencies=[Depends(scheme)], responses=problem_responses(403, 500, 503))
+    api.include_router(me_router)
     api.include_router(overrides_router)
     api.include_router(audit_router)
     api.include_router(diagnosis_router)

@@ -43,6 +43,13 @@ class Principal:
     roles: frozenset[Role]
     via: str | None = None
     client_id: str | None = None
+    # Set when the roles come from naming a user (`X-On-Behalf-Of`): the roles of the integration's own
+    # token. The delegated roles let it act for that user; what it reads is its own (see `sees_all`).
+    token_roles: frozenset[Role] | None = None
+
+    @property
+    def delegated(self) -> bool:
+        return self.token_roles is not None
 
     @property
     def key(self) -> str:
@@ -51,6 +58,38 @@ class Principal:
 
     def has(self, *roles: Role) -> bool:
         return bool(self.roles.intersection(roles))
+
+    @property
+    def sees_all(self) -> bool:
+        """Whether the caller reads every override: a reviewer, admin or auditor by their own token (or by
+        the Slack user map); an integration only if its own token says so, never by the user it names."""
+        own = self.roles if self.token_roles is None else self.token_roles
+        return bool(own.intersection(("approver", "admin", "auditor")))
+
+    @property
+    def follows(self) -> str | None:
+        """The integration whose submissions the caller reads (overrides with `requested_via` = it): the
+        client itself, with or without `X-On-Behalf-Of`; None for people."""
+        if self.delegated:
+            return self.via
+        return self.via if "integration" in self.roles else None
+
+    @property
+    def sees(self) -> str:
+        """Which overrides the caller reads, in words (for `GET /v1/me`)."""
+        if self.sees_all:
+            return "all overrides"
+        mine = f"overrides requested by {self.actor}"
+        return f"{mine} and overrides submitted through {self.follows}" if self.follows else mine
+
+    def lacks(self, *roles: Role, to: str, or_owner: bool = False) -> str:
+        """The detail of a refused role check: who the caller is, the roles they have and the one they lack
+        (nothing else: not whether the override exists, not what the token says besides)."""
+        who = f"{self.actor} via {self.via}" if self.via else self.actor
+        have = ", ".join(sorted(self.roles)) or "none"
+        need = f"the role {roles[0]}" if len(roles) == 1 else f"one of the roles {', '.join(roles)}"
+        owner = "is not the requester and " if or_owner else ""
+        return f"{who} (roles: {have}) {owner}lacks {need} to {to}."
 
 
 @dataclass
@@ -193,10 +232,14 @@ def principal_from_claims(
     client_id = _claim(claims, "client_id") or _claim(claims, "azp")
     client_id = client_id[:200] if client_id else None
     name = (_claim(claims, "name") or _claim(claims, "preferred_username") or sub)[:200]
+    # An integration is recorded `via` its client also when it acts as itself: what it submits is
+    # `requested_via` it, which is how it finds its own requests again.
+    itself = client_id or sub if "integration" in roles else None
     if not on_behalf_of:
-        return Principal(actor=sub, name=name, roles=roles, client_id=client_id)
+        return Principal(actor=sub, name=name, roles=roles, via=itself, client_id=client_id)
     if "integration" not in roles:
-        raise Forbidden(f"Only integrations may send {ON_BEHALF_OF}.")
+        caller = Principal(actor=sub, name=name, roles=roles, client_id=client_id)
+        raise Forbidden(caller.lacks("integration", to=f"send {ON_BEHALF_OF}"))
     user = _header(ON_BEHALF_OF, on_behalf_of)
     problem = _person_problem(user)
     if problem:
@@ -208,8 +251,9 @@ def principal_from_claims(
         actor=user,
         name=shown,
         roles=frozenset(settings.integration_delegated_roles),
-        via=client_id or sub,
+        via=itself,
         client_id=client_id,
+        token_roles=roles,
     )
 
 
@@ -326,9 +370,10 @@ CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 def require(*roles: Role) -> Any:
     """A dependency that lets the call through only for one of `roles`."""
 
-    async def _check(principal: CurrentPrincipal) -> Principal:
+    async def _check(request: Request, principal: CurrentPrincipal) -> Principal:
         if not principal.has(*roles):
-            raise Forbidden(f"This needs one of the roles: {', '.join(roles)}.")
+            route = getattr(request.scope.get("route"), "path", request.url.path)
+            raise Forbidden(principal.lacks(*roles, to=f"{request.method} {route}"))
         return principal
 
     return Depends(_check)

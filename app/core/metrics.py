@@ -133,7 +133,7 @@ async def _scraper(
         return
     principal = await current_principal(request, credentials, on_behalf_of, on_behalf_of_name)
     if not principal.has("admin", "auditor"):
-        raise Forbidden("Metrics need one of the roles: admin, auditor.")
+        raise Forbidden(principal.lacks("admin", "auditor", to="read the metrics"))
 
 
 def metrics_router(gauges: Gauges) -> APIRouter:

@@ -62,7 +62,12 @@ Stage = Literal["connect", "banner", "ehlo", "starttls", "handshake"]
 Severity = Literal["info", "warning", "error"]
 
 FindingRule = Literal[
-    "domain_passes", "policy_useless", "weaker_than_recommended", "diagnosis_inconclusive", "idna_deviation"
+    "domain_passes",
+    "policy_useless",
+    "weaker_than_recommended",
+    "diagnosis_inconclusive",
+    "idna_deviation",
+    "plaintext_allowed",
 ]
 
 

@@ -18,13 +18,12 @@ from app.notify.models import Notification, NotificationState
 from app.notify.service import move
 from app.notify.sinks import sinks_from
 
-ADMINS_ONLY = "Notifications need the admin role."
-
 
 def require_admin(engine: Engine, settings: Settings, principal: Principal, attempted: str, session: Session) -> None:
     if principal.has("admin"):
         return
     session.rollback()  # on SQLite it holds the write lock the refusal's own transaction needs
+    reason = principal.lacks("admin", to="manage notifications")
     record_refusal(
         engine,
         settings,
@@ -32,9 +31,9 @@ def require_admin(engine: Engine, settings: Settings, principal: Principal, atte
         via=principal.via,
         override_id=None,
         after={"attempted": attempted, "roles": sorted(principal.roles)},
-        comment=ADMINS_ONLY,
+        comment=reason,
     )
-    raise Forbidden(ADMINS_ONLY)
+    raise Forbidden(reason)
 
 
 def list_notifications(

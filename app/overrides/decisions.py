@@ -19,18 +19,18 @@ from app.mailcow.policies import TlsPolicy
 from app.overrides.lifecycle import END_STATE, begin_removal, transition, update_in_place
 from app.overrides.models import ConflictStatus, EndReason, Override, OverrideState, Vote
 from app.overrides.permissions import (
+    CANCEL,
+    EXTEND,
+    RESOLVE_CONFLICT,
+    REVIEW,
+    REVOKE,
     ActionContext,
-    admin,
     asked_for_it,
     load_for_action,
-    owner_or_admin,
     refuse,
-    reviewer,
 )
 from app.overrides.postfix import POLICY_STRENGTH
 from app.overrides.validation import require_whole_seconds
-
-REVIEWERS_ONLY = "Deciding on requests needs the approver role."
 
 
 def approvals_needed(policy: TlsPolicy, settings: Settings) -> int:
@@ -43,7 +43,7 @@ def approvals_needed(policy: TlsPolicy, settings: Settings) -> int:
 
 def approve(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """One reviewer approves the request (or its pending extension); enough approvals move it on."""
-    override = load_for_action(session, ctx, override_id, "approve", reviewer, REVIEWERS_ONLY)
+    override = load_for_action(session, ctx, override_id, "approve", REVIEW)
     if override.state == OverrideState.pending:
         _refuse_if_lapsed(override)
     elif not (override.state in {OverrideState.active, OverrideState.approved} and override.extension_seconds):
@@ -104,7 +104,7 @@ def approve(session: Session, ctx: ActionContext, override_id: int, comment: str
 
 def reject(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """A reviewer rejects the request (or only its pending extension)."""
-    override = load_for_action(session, ctx, override_id, "reject", reviewer, REVIEWERS_ONLY)
+    override = load_for_action(session, ctx, override_id, "reject", REVIEW)
     if override.state == OverrideState.pending:
         _refuse_if_lapsed(override)
         _vote(session, ctx, override, "reject", comment)
@@ -188,8 +188,7 @@ def _refuse_if_lapsed(override: Override) -> None:
 
 def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """The requester (or an admin) withdraws a request, or ends their own override early."""
-    reason = "Only the requester or an admin may cancel an override."
-    override = load_for_action(session, ctx, override_id, "cancel", owner_or_admin, reason)
+    override = load_for_action(session, ctx, override_id, "cancel", CANCEL)
     if override.state not in {OverrideState.pending, OverrideState.approved, OverrideState.active}:
         raise InvalidTransition(f"An override in state '{override.state}' cannot be cancelled.")
     return _end_early(session, ctx, override, EndReason.cancelled, comment)
@@ -197,7 +196,7 @@ def cancel(session: Session, ctx: ActionContext, override_id: int, comment: str)
 
 def revoke(session: Session, ctx: ActionContext, override_id: int, comment: str) -> Override:
     """An admin ends an approved or active override now."""
-    override = load_for_action(session, ctx, override_id, "revoke", admin, "Revoking needs the admin role.")
+    override = load_for_action(session, ctx, override_id, "revoke", REVOKE)
     if override.state not in {OverrideState.approved, OverrideState.active}:
         raise InvalidTransition(f"An override in state '{override.state}' cannot be revoked.")
     return _end_early(session, ctx, override, EndReason.revoked, comment)
@@ -227,8 +226,7 @@ def _end_early(session: Session, ctx: ActionContext, override: Override, reason:
 
 def extend(session: Session, ctx: ActionContext, override_id: int, duration: timedelta, comment: str) -> Override:
     """Ask for more time on an approved or active override; it needs approval like the request did."""
-    reason = "Only the requester or an admin may ask to extend an override."
-    override = load_for_action(session, ctx, override_id, "extend", owner_or_admin, reason)
+    override = load_for_action(session, ctx, override_id, "extend", EXTEND)
     principal = ctx.principal
     if override.state not in {OverrideState.approved, OverrideState.active}:
         raise InvalidTransition(f"An override in state '{override.state}' cannot be extended.")
@@ -261,8 +259,7 @@ def extend(session: Session, ctx: ActionContext, override_id: int, duration: tim
 
 def resolve_conflict(session: Session, ctx: ActionContext, override_id: int, action: str, comment: str) -> Override:
     """An admin decides about a foreign mailcow row that blocks an approved override: replace or abandon."""
-    reason = "Resolving conflicts needs the admin role."
-    override = load_for_action(session, ctx, override_id, "resolve-conflict", admin, reason)
+    override = load_for_action(session, ctx, override_id, "resolve-conflict", RESOLVE_CONFLICT)
     principal = ctx.principal
     if action not in ("replace", "abandon"):
         raise InvalidInput.on("body.action", "must be 'replace' or 'abandon'")

@@ -32,9 +32,25 @@ def findings_for(diagnosis: Any, policy: str, parameters: str, settings: Setting
     return _stored(assess_request(diagnosis, policy, parameters), settings)
 
 
-def destination_findings(destination: str, settings: Settings) -> list[dict[str, Any]]:
-    """Findings about the destination's name itself (no diagnosis needed): an IDNA deviation character."""
-    return _stored([finding] if (finding := idna_deviation(destination)) else [], settings)
+def request_findings(destination: str, policy: str, settings: Settings) -> list[dict[str, Any]]:
+    """Findings that need no diagnosis, so every request gets them (a next hop, diagnosis off or failed, a
+    domain without STARTTLS): what `may` and `none` let through, an IDNA deviation in the name."""
+    found = [plaintext_allowed(destination, policy), idna_deviation(destination)]
+    return _stored([finding for finding in found if finding is not None], settings)
+
+
+def plaintext_allowed(destination: str, policy: str) -> Finding | None:
+    """`may` and `none` let mail go unencrypted, whatever the diagnosis says: a reviewer must read it."""
+    if policy == "may":
+        message = (
+            f"may allows plaintext: mail to {destination} goes unencrypted when a host offers no STARTTLS or the "
+            "TLS handshake fails, and no certificate is checked (anyone on the path can read or redirect it)"
+        )
+    elif policy == "none":
+        message = f"none turns TLS off: all mail to {destination} goes in plaintext"
+    else:
+        return None
+    return Finding(rule="plaintext_allowed", severity="warning", message=message)
 
 
 def _stored(findings: list[Finding], settings: Settings) -> list[dict[str, Any]]:
@@ -115,7 +131,7 @@ class Evidence:
         probe holds up nobody), nor for a next hop. Over the caller's budget the request is still taken,
         without evidence: an urgent request never waits."""
         settings = ctx.settings
-        named = destination_findings(destination, settings)
+        named = request_findings(destination, policy, settings)
         domain = mx_domain_of(destination)
         if not settings.diagnosis_on_create or domain is None:
             return None, named

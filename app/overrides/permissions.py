@@ -3,15 +3,14 @@ and the refusals on record. Every action loads its override through `load_for_ac
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
-from sqlmodel import Session
+from sqlalchemy import ColumnElement, Engine, or_
+from sqlmodel import Session, col
 
 from app.audit.refusals import record_refusal
 from app.core.auth import Principal
-from app.core.config import Settings
+from app.core.config import Role, Settings
 from app.core.errors import Forbidden, NotFound, PreconditionFailed, PreconditionRequired
 from app.core.idempotency import Idempotency
 from app.overrides.lifecycle import load
@@ -56,7 +55,21 @@ def refuse(ctx: ActionContext, override_id: int | None, action: str, reason: str
 
 
 def can_see(principal: Principal, override: Override) -> bool:
-    return principal.has("approver", "admin", "auditor") or override.requested_by_key == principal.key
+    """Reviewers, admins and auditors see every override; anyone else the ones they asked for, and an
+    integration (acting for a user or as itself) also the ones submitted through it."""
+    if principal.sees_all or override.requested_by_key == principal.key:
+        return True
+    return principal.follows is not None and override.requested_via == principal.follows
+
+
+def visible_to(principal: Principal) -> ColumnElement[bool] | None:
+    """`can_see` as a query condition (None: everything)."""
+    if principal.sees_all:
+        return None
+    mine = col(Override.requested_by_key) == principal.key
+    if principal.follows is None:
+        return mine
+    return or_(mine, col(Override.requested_via) == principal.follows)
 
 
 def asked_for_it(principal: Principal, override: Override) -> bool:
@@ -79,19 +92,26 @@ def _check_version(ctx: ActionContext, override: Override) -> None:
         )
 
 
-Permission = Callable[[Principal, Override], bool]
+@dataclass(frozen=True)
+class Permission:
+    """Who may do something to an override: one of `roles`, or (`or_owner`) the person who asked for it."""
+
+    roles: tuple[Role, ...]
+    to: str  # what the refusal says the caller cannot do: "decide on requests"
+    or_owner: bool = False
+
+    def allows(self, principal: Principal, override: Override) -> bool:
+        return principal.has(*self.roles) or (self.or_owner and override.requested_by_key == principal.key)
+
+    def refusal(self, principal: Principal) -> str:
+        return principal.lacks(*self.roles, to=self.to, or_owner=self.or_owner)
 
 
-def reviewer(principal: Principal, override: Override) -> bool:
-    return principal.has("approver", "admin")
-
-
-def owner_or_admin(principal: Principal, override: Override) -> bool:
-    return override.requested_by_key == principal.key or principal.has("admin")
-
-
-def admin(principal: Principal, override: Override) -> bool:
-    return principal.has("admin")
+REVIEW = Permission(("approver", "admin"), "decide on requests")
+CANCEL = Permission(("admin",), "cancel an override", or_owner=True)
+EXTEND = Permission(("admin",), "ask to extend an override", or_owner=True)
+REVOKE = Permission(("admin",), "revoke an override")
+RESOLVE_CONFLICT = Permission(("admin",), "resolve a conflict")
 
 
 def load_visible(session: Session, principal: Principal, override_id: int) -> Override:
@@ -103,7 +123,7 @@ def load_visible(session: Session, principal: Principal, override_id: int) -> Ov
 
 
 def load_for_action(
-    session: Session, ctx: ActionContext, override_id: int, action: str, allowed: Permission, reason: str
+    session: Session, ctx: ActionContext, override_id: int, action: str, permission: Permission
 ) -> Override:
     """The override, locked, once the caller may see it, may do `action` on it, and decided on its
     current version — in that order, so a refused caller learns nothing more and is always on record."""
@@ -112,7 +132,7 @@ def load_for_action(
     if not can_see(ctx.principal, override):
         refuse(ctx, override.id, action, f"{action} on an override the caller may not see")
         raise NotFound(f"Override {override_id} does not exist.")
-    if not allowed(ctx.principal, override):
-        raise refuse(ctx, override.id, action, reason)
+    if not permission.allows(ctx.principal, override):
+        raise refuse(ctx, override.id, action, permission.refusal(ctx.principal))
     _check_version(ctx, override)
     return override

@@ -26,13 +26,17 @@ from app.overrides.schemas import (
     ActionBody,
     ExtendBody,
     FindingRead,
+    OverrideBrief,
     OverrideCreate,
     OverridePage,
     OverrideRead,
+    OverrideView,
     PendingExtension,
     ResolveConflictBody,
+    SummaryRead,
     VoteRead,
 )
+from app.overrides.summary import summarize
 
 router = APIRouter(prefix="/v1/overrides", tags=["overrides"])
 
@@ -86,7 +90,15 @@ def to_read(session: Session, override: Override) -> OverrideRead:
             requested_by=override.extension_requested_by or "",
             approvals=[v for v in votes if v.round == override.extension_round and v.decision == "approve"],
         )
+    review = summarize(override.policy, override.parameters, override.diagnosis)
     return OverrideRead(
+        summary=SummaryRead(
+            line=review.line,
+            loses=list(review.loses),
+            verdict=review.verdict,
+            recommended=review.recommended,
+            weaker_than_recommended=review.weaker_than_recommended,
+        ),
         id=override.id or 0,
         target=override.target,
         destination=override.destination,
@@ -102,7 +114,6 @@ def to_read(session: Session, override: Override) -> OverrideRead:
         requested_via=override.requested_via,
         approvals=[v for v in votes if v.round == 0 and v.decision == "approve"],
         approvals_required=override.approvals_required,
-        votes=votes,
         created_at=override.created_at,
         updated_at=override.updated_at,
         review_deadline=override.review_deadline,
@@ -117,11 +128,17 @@ def to_read(session: Session, override: Override) -> OverrideRead:
         conflict=override.conflict,
         drift=override.drift,
         last_error=override.last_error,
-        diagnosis=override.diagnosis,
         findings=[FindingRead.model_validate(f) for f in override.findings or []],
         version=override.version,
         links={"self": f"/v1/overrides/{override.id}", "events": f"/v1/overrides/{override.id}/events"},
+        votes=votes,
+        diagnosis=override.diagnosis,
     )
+
+
+def to_brief(read: OverrideRead) -> OverrideBrief:
+    """The list view of an override: its full answer without the vote history and the diagnosis."""
+    return OverrideBrief.model_validate(read.model_dump(include=set(OverrideBrief.model_fields)))
 
 
 def _answer(
@@ -206,8 +223,17 @@ def list_overrides(
     overdue: bool | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    view: Annotated[
+        OverrideView,
+        Query(
+            description="`compact` (default): each item is an `OverrideBrief` — summary, request, state, findings "
+            "and links, without the diagnosis and the vote history; `full`: each item as `GET /v1/overrides/{id}` "
+            "answers it (`OverrideRead`)."
+        ),
+    ] = "compact",
 ) -> OverridePage:
-    """Newest first. Requesters see their own; reviewers, admins and auditors see all."""
+    """Newest first. Requesters see their own; reviewers, admins and auditors see all; an integration sees
+    the ones submitted through it (`requested_via` = its client id) and those of the user it acts for."""
     rows, next_cursor = service.list_overrides(
         session,
         principal,
@@ -222,7 +248,9 @@ def list_overrides(
         cursor,
         limit,
     )
-    return OverridePage(items=[to_read(session, row) for row in rows], next_cursor=next_cursor)
+    full = [to_read(session, row) for row in rows]
+    items: list[OverrideRead | OverrideBrief] = list(full) if view == "full" else [to_brief(read) for read in full]
+    return OverridePage(items=items, next_cursor=next_cursor)
 
 
 @router.get(

@@ -109,7 +109,37 @@ class FindingRead(BaseModel):
     refused: bool = False
 
 
-class OverrideRead(BaseModel):
+class SummaryRead(BaseModel):
+    """What a reviewer reads first (app/overrides/summary.py: the same line Slack and webhook events show)."""
+
+    line: str = Field(
+        description="One line: policy · verdict · what mail loses · whether it is weaker than recommended.",
+        examples=[
+            "none · blocked (A: TLSA mismatch) · plaintext always (TLS off) · weaker than the recommended fingerprint"
+        ],
+    )
+    loses: list[str] = Field(
+        description="What mail to the destination loses under the policy, compared with mailcow's default "
+        "(e.g. `plaintext allowed`, `certificate not checked`); empty for a policy stricter than the default."
+    )
+    verdict: str | None = Field(
+        description="The stored diagnosis' verdict (`blocked (A: TLSA mismatch)`); null "
+        "without a diagnosis (a next hop, diagnosis off or failed)."
+    )
+    recommended: str | None = Field(description="The policy the diagnosis recommends, with its parameters.")
+    weaker_than_recommended: bool | None = Field(
+        description="Whether the requested policy is weaker than the recommended one; null without a recommendation."
+    )
+    stuck_mail: str | None = Field(
+        default=None, description="Mail waiting in the queue for this destination, in one line; null when not known."
+    )
+
+
+class OverrideBrief(BaseModel):
+    """An override as lists show it: the summary, the request, its state, findings and links; no diagnosis
+    and no vote history (`GET /v1/overrides/{id}` or `?view=full` have them)."""
+
+    summary: SummaryRead
     id: int
     target: str
     destination: str
@@ -125,7 +155,6 @@ class OverrideRead(BaseModel):
     requested_via: str | None
     approvals: list[VoteRead] = Field(description="Approving votes of the request round.")
     approvals_required: int
-    votes: list[VoteRead] = Field(description="Every vote, all rounds, in order.")
     created_at: datetime
     updated_at: datetime
     review_deadline: datetime | None
@@ -140,14 +169,27 @@ class OverrideRead(BaseModel):
     conflict: dict[str, Any] | None
     drift: dict[str, Any] | None
     last_error: str | None
-    diagnosis: dict[str, Any] | None
-    findings: list[FindingRead]
+    findings: list[FindingRead] = Field(description="What the checks found about the request (before the diagnosis).")
     version: int
     links: dict[str, str]
 
 
+class OverrideRead(OverrideBrief):
+    """An override in full: the brief view, then every vote and the diagnosis stored with the request."""
+
+    votes: list[VoteRead] = Field(description="Every vote, all rounds, in order.")
+    diagnosis: dict[str, Any] | None = Field(
+        description="The diagnosis stored with the request (DNS, TLSA, each MX host's probe and certificates)."
+    )
+
+
+OverrideView = Literal["compact", "full"]
+
+
 class OverridePage(BaseModel):
-    items: list[OverrideRead]
+    items: list[OverrideRead | OverrideBrief] = Field(
+        description="Brief items (`OverrideBrief`) by default; with `view=full`, the full override (`OverrideRead`)."
+    )
     next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page.")
 
 

@@ -20,7 +20,7 @@ from app.overrides.decisions import approvals_needed
 from app.overrides.evidence import Evidence
 from app.overrides.lifecycle import find_live, snapshot
 from app.overrides.models import Override, OverrideState, Vote
-from app.overrides.permissions import ActionContext, refuse
+from app.overrides.permissions import ActionContext, refuse, visible_to
 from app.overrides.postfix import PolicyInputError, normalise_destination
 from app.overrides.schemas import OverrideCreate
 from app.overrides.validation import validate_request
@@ -31,7 +31,7 @@ def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, 
     for auto-approved policies)."""
     principal, settings = ctx.principal, ctx.settings
     if not principal.has("requester", "admin"):
-        raise refuse(ctx, None, "create", "Creating overrides needs the requester role.")
+        raise refuse(ctx, None, "create", principal.lacks("requester", "admin", to="request overrides"))
     target, destination, parameters, duration = validate_request(body, settings)
     # The probes run before `session` is first used: on SQLite its transaction holds the only write lock.
     diagnosis, findings = evidence.gather(ctx, target, destination, body.policy, parameters)
@@ -134,8 +134,9 @@ def list_overrides(
 ) -> tuple[list[Override], str | None]:
     """Newest first, stable under inserts: keyset pagination on the id."""
     query = select(Override)
-    if not principal.has("approver", "admin", "auditor"):
-        query = query.where(Override.requested_by_key == principal.key)
+    visible = visible_to(principal)
+    if visible is not None:
+        query = query.where(visible)
     if filters.state:
         query = query.where(col(Override.state).in_(list(filters.state)))
     if filters.destination:

@@ -211,7 +211,7 @@ def pause_target(engine: Engine, config: Target, seconds: float, reason: str) ->
 def resume_target(session: Session, ctx: ActionContext, name: str, comment: str) -> TargetRead:
     """An admin ends a target's pause now; every job that waited for it is due at once."""
     if not ctx.principal.has("admin"):
-        raise refuse(ctx, None, f"resume target {name}", "Resuming a target needs the admin role.")
+        raise refuse(ctx, None, f"resume target {name}", ctx.principal.lacks("admin", to="resume a target"))
     if name not in ctx.settings.target_names():
         raise NotFound(f"There is no target {name!r}.")
     now = utcnow()

@@ -291,7 +291,8 @@ def test_system_is_not_a_name_anyone_can_take(client: Any, auth: Any, idp: Any) 
 def test_an_integration_cannot_make_up_a_quorum_or_an_alias(
     client: Any, make_override: Any, auth: Any, engine: Engine
 ) -> None:
-    bot_for = lambda user: auth("bot", "integration", client_id="slackbot", on_behalf_of=user)  # noqa: E731
+    # A review bot: its own token grants approver, so it reads every request (not only its own submissions).
+    bot_for = lambda user: auth("bot", "integration", "approver", client_id="slackbot", on_behalf_of=user)  # noqa: E731
     two = make_override("alice", policy="none")  # `none` needs two approvals
     assert act(client, two["id"], "approve", bot_for("ghost-1")).status_code == 200
     assert_problem(act(client, two["id"], "approve", bot_for("ghost-2")), 403)  # not the bot's second word

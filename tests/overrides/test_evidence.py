@@ -83,3 +83,20 @@ def test_fresh_diagnoses_on_create_share_the_callers_budget(
 
 def test_diagnostics_need_a_role(client: TestClient, auth: Callable[..., Headers]) -> None:
     assert client.get("/v1/diagnostics/good.example.test", headers=auth("nobody")).status_code == 403
+
+
+def test_may_on_a_domain_without_starttls_is_flagged(client: TestClient, auth: Callable[..., Headers]) -> None:
+    """`may` fixes a domain whose MX offers no STARTTLS (class B), so the diagnosis finds nothing wrong with
+    the request; what it lets through is still a finding, and the summary says what mail loses."""
+    body = {
+        "destination": "nostarttls.example.test",
+        "policy": "may",
+        "justification": "The recipient's MX lost STARTTLS; mail queued since 09:00.",
+    }
+    created = client.post("/v1/overrides", json=body, headers=auth("alice", "requester"))
+    assert created.status_code == 201, created.text
+    answer = created.json()
+    assert answer["diagnosis"]["failure_class"] == "B"
+    assert "plaintext_allowed" in [f["rule"] for f in answer["findings"]]
+    assert answer["summary"]["loses"] == ["plaintext allowed", "certificate not checked"]
+    assert answer["summary"]["verdict"].startswith("blocked (B")

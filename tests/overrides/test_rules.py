@@ -29,6 +29,8 @@ def people(auth: Callable[..., dict[str, str]]) -> dict[str, dict[str, str]]:
         "root": auth("root", "admin"),
         "bot-for-alice": auth("bot", "integration", client_id="ticketing", on_behalf_of="alice"),
         "bot-for-bob": auth("bot", "integration", client_id="ticketing", on_behalf_of="bob"),
+        # A review bot: its own token grants approver, so it reads (and may decide on) every request.
+        "reviewbot-for-bob": auth("rb", "integration", "approver", client_id="reviewbot", on_behalf_of="bob"),
     }
 
 
@@ -109,16 +111,26 @@ def test_no_self_approval(client: Any, engine: Engine, make_override: Any, peopl
 
 def test_an_integration_may_approve_for_someone_else(client: Any, make_override: Any, people: Any) -> None:
     created = make_override()
-    response = act(client, created["id"], "approve", people["bot-for-bob"])
+    response = act(client, created["id"], "approve", people["reviewbot-for-bob"])
     assert response.json()["state"] == "approved", response.text
     [vote] = response.json()["votes"]
-    assert (vote["reviewer"], vote["via"]) == ("bob", "ticketing")
+    assert (vote["reviewer"], vote["via"]) == ("bob", "reviewbot")
+
+
+def test_an_integration_decides_only_on_what_it_sees(
+    client: Any, engine: Engine, make_override: Any, people: Any
+) -> None:
+    """Naming a reviewer does not open every request to a ticketing integration: alice asked directly."""
+    created = make_override()
+    assert_problem(act(client, created["id"], "approve", people["bot-for-bob"]), 404)
+    after = load(engine, created["id"])
+    assert (after.state.value, after.version) == ("pending", 1)
 
 
 def test_one_vote_per_reviewer(client: Any, engine: Engine, make_override: Any, people: Any, subtests: Any) -> None:
     created = make_override(policy="none")
     assert act(client, created["id"], "approve", people["bob"]).status_code == 200
-    for who, action in (("bob", "approve"), ("bob", "reject"), ("bot-for-bob", "approve")):
+    for who, action in (("bob", "approve"), ("bob", "reject"), ("reviewbot-for-bob", "approve")):
         with subtests.test(who=who, action=action):
             before = counts(engine)
             body = assert_problem(act(client, created["id"], action, people[who]), 409)
