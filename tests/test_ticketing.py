@@ -166,11 +166,6 @@ async def test_an_integration_receives_the_events_of_what_it_submitted_and_nothi
     assert events[1]["data"]["actor"] == "bob" and events[1]["data"]["override"]["state"] == "approved"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 item 2 (branch `reviewers`): an integration sees what it submitted (requested_via = its "
-    "client) without X-On-Behalf-Of; on this branch it has no role without that header",
-)
 async def test_an_integration_follows_what_it_submitted_without_naming_a_user(
     setup: Setup, integration: AsyncOAuth2Client
 ) -> None:
