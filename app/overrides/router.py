@@ -119,6 +119,8 @@ def to_read(session: Session, override: Override) -> OverrideRead:
         last_error=override.last_error,
         diagnosis=override.diagnosis,
         findings=[FindingRead.model_validate(f) for f in override.findings or []],
+        queue_release=override.queue_release,
+        still_stuck=bool((override.queue_release or {}).get("still_stuck")),
         version=override.version,
         links={"self": f"/v1/overrides/{override.id}", "events": f"/v1/overrides/{override.id}/events"},
     )

@@ -142,6 +142,16 @@ class OverrideRead(BaseModel):
     last_error: str | None
     diagnosis: dict[str, Any] | None
     findings: list[FindingRead]
+    queue_release: dict[str, Any] | None = Field(
+        description="The destination's deferred mail once the override is active: `status` `released` (mailcow was "
+        "asked to deliver `released` messages now), `clear` or `still_stuck` (the check "
+        "`TLSO_QUEUE_CHECK_SECONDS` later), `watching`/`watched` (after the end, for `TLSO_QUEUE_WATCH_SECONDS`: "
+        "`failing` while mail for it defers for TLS again); counts, delay reasons and times only."
+    )
+    still_stuck: bool = Field(
+        description="Mail for the destination was still deferred with a TLS reason after the release: the "
+        "override does not let it through."
+    )
     version: int
     links: dict[str, str]
 

@@ -1,0 +1,222 @@
+"""The queue pass: an active override's deferred mail is released at once, checked a minute later, and
+its destination watched after the override ends.
+
+* release: once an override is active, its destination's deferred messages are handed to mailcow's
+  `deliver` (`postqueue -i`, by queue id, in batches of `TLSO_QUEUE_RELEASE_BATCH`; never `flush`, never a
+  delete), so mail waiting for Postfix's next retry (up to 30 minutes) flows now: `override.queue_released`.
+* check, `TLSO_QUEUE_CHECK_SECONDS` later: mail for the destination still deferred with a TLS reason means
+  the override does not help: flagged `still_stuck` (`override.still_stuck`, the
+  `tlso_overrides_still_stuck` gauge), else `override.queue_clear`.
+* watch, for `TLSO_QUEUE_WATCH_SECONDS` after an expired, revoked or remediated end: mail for the
+  destination deferred with a TLS reason again raises `recipient.still_failing`, once per episode (an
+  episode ends when none is deferred any more). The diagnosis side (`recipient.regressed`) is the
+  remediation watch's (app/worker/recheck.py).
+
+One queue read per target and pass serves all its overrides. A pass is leased (`store.claim_queue`), so two
+workers never release the same override; its outcome and audit entry are recorded in one transaction
+(`store.move_queue_release`). A failed queue call is sorted by app/worker/failures.py: never given up.
+Which messages concern a destination, and which delay reasons are TLS's, are pure rules at the bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime, timedelta
+from typing import Any
+
+from app.core.db import utcnow
+from app.core.metrics import WORKER_JOBS
+from app.mailcow.client import MailcowClient
+from app.mailcow.errors import MailcowError
+from app.mailcow.queue import QueueMessage
+from app.overrides import lifecycle
+from app.overrides.models import OverrideState, QueueReleaseStatus
+from app.worker import store
+from app.worker.context import JobContext
+from app.worker.failures import queue_later
+from app.worker.store import QueueAudit, QueueJob
+
+log = logging.getLogger("app.worker.release")
+
+S = QueueReleaseStatus
+
+
+async def queue_pass(ctx: JobContext, client: MailcowClient, jobs: list[QueueJob]) -> None:
+    """Release, check or watch the claimed overrides of one target, on one read of its queue."""
+    try:
+        messages = await client.get_mailq()
+    except MailcowError as exc:
+        await queue_later(ctx, jobs, "reading the mail queue", exc)
+        return
+    for job in jobs:
+        if job.state == OverrideState.active and job.status is None:
+            await _release(ctx, client, job, messages)
+        elif job.state == OverrideState.active and job.status == S.released:
+            await _check(ctx, job, messages)
+        elif job.state in lifecycle.WATCHED_ENDS and job.status != S.watched:
+            await _watch(ctx, job, messages)
+        else:  # nothing is due for it (a pass left over from before a change): let go
+            await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, None, None)
+
+
+async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, messages: list[QueueMessage]) -> None:
+    mine = deferred_for(messages, job.destination)
+    ids = [message.queue_id for message in mine]
+    size = ctx.settings.queue_release_batch
+    try:
+        if ids:
+            await client.deliver(ids, batch_size=size)
+    except (MailcowError, ValueError) as exc:
+        # Messages of earlier batches may have gone out: delivering them again is harmless.
+        await queue_later(ctx, [job], f"releasing the deferred mail of override {job.id}", exc)
+        return
+    now = utcnow()
+    evidence = evidence_of(mine, job.destination)
+    calls = -(-len(ids) // size)
+    value = {
+        "status": S.released.value,
+        "released_at": now.isoformat(),
+        "released": len(ids),
+        "calls": calls,
+        "deferred": evidence,
+        "still_stuck": False,
+    }
+    check_at = now + timedelta(seconds=ctx.settings.queue_check_seconds)
+    comment = (
+        f"asked mailcow to deliver the {len(ids)} deferred message(s) for {job.destination} now "
+        f"({calls} call(s)); checking at {check_at.isoformat(timespec='seconds')}"
+        if ids
+        else f"no mail for {job.destination} was deferred; checking at {check_at.isoformat(timespec='seconds')}"
+    )
+    audit = QueueAudit("override.queue_released", comment, {"released": len(ids), "calls": calls, **evidence})
+    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, check_at, audit):
+        WORKER_JOBS.labels("release", "released").inc()
+        log.info("override %s: released %d deferred message(s) for %s", job.id, len(ids), job.destination)
+
+
+async def _check(ctx: JobContext, job: QueueJob, messages: list[QueueMessage]) -> None:
+    stuck = tls_deferred(messages, job.destination)
+    now = utcnow()
+    evidence = evidence_of(stuck, job.destination)
+    value = {**(job.queue_release or {}), "checked_at": now.isoformat(), "still_deferred": evidence}
+    if stuck:
+        value.update(status=S.still_stuck.value, still_stuck=True)
+        audit = QueueAudit(
+            "override.still_stuck",
+            f"{describe(evidence)} after the release: the override does not let the mail through "
+            f"(policy {job.policy}); check the policy against the diagnosis, or revoke it",
+            evidence,
+        )
+    else:
+        value.update(status=S.clear.value, still_stuck=False)
+        audit = QueueAudit(
+            "override.queue_clear", f"no mail for {job.destination} is deferred for TLS any more", evidence
+        )
+    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, None, audit):
+        WORKER_JOBS.labels("release", "still_stuck" if stuck else "clear").inc()
+        if stuck:
+            log.warning("override %s: %s after the release", job.id, describe(evidence))
+
+
+async def _watch(ctx: JobContext, job: QueueJob, messages: list[QueueMessage]) -> None:
+    now = utcnow()
+    value: dict[str, Any] = dict(job.queue_release or {})
+    if job.status != S.watching:
+        until = (job.ended_at or now) + timedelta(seconds=ctx.settings.queue_watch_seconds)
+        value.update(status=S.watching.value, watch_until=until.isoformat(), failing=False, episodes=0)
+    until = datetime.fromisoformat(str(value["watch_until"]))
+    stuck = tls_deferred(messages, job.destination)
+    audit = None
+    if stuck and not value.get("failing"):
+        evidence = evidence_of(stuck, job.destination)
+        value.update(failing=True, failing_since=now.isoformat(), episodes=int(value.get("episodes", 0)) + 1)
+        audit = QueueAudit(
+            "recipient.still_failing",
+            f"{describe(evidence)} after the override ended ({job.state.value}): the recipient still fails "
+            "TLS; request a new override if mail must flow",
+            {**evidence, "ended": job.state.value, "request_again": request_again(job)},
+        )
+    elif not stuck and value.get("failing"):
+        value.update(failing=False, failing_since=None)  # the episode is over: a new one is raised again
+    due: datetime | None = now + timedelta(seconds=ctx.settings.queue_check_seconds)
+    if job.status == S.watching and now >= until:
+        value["status"], due = S.watched.value, None
+    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, due, audit) and audit:
+        WORKER_JOBS.labels("release", "still_failing").inc()
+        log.warning("override %s ended, but %s", job.id, describe(evidence_of(stuck, job.destination)))
+
+
+def request_again(job: QueueJob) -> dict[str, Any]:
+    """The body of a new request for the same destination (the event's `links.request_again` takes it)."""
+    return {"target": job.target, "destination": job.destination, "policy": job.policy}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure rules: which queued messages concern a destination, which delay reasons are TLS's, the evidence
+
+
+def releasable(destination: str) -> bool:
+    """Whether queued mail can be told to be the destination's (not a next-hop entry's)."""
+    return not (destination.startswith("[") or ":" in destination)
+
+
+def at_destination(domain: str, destination: str) -> bool:
+    """Whether Postfix looks a recipient at `domain` up under the policy map's `destination`: the domain
+    itself, or (a `.example.org` entry) its subdomains. A next-hop entry (`[mx.example.net]:25`) names no
+    recipient domain: no queued message is known to be its."""
+    if destination.startswith("."):
+        return domain.endswith(destination)
+    return releasable(destination) and domain == destination
+
+
+def deferred_for(messages: list[QueueMessage], destination: str) -> list[QueueMessage]:
+    """The messages in the deferred queue with a recipient at `destination` (never `hold`: an admin's)."""
+    return [m for m in messages if m.deferred and any(at_destination(r.domain, destination) for r in m.recipients)]
+
+
+# Postfix's delay reasons when TLS (DANE, a required or verified TLS) stops delivery (mailcow-api.md §12).
+_TLS_REASON = re.compile(
+    r"TLSA|\bTLS\b|STARTTLS|certificate|handshake|DANE|DNSSEC|fingerprint|cipher", re.IGNORECASE
+)
+
+
+def is_tls_reason(reason: str | None) -> bool:
+    return reason is not None and _TLS_REASON.search(reason) is not None
+
+
+def tls_deferred(messages: list[QueueMessage], destination: str) -> list[QueueMessage]:
+    """The deferred messages whose recipients at `destination` wait for a TLS reason."""
+    return [
+        m
+        for m in messages
+        if m.deferred
+        and any(at_destination(r.domain, destination) and is_tls_reason(r.delay_reason) for r in m.recipients)
+    ]
+
+
+_ADDRESS = re.compile(r"[^\s<>()\"',;:\[\]]+@")
+
+
+def _reason(text: str) -> str:
+    """A delay reason without local parts (a remote server may quote the recipient)."""
+    return _ADDRESS.sub("…@", text)[:300]
+
+
+def evidence_of(messages: list[QueueMessage], destination: str) -> dict[str, Any]:
+    """Counts, the oldest arrival and the distinct delay reasons: never an address or a sender."""
+    recipients = [r for m in messages for r in m.recipients if at_destination(r.domain, destination)]
+    reasons = sorted({_reason(r.delay_reason) for r in recipients if r.delay_reason})
+    oldest = min((m.arrival_time for m in messages), default=None)
+    return {
+        "messages": len(messages),
+        "recipients": len(recipients),
+        "oldest_arrival": oldest.isoformat() if oldest else None,
+        "reasons": reasons[:20],
+    }
+
+
+def describe(evidence: dict[str, Any]) -> str:
+    """"3 message(s) to 2 recipient(s) deferred: Server certificate not verified"."""
+    reasons = "; ".join(evidence.get("reasons") or []) or "no reason given"
+    return f"{evidence['messages']} message(s) to {evidence['recipients']} recipient(s) deferred: {reasons}"
