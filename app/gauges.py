@@ -31,9 +31,10 @@ def override_gauges(session: Session, now: datetime) -> list[Metric]:
         .where(col(Override.state) == OverrideState.removing, col(Override.removal_deadline) < now)
     ).one()
     live = session.exec(
-        select(Override.state, Override.conflict, Override.drift, Override.target, Override.queue_release).where(
-            col(Override.live).is_(True)
-        )
+        select(Override.state, Override.conflict, Override.drift, Override.target).where(col(Override.live).is_(True))
+    ).all()
+    active_queue = session.exec(
+        select(Override.target, Override.queue_release).where(col(Override.state) == OverrideState.active)
     ).all()
 
     states = GaugeMetricFamily("tlso_overrides", "Overrides by state", labels=["state"])
@@ -51,7 +52,7 @@ def override_gauges(session: Session, now: datetime) -> list[Metric]:
         float(
             sum(
                 1
-                for state, conflict, _, _, _ in live
+                for state, conflict, _, _ in live
                 if state == OverrideState.approved
                 and isinstance(conflict, dict)
                 and conflict_status_of(conflict) == ConflictStatus.open
@@ -66,10 +67,11 @@ def override_gauges(session: Session, now: datetime) -> list[Metric]:
         labels=["target"],
     )
     stuck_per_target: dict[str, int] = {}
-    for row_state, _, drift, row_target, queue_release in live:
+    for row_state, _, drift, row_target in live:
         if row_state == OverrideState.active and drift:
             per_target[row_target] = per_target.get(row_target, 0) + 1
-        if row_state == OverrideState.active and isinstance(queue_release, dict) and queue_release.get("still_stuck"):
+    for row_target, queue_release in active_queue:
+        if isinstance(queue_release, dict) and queue_release.get("still_stuck"):
             stuck_per_target[row_target] = stuck_per_target.get(row_target, 0) + 1
     for target, count in sorted(per_target.items()):
         drifted.add_metric([target], float(count))

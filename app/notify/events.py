@@ -86,6 +86,15 @@ class EventLinks(_Model):
     cancel: str
     revoke: str
     extend: str
+    request_again: str | None = Field(
+        default=None,
+        description="`recipient.still_failing` and `recipient.regressed` only: POST `details.request_again` here "
+        "(`target`, `destination`, `policy`; add a justification) to ask for a new override.",
+    )
+
+
+# Events about a recipient after its override ended: they carry a link to request a new one.
+REQUEST_AGAIN_EVENTS = frozenset({"recipient.still_failing", "recipient.regressed"})
 
 
 class OverrideSnapshot(_Model):
@@ -139,7 +148,13 @@ class WebhookEvent(_Model):
     """The body of every delivery to a `json` sink (Standard Webhooks: `type`, `timestamp`, `data`)."""
 
     schema_: Literal["tlsoverride.event/v1"] = Field(default=SCHEMA, alias="schema")
-    type: str = Field(description="The audit action: `override.created`, `override.approved`, `audit.checkpoint`, …")
+    type: str = Field(
+        description="The audit action: `override.created`, `override.approved`, `audit.checkpoint`, … About the "
+        "queue: `override.queue_released` (the destination's deferred mail handed to mailcow's deliver, "
+        "`details.released`), `override.still_stuck` (its mail still deferred for TLS a minute later: the override "
+        "does not help), `override.queue_clear`; after the end `recipient.still_failing` (mail defers for TLS "
+        "again) and `recipient.regressed` (the diagnosis turned `blocked` again), with `links.request_again`."
+    )
     timestamp: datetime = Field(description="When it happened (the audit row's time).")
     data: EventData
 
@@ -163,6 +178,8 @@ def build_event(
     snapshot = None
     if override is not None:
         snapshot = snapshot_at(override, votes, trail, row.seq, settings)
+        if row.action in REQUEST_AGAIN_EVENTS:
+            snapshot.links.request_again = settings.link("/v1/overrides")
     return WebhookEvent(
         type=row.action,
         timestamp=row.at,

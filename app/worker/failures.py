@@ -96,8 +96,14 @@ async def queue_later(ctx: JobContext, jobs: list[store.QueueJob], what: str, er
         await ctx.db(store.queue_later, ctx.engine, job, ctx.owner, delay)
         WORKER_JOBS.labels("release", "retry").inc()
     when = "when the target's pause ends" if paused else f"in {delay:.1f}s"
-    log.warning("%s on %s failed (%s); %d override(s) try again %s", what, jobs[0].target if jobs else "?",
-                describe(error), len(jobs), when)
+    log.warning(
+        "%s on %s failed (%s); %d override(s) try again %s",
+        what,
+        jobs[0].target if jobs else "?",
+        describe(error),
+        len(jobs),
+        when,
+    )
 
 
 async def given_up(

@@ -2,8 +2,9 @@
 
 One iteration ("tick"): lapse undecided requests, start the removal of expired overrides, claim and
 run removals and applies (per target, targets in parallel), release, check and watch the queue of
-overrides whose queue pass is due, reconcile the targets whose turn it is, deliver notifications. Then it sleeps until the earliest due time in the database — an expiry, a
-retry, a lease running out, a reconcile — but never longer than `TLSO_WORKER_POLL_SECONDS`, because
+overrides whose queue pass is due, reconcile the targets whose turn it is, deliver notifications.
+Then it sleeps until the earliest due time in the database — an expiry, a retry, a lease running out,
+a queue pass, a reconcile — but never longer than `TLSO_WORKER_POLL_SECONDS`, because
 approvals happen in the API process and are only seen by polling.
 """
 

@@ -176,9 +176,7 @@ def deferred_for(messages: list[QueueMessage], destination: str) -> list[QueueMe
 
 
 # Postfix's delay reasons when TLS (DANE, a required or verified TLS) stops delivery (mailcow-api.md §12).
-_TLS_REASON = re.compile(
-    r"TLSA|\bTLS\b|STARTTLS|certificate|handshake|DANE|DNSSEC|fingerprint|cipher", re.IGNORECASE
-)
+_TLS_REASON = re.compile(r"TLSA|\bTLS\b|STARTTLS|certificate|handshake|DANE|DNSSEC|fingerprint|cipher", re.IGNORECASE)
 
 
 def is_tls_reason(reason: str | None) -> bool:
@@ -217,6 +215,6 @@ def evidence_of(messages: list[QueueMessage], destination: str) -> dict[str, Any
 
 
 def describe(evidence: dict[str, Any]) -> str:
-    """"3 message(s) to 2 recipient(s) deferred: Server certificate not verified"."""
+    """E.g. `3 message(s) to 2 recipient(s) deferred: Server certificate not verified`."""
     reasons = "; ".join(evidence.get("reasons") or []) or "no reason given"
     return f"{evidence['messages']} message(s) to {evidence['recipients']} recipient(s) deferred: {reasons}"

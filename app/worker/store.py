@@ -44,6 +44,8 @@ from app.overrides.models import (
 from app.targets.models import MailcowTarget
 
 RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+# Overrides the queue pass and the remediation watch look at: active ones, and ended ones being watched.
+QUEUE_STATES = (OverrideState.active, *sorted(lifecycle.WATCHED_ENDS))
 
 
 @dataclass(frozen=True)
@@ -272,12 +274,13 @@ def release_active(engine: Engine, override_id: int, owner: str) -> None:
 
 
 def claim_recheck(engine: Engine, override_id: int, seen: datetime | None) -> bool:
-    """Compare-and-set on `last_checked_at`, so two workers do not diagnose the same override at once."""
+    """Compare-and-set on `last_checked_at`, so two workers do not diagnose the same override at once (an
+    active one, or one watched after its end)."""
     with transaction(engine) as session:
         guard = col(Override.last_checked_at).is_(None) if seen is None else col(Override.last_checked_at) == seen
         result = session.execute(
             update(Override)
-            .where(col(Override.id) == override_id, col(Override.state) == OverrideState.active, guard)
+            .where(col(Override.id) == override_id, col(Override.state).in_(QUEUE_STATES), guard)
             .values(last_checked_at=utcnow())
             .execution_options(synchronize_session=False)
         )
@@ -297,8 +300,6 @@ def count_clean_checks(session: Session, override_id: int, checks: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The queue pass (app/worker/release.py): the release of an active override's deferred mail, its check, the
 # watch after the end. Leased like the other jobs, due by `queue_due_at`; it does not bump the version.
-
-QUEUE_STATES = (OverrideState.active, *sorted(lifecycle.WATCHED_ENDS))
 
 
 @dataclass(frozen=True)
