@@ -29,7 +29,6 @@ from app.worker.loop import Worker
 from app.worker.release import at_destination, deferred_for, evidence_of, is_tls_reason, tls_deferred
 from devtools.mailcow_standin import MailcowStandin
 from tests.helpers import COMMENT, load
-from tests.standin import calls
 from tests.worker.helpers import (
     ROOT_ADMIN,
     SwitchableTransport,
@@ -109,7 +108,8 @@ async def test_a_useless_override_is_flagged_still_stuck(
     client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin
 ) -> None:
     # Only `none` would deliver these (say, a recipient that offers no usable TLS at all): `encrypt` does not help.
-    standin.queue.fill("example.org", messages=3, reason="TLS is required, but was not offered", deliverable_under={"none"})
+    reason = "TLS is required, but was not offered"
+    standin.queue.fill("example.org", messages=3, reason=reason, deliverable_under={"none"})
     override_id = approved(client, auth, "example.org")
 
     await worker.tick()
