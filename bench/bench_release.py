@@ -97,7 +97,8 @@ def run(mailcow_url: str, key: str, samples: int, messages: int, log_dir: Path) 
     left = [m for m in queue["messages"] if any(".example" in r and "rel" in r for r in m["recipients"])]
     bystanders = [m for m in queue["messages"] if any("bystander.example" in r for r in m["recipients"])]
     if left or len(bystanders) != 5 or queue["forbidden"]:
-        raise SystemExit(f"wrong queue afterwards: {len(left)} left, {len(bystanders)} bystanders, {queue['forbidden']}")
+        wrong = f"{len(left)} left, {len(bystanders)} bystanders, forbidden calls {queue['forbidden']}"
+        raise SystemExit(f"wrong queue afterwards: {wrong}")
     to_active = [(done[i][0] - approved_at[i]).total_seconds() for i in ids]
     to_released = [(done[i][1] - approved_at[i]).total_seconds() for i in ids]
     return to_active, to_released
