@@ -29,7 +29,7 @@ from app.core.db import utcnow
 from app.core.metrics import WORKER_JOBS
 from app.mailcow.client import MailcowClient
 from app.mailcow.errors import MailcowError
-from app.mailcow.queue import QueueMessage
+from app.mailcow.queue import QueueMessage, capped
 from app.overrides import lifecycle
 from app.overrides.models import OverrideState, QueueReleaseStatus
 from app.worker import store
@@ -60,20 +60,34 @@ async def queue_pass(ctx: JobContext, client: MailcowClient, jobs: list[QueueJob
             await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, None, None)
 
 
+# mailcow lists at most the first 10,000 queued messages: after delivering what it showed, the queue is read
+# again (at most this many times) while the list was full and it showed more of the destination's mail.
+RELEASE_ROUNDS = 20
+
+
 async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, messages: list[QueueMessage]) -> None:
-    mine = deferred_for(messages, job.destination)
-    ids = [message.queue_id for message in mine]
     size = ctx.settings.queue_release_batch
+    mine: list[QueueMessage] = []
+    seen: set[str] = set()
+    calls = 0
     try:
-        if ids:
-            await client.deliver(ids, batch_size=size)
+        for _ in range(RELEASE_ROUNDS):
+            new = [m for m in deferred_for(messages, job.destination) if m.queue_id not in seen]
+            if new:
+                await client.deliver([m.queue_id for m in new], batch_size=size)
+                calls += -(-len(new) // size)
+                mine += new
+                seen.update(m.queue_id for m in new)
+            if not new or not capped(messages):
+                break
+            messages = await client.get_mailq()
     except (MailcowError, ValueError) as exc:
         # Messages of earlier batches may have gone out: delivering them again is harmless.
         await queue_later(ctx, [job], f"releasing the deferred mail of override {job.id}", exc)
         return
+    ids = [message.queue_id for message in mine]
     now = utcnow()
     evidence = evidence_of(mine, job.destination)
-    calls = -(-len(ids) // size)
     value = {
         "status": S.released.value,
         "released_at": now.isoformat(),
@@ -81,6 +95,8 @@ async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, messag
         "calls": calls,
         "deferred": evidence,
         "still_stuck": False,
+        # mailcow listed its maximum: mail of the destination beyond it was not seen (the check sees what remains).
+        "queue_capped": capped(messages),
     }
     check_at = now + timedelta(seconds=ctx.settings.queue_check_seconds)
     comment = (

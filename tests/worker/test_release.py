@@ -163,6 +163,23 @@ async def test_a_queue_mailcow_cannot_read_is_released_when_it_can(
 
 
 @SQLITE_ONLY
+async def test_mail_beyond_the_10000_mailcow_lists_is_released_too(
+    client: TestClient, auth: Auth, engine: Engine, transport: SwitchableTransport, standin: MailcowStandin
+) -> None:
+    standin.queue.fill("example.org", messages=10_004, reason=TLSA)
+    override_id = approved(client, auth, "example.org")
+    worker = Worker(engine, worker_settings(queue_release_batch=1000), owner="w1", transports={"default": transport})
+    try:
+        await worker.tick()
+    finally:
+        await worker.aclose()
+    assert standin.queue.deferred("example.org") == []
+    assert [len(batch) for batch in deliver_calls(standin)] == [1000] * 10 + [4]  # read again after the first 10,000
+    record = release_of(engine, override_id)
+    assert record["released"] == 10_004 and record["calls"] == 11 and record["queue_capped"] is False
+
+
+@SQLITE_ONLY
 async def test_a_next_hop_override_releases_nothing(
     client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin
 ) -> None:
