@@ -127,6 +127,10 @@ class Settings(CoreSettings):
     # An add whose answer was lost (a timeout) may still be committed by mailcow this long after it was
     # sent; a removal that finds nothing of ours waits that long before it records the end.
     mailcow_add_settle_seconds: float = Field(default=60.0, ge=0)
+    # The mail queue (mailcow-api.md §12): a new request reads it within this budget (0: not on create), and
+    # the worker reads it again for pending and active overrides every so often (0: never).
+    queue_evidence_budget_seconds: float = Field(default=2.0, ge=0, le=30)
+    queue_refresh_seconds: float = Field(default=300.0, ge=0)
 
     # diagnosis
     dns_resolver: str | None = None

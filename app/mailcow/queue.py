@@ -27,6 +27,9 @@ QUEUE_NAMES: Final = frozenset({"maildrop", "incoming", "active", "deferred", "h
 # mailcow does not enable long queue ids: Postfix names a message with upper-case hex digits
 _QUEUE_ID: Final = re.compile(r"[0-9A-F]+")
 _DOMAIN_MAX: Final = 253
+# A remote server's reply in a delay reason often echoes the recipient ("said: 450 4.2.0
+# <bob@example.org>: Recipient address rejected"): every address-like token is replaced by its domain.
+_ADDRESS: Final = re.compile(r"<?[^\s<>()\[\]\"',;:@]+@([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])>?")
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,12 @@ def split_recipient(text: str) -> tuple[str, str | None]:
     if not sep:
         return text.strip(), None
     reason = rest[:-1] if rest.endswith(")") else rest
-    return address.strip(), reason.strip() or None
+    return address.strip(), redact_addresses(reason.strip()) or None
+
+
+def redact_addresses(text: str) -> str:
+    """`text` with each e-mail address replaced by `<…@domain>`: the local part never leaves this module."""
+    return _ADDRESS.sub(lambda m: f"<…@{m.group(1).lower()}>", text)
 
 
 def recipient_domain(address: str) -> str | None:
@@ -116,7 +124,7 @@ def _recipient(item: Any) -> QueueRecipient | None:
         # Postfix's own shape, in case a mailcow version stops rewriting it
         address = item["address"]
         raw_reason = item.get("delay_reason")
-        reason = raw_reason.strip() or None if isinstance(raw_reason, str) else None
+        reason = redact_addresses(raw_reason.strip()) or None if isinstance(raw_reason, str) else None
     else:
         return None
     domain = recipient_domain(address)

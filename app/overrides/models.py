@@ -157,6 +157,9 @@ class Override(SQLModel, table=True):
     findings: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     clean_checks: int = Field(default=0)
     last_checked_at: datetime | None = _ts()
+    # What mailcow's queue holds for the destination (app.overrides.stuck: counts, reasons, times; never
+    # addresses), gathered on create and refreshed while the override is pending or active.
+    queue: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
     @property
     def conflict_status(self) -> ConflictStatus | None:
