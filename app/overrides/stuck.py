@@ -150,13 +150,16 @@ def queue_evidence(messages: list[QueueMessage], destination: str, now: datetime
     if covers is None:
         return QueueEvidence(destination, now, attributable=False, note=NOT_ATTRIBUTABLE)
     found = deferred_for(messages, destination)
-    reasons: Counter[str] = Counter()
-    recipients = 0
+    # distinct recipients (one address in several messages counts once), overall and per reason
+    recipients: set[str] = set()
+    by_reason: dict[str, set[str]] = {}
     for message in found:
-        for recipient in message.recipients:
+        for n, recipient in enumerate(message.recipients):
             if covers(recipient.domain):
-                recipients += 1
-                reasons[recipient.delay_reason or ""] += 1
+                ident = recipient.key or f"{message.queue_id}/{n}"
+                recipients.add(ident)
+                by_reason.setdefault(recipient.delay_reason or "", set()).add(ident)
+    reasons = Counter({reason: len(idents) for reason, idents in by_reason.items()})
     counted = []
     for reason, count in reasons.most_common(MAX_REASONS):
         rule = classify_reason(reason)
@@ -173,7 +176,7 @@ def queue_evidence(messages: list[QueueMessage], destination: str, now: datetime
         destination,
         now,
         messages=len(found),
-        recipients=recipients,
+        recipients=len(recipients),
         oldest_arrival=min((m.arrival_time for m in found), default=None),
         reasons=tuple(counted),
         capped=capped(messages),

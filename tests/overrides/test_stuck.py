@@ -122,6 +122,22 @@ def test_delay_reasons_map_to_failure_classes(reason: str | None, failure_class:
     assert (rule.failure_class if rule else None, rule.tls if rule else False) == (failure_class, tls)
 
 
+def test_one_recipient_in_several_messages_counts_once() -> None:
+    entries = [
+        {
+            "queue_name": "deferred",
+            "queue_id": f"A{n}",
+            "arrival_time": 1_796_000_000 + n,
+            "recipients": [f"{who}@example.org ({NOT_VERIFIED})" for who in people],
+        }
+        for n, people in enumerate([("bob", "carol"), ("Bob",), ("dave", "carol")])
+    ]
+    evidence = queue_evidence(parse_mailq(entries), "example.org", NOW)
+    assert (evidence.messages, evidence.recipients) == (3, 3)
+    assert [(r.reason, r.recipients) for r in evidence.reasons] == [(NOT_VERIFIED, 3)]
+    assert "bob" not in str(evidence.as_json()).lower() and "carol" not in str(evidence)
+
+
 def test_a_message_without_reason_and_a_reason_for_no_tls() -> None:
     evidence = queue_evidence(
         [message("A1", ("example.org", None)), message("A2", ("example.org", "Connection refused"))], "example.org", NOW
