@@ -129,18 +129,20 @@ class StandinQueue:
         queue_name: str = "deferred",
         sender: str = "alice.sender@origin.example",
         local_part: str = "rcpt",
+        distinct_recipients: int | None = None,
     ) -> list[str]:
-        """Queue `messages` messages to `recipients_per_message` recipients at `domain` each; their ids."""
+        """Queue `messages` messages to `recipients_per_message` recipients at `domain` each; their ids. With
+        `distinct_recipients`, the messages go to that many addresses in turn (several messages each)."""
         arrival = arrival_time or self.now() - timedelta(hours=1)
         allowed = frozenset(deliverable_under)
         ids = []
         with self._lock:
             for n in range(messages):
                 queue_id = f"{next(self._ids):X}"
-                recipients = [
-                    QueuedRecipient(f"{local_part}{n}-{r}@{domain}", reason, allowed)
-                    for r in range(recipients_per_message)
-                ]
+                numbers = [n * recipients_per_message + r for r in range(recipients_per_message)]
+                if distinct_recipients:
+                    numbers = [number % distinct_recipients for number in numbers]
+                recipients = [QueuedRecipient(f"{local_part}{number}@{domain}", reason, allowed) for number in numbers]
                 self.messages[queue_id] = QueuedMessage(
                     queue_id, queue_name, int(arrival.timestamp()), sender, recipients
                 )

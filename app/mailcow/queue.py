@@ -4,17 +4,21 @@
 first 10,000), with one quirk: mailcow rewrites each recipient from `{"address", "delay_reason"}` into
 one string, `"rcpt@example.org (delay reason)"`, or the bare address when there is no reason.
 
-Privacy: of a recipient only the DOMAIN is kept, and of the sender nothing — so only counts, delay
-reasons and times can ever leave this module (API answers, logs, webhooks). Entries that do not look
-like mailcow's are skipped, never raised: one odd message must not hide the rest of the queue.
+Privacy: of a recipient only the DOMAIN is kept (and a keyed hash, to count distinct recipients, whose key
+lives in this process's memory only), and of the sender nothing — so only counts, delay reasons and times
+can ever leave this module (API answers, logs, webhooks). Addresses inside delay reasons are redacted.
+Entries that do not look like mailcow's are skipped, never raised: one odd message must not hide the
+rest of the queue.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -27,6 +31,10 @@ QUEUE_NAMES: Final = frozenset({"maildrop", "incoming", "active", "deferred", "h
 # mailcow does not enable long queue ids: Postfix names a message with upper-case hex digits
 _QUEUE_ID: Final = re.compile(r"[0-9A-F]+")
 _DOMAIN_MAX: Final = 253
+_KEY: Final = secrets.token_bytes(16)  # per process: a recipient's `key` is comparable within it only
+# A remote server's reply in a delay reason often echoes the recipient ("said: 450 4.2.0
+# <bob@example.org>: Recipient address rejected"): every address-like token is replaced by its domain.
+_ADDRESS: Final = re.compile(r"<?[^\s<>()\[\]\"',;:@]+@([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])>?")
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,8 @@ class QueueRecipient:
 
     domain: str
     delay_reason: str | None
+    # Tells two recipients apart (a keyed hash of the address, never shown); "" when unknown.
+    key: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,12 @@ def split_recipient(text: str) -> tuple[str, str | None]:
     if not sep:
         return text.strip(), None
     reason = rest[:-1] if rest.endswith(")") else rest
-    return address.strip(), reason.strip() or None
+    return address.strip(), redact_addresses(reason.strip()) or None
+
+
+def redact_addresses(text: str) -> str:
+    """`text` with each e-mail address replaced by `<…@domain>`: the local part never leaves this module."""
+    return _ADDRESS.sub(lambda m: f"<…@{m.group(1).lower()}>", text)
 
 
 def recipient_domain(address: str) -> str | None:
@@ -116,11 +131,16 @@ def _recipient(item: Any) -> QueueRecipient | None:
         # Postfix's own shape, in case a mailcow version stops rewriting it
         address = item["address"]
         raw_reason = item.get("delay_reason")
-        reason = raw_reason.strip() or None if isinstance(raw_reason, str) else None
+        reason = redact_addresses(raw_reason.strip()) or None if isinstance(raw_reason, str) else None
     else:
         return None
     domain = recipient_domain(address)
-    return None if domain is None else QueueRecipient(domain, reason)
+    return None if domain is None else QueueRecipient(domain, reason, recipient_key(address))
+
+
+def recipient_key(address: str) -> str:
+    """An opaque key for `address` (case-insensitive), to count distinct recipients without keeping any."""
+    return hashlib.blake2b(address.strip().lower().encode("utf-8", "replace"), key=_KEY, digest_size=8).hexdigest()
 
 
 def _arrival(value: Any) -> datetime | None:

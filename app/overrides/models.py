@@ -173,6 +173,9 @@ class Override(SQLModel, table=True):
     findings: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     clean_checks: int = Field(default=0)
     last_checked_at: datetime | None = _ts()
+    # What mailcow's queue holds for the destination (app.overrides.stuck: counts, reasons, times; never
+    # addresses), gathered on create and refreshed while the override is pending or active.
+    queue: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
     # The release of the destination's deferred mail once active, its check, the watch after the end
     # (app/worker/release.py), and when the next of those passes is due (None: none is).

@@ -118,6 +118,7 @@ def to_read(session: Session, override: Override) -> OverrideRead:
         drift=override.drift,
         last_error=override.last_error,
         diagnosis=override.diagnosis,
+        queue=override.queue,
         findings=[FindingRead.model_validate(f) for f in override.findings or []],
         queue_release=override.queue_release,
         still_stuck=bool((override.queue_release or {}).get("still_stuck")),
@@ -192,7 +193,8 @@ def create_override(
 ) -> OverrideRead:
     """Ask for a temporary TLS policy override. The domain is diagnosed and the evidence stored with it."""
     ctx = _context(request, principal, session, body, idempotency_key)
-    evidence = Evidence(request.app.state.diagnosis_limiter, request.app.state.recent_diagnoses)
+    state = request.app.state
+    evidence = Evidence(state.diagnosis_limiter, state.recent_diagnoses, queue_reader=state.queue_reader)
     return _answer(session, ctx, response, lambda: service.create_override(session, ctx, body, evidence), 201)
 
 

@@ -109,6 +109,33 @@ class FindingRead(BaseModel):
     refused: bool = False
 
 
+class QueueReasonRead(BaseModel):
+    reason: str = Field(description="Postfix's delay reason, as mailcow lists it (addresses replaced by `<…@domain>`).")
+    recipients: int = Field(description="Deferred recipients at the destination with this reason.")
+    failure_class: str | None = Field(description="The diagnosis's failure class it points at (dane.md §2.2), if any.")
+    label: str | None = Field(description="What the reason means, in a few words.")
+    tls: bool = Field(description="A TLS/DANE failure, the kind an override is for.")
+
+
+class QueueEvidenceRead(BaseModel):
+    """What mailcow's queue held deferred for the destination when last read: counts, reasons and times
+    only, never addresses or senders."""
+
+    destination: str
+    checked_at: datetime
+    attributable: bool = Field(
+        description="False for a next hop (`[mx.example.org]:25`): the queue shows recipient domains, not next hops."
+    )
+    messages: int = Field(description="Deferred messages with at least one recipient at the destination.")
+    recipients: int = Field(description="Their recipients at the destination.")
+    oldest_arrival: datetime | None
+    reasons: list[QueueReasonRead] = Field(description="Distinct delay reasons, most recipients first (at most 10).")
+    capped: bool = Field(description="mailcow lists at most 10,000 queued messages: the counts may be higher.")
+    error: str | None = Field(description="Why the queue could not be read (then there are no counts).")
+    note: str | None = None
+    line: str | None = Field(description='In one line: "14 messages to 9 recipients stuck for 3 h: …".')
+
+
 class OverrideRead(BaseModel):
     id: int
     target: str
@@ -151,6 +178,9 @@ class OverrideRead(BaseModel):
     still_stuck: bool = Field(
         description="Mail for the destination was still deferred with a TLS reason after the release: the "
         "override does not let it through."
+    )
+    queue: QueueEvidenceRead | None = Field(
+        description="The mail queue for the destination: read on create, refreshed while pending or active."
     )
     version: int
     links: dict[str, str]

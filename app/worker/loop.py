@@ -2,10 +2,10 @@
 
 One iteration ("tick"): lapse undecided requests, start the removal of expired overrides, claim and
 run removals and applies (per target, targets in parallel), release, check and watch the queue of
-overrides whose queue pass is due, reconcile the targets whose turn it is, deliver notifications.
-Then it sleeps until the earliest due time in the database — an expiry, a retry, a lease running out,
-a queue pass, a reconcile — but never longer than `TLSO_WORKER_POLL_SECONDS`, because
-approvals happen in the API process and are only seen by polling.
+overrides whose queue pass is due, reconcile the targets whose turn it is, refresh the mail queue
+evidence of watched overrides, deliver notifications. Then it sleeps until the earliest due time in the
+database — an expiry, a retry, a lease running out, a queue pass, a reconcile — but never longer than
+`TLSO_WORKER_POLL_SECONDS`, because approvals happen in the API process and are only seen by polling.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from app.worker.apply import apply_batch
 from app.worker.context import JobContext
 from app.worker.failures import queue_later, retry_later
 from app.worker.faults import CRASH_ENV
+from app.worker.queue_refresh import refresh_queues
 from app.worker.recheck import watch
 from app.worker.reconcile import reconcile_target
 from app.worker.release import queue_pass
@@ -164,10 +165,13 @@ class Worker:
             for name in reconciling:
                 await reconcile_target(ctx, self.client(name), name)
 
+        queues = [name for name in self.targets if name not in paused and name not in ctx.auth_failed]
+        refreshed = await refresh_queues(ctx, self.client, queues)
+
         await ctx.db(audit_upkeep, self.engine, settings, self.signer)  # before delivery: checkpoints go out now
         delivered = await self._deliver()
         next_due = await ctx.db(store.next_due, self.engine, list(self.targets), paused | ctx.auth_failed)
-        did_work = bool(lapsed or late or removals or applies or released or reconciling or delivered)
+        did_work = bool(lapsed or late or removals or applies or released or reconciling or refreshed or delivered)
         return TickResult(did_work, next_due)
 
     @contextlib.asynccontextmanager

@@ -15,13 +15,12 @@ its destination watched after the override ends.
 One queue read per target and pass serves all its overrides. A pass is leased (`store.claim_queue`), so two
 workers never release the same override; its outcome and audit entry are recorded in one transaction
 (`store.move_queue_release`). A failed queue call is sorted by app/worker/failures.py: never given up.
-Which messages concern a destination, and which delay reasons are TLS's, are pure rules at the bottom.
+Which messages concern a destination, and which delay reasons are TLS's, are app/overrides/stuck.py's rules.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,6 +31,7 @@ from app.mailcow.errors import MailcowError
 from app.mailcow.queue import QueueMessage, capped
 from app.overrides import lifecycle
 from app.overrides.models import OverrideState, QueueReleaseStatus
+from app.overrides.stuck import attributable, classify_reason, deferred_for, matcher, queue_evidence, queue_line
 from app.worker import store
 from app.worker.context import JobContext
 from app.worker.failures import queue_later
@@ -169,68 +169,37 @@ def request_again(job: QueueJob) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pure rules: which queued messages concern a destination, which delay reasons are TLS's, the evidence
+# Which queued mail a destination covers, and which delay reasons are TLS's, are app/overrides/stuck.py's rules
+# (the queue evidence uses the same); here only what the release adds to them.
 
 
 def releasable(destination: str) -> bool:
     """Whether queued mail can be told to be the destination's (not a next-hop entry's)."""
-    return not (destination.startswith("[") or ":" in destination)
-
-
-def at_destination(domain: str, destination: str) -> bool:
-    """Whether Postfix looks a recipient at `domain` up under the policy map's `destination`: the domain
-    itself, or (a `.example.org` entry) its subdomains. A next-hop entry (`[mx.example.net]:25`) names no
-    recipient domain: no queued message is known to be its."""
-    if destination.startswith("."):
-        return domain.endswith(destination)
-    return releasable(destination) and domain == destination
-
-
-def deferred_for(messages: list[QueueMessage], destination: str) -> list[QueueMessage]:
-    """The messages in the deferred queue with a recipient at `destination` (never `hold`: an admin's)."""
-    return [m for m in messages if m.deferred and any(at_destination(r.domain, destination) for r in m.recipients)]
-
-
-# Postfix's delay reasons when TLS (DANE, a required or verified TLS) stops delivery (mailcow-api.md §12).
-_TLS_REASON = re.compile(r"TLSA|\bTLS\b|STARTTLS|certificate|handshake|DANE|DNSSEC|fingerprint|cipher", re.IGNORECASE)
-
-
-def is_tls_reason(reason: str | None) -> bool:
-    return reason is not None and _TLS_REASON.search(reason) is not None
+    return attributable(destination)
 
 
 def tls_deferred(messages: list[QueueMessage], destination: str) -> list[QueueMessage]:
-    """The deferred messages whose recipients at `destination` wait for a TLS reason."""
+    """The deferred messages whose recipients at `destination` wait for a TLS reason (one an override fixes)."""
+    covers = matcher(destination)
+    if covers is None:
+        return []
     return [
         m
-        for m in messages
-        if m.deferred
-        and any(at_destination(r.domain, destination) and is_tls_reason(r.delay_reason) for r in m.recipients)
+        for m in deferred_for(messages, destination)
+        if any(covers(r.domain) and _tls(r.delay_reason) for r in m.recipients)
     ]
 
 
-_ADDRESS = re.compile(r"[^\s<>()\"',;:\[\]]+@")
-
-
-def _reason(text: str) -> str:
-    """A delay reason without local parts (a remote server may quote the recipient)."""
-    return _ADDRESS.sub("…@", text)[:300]
+def _tls(reason: str | None) -> bool:
+    rule = classify_reason(reason)
+    return rule is not None and rule.tls
 
 
 def evidence_of(messages: list[QueueMessage], destination: str) -> dict[str, Any]:
-    """Counts, the oldest arrival and the distinct delay reasons: never an address or a sender."""
-    recipients = [r for m in messages for r in m.recipients if at_destination(r.domain, destination)]
-    reasons = sorted({_reason(r.delay_reason) for r in recipients if r.delay_reason})
-    oldest = min((m.arrival_time for m in messages), default=None)
-    return {
-        "messages": len(messages),
-        "recipients": len(recipients),
-        "oldest_arrival": oldest.isoformat() if oldest else None,
-        "reasons": reasons[:20],
-    }
+    """Counts, the oldest arrival and the distinct delay reasons (classified): never an address or a sender."""
+    return queue_evidence(messages, destination, utcnow()).as_json()
 
 
 def describe(evidence: dict[str, Any]) -> str:
-    """E.g. `3 message(s) to 2 recipient(s) deferred: Server certificate not verified`."""
-    reasons = "; ".join(evidence.get("reasons") or []) or "no reason given"
-    return f"{evidence['messages']} message(s) to {evidence['recipients']} recipient(s) deferred: {reasons}"
+    """E.g. `3 messages to 2 recipients stuck for 1 h: Server certificate not verified`."""
+    return queue_line(evidence) or f"no mail deferred for {evidence.get('destination')}"

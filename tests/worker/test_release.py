@@ -26,7 +26,7 @@ from app.notify.events import build_event
 from app.overrides.models import Override, OverrideState
 from app.worker import recheck
 from app.worker.loop import Worker
-from app.worker.release import at_destination, deferred_for, evidence_of, is_tls_reason, tls_deferred
+from app.worker.release import releasable, tls_deferred
 from devtools.mailcow_standin import MailcowStandin
 from tests.helpers import COMMENT, load
 from tests.worker.helpers import (
@@ -93,7 +93,7 @@ async def test_the_destination_s_deferred_mail_is_delivered_in_the_pass_that_app
     assert {c.action for c in standin.queue.commands} == {"deliver"}
     [released] = audit_after(engine, override_id, "override.queue_released")
     assert released["released"] == 7 and released["recipients"] == 14 and released["calls"] == 3
-    assert released["reasons"] == [TLSA]
+    assert [r["reason"] for r in released["reasons"]] == [TLSA] and released["reasons"][0]["failure_class"] == "E"
     assert release_of(engine, override_id)["status"] == "released"
 
     await worker.tick()  # the check (TLSO_QUEUE_CHECK_SECONDS=0 here)
@@ -121,7 +121,7 @@ async def test_a_useless_override_is_flagged_still_stuck(
     assert record["status"] == "still_stuck" and record["still_stuck"] is True
     assert record["still_deferred"]["messages"] == 3
     [flag] = audit_after(engine, override_id, "override.still_stuck")
-    assert flag["messages"] == 3 and flag["reasons"] == ["TLS is required, but was not offered"]
+    assert flag["messages"] == 3 and [r["reason"] for r in flag["reasons"]] == [reason]
     read = client.get(f"/v1/overrides/{override_id}", headers=auth(*ROOT_ADMIN))
     assert read.json()["still_stuck"] is True
     assert 'tlso_overrides_still_stuck{target="default"} 1.0' in scrape(client, auth)
@@ -247,7 +247,7 @@ async def test_mail_deferred_for_tls_after_the_end_raises_still_failing_once_per
     await worker.tick()
     await worker.tick()  # still deferred: the same episode, no second event
     [event] = audit_after(engine, override_id, "recipient.still_failing")
-    assert event["messages"] == 2 and event["reasons"] == ["Server certificate not verified"]
+    assert event["messages"] == 2 and [r["reason"] for r in event["reasons"]] == ["Server certificate not verified"]
     assert event["request_again"] == {"target": "default", "destination": "example.org", "policy": "encrypt"}
     assert release_of(engine, override_id)["failing"] is True
 
@@ -361,7 +361,7 @@ async def test_a_recipient_that_breaks_again_after_a_remediated_end_raises_regre
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the pure rules
+# what the release adds to app/overrides/stuck.py's rules
 
 
 def _message(queue: str, *recipients: tuple[str, str | None]) -> QueueMessage:
@@ -373,22 +373,10 @@ def _message(queue: str, *recipients: tuple[str, str | None]) -> QueueMessage:
     )
 
 
-def test_which_queued_mail_a_destination_covers() -> None:
-    assert at_destination("example.org", "example.org")
-    assert not at_destination("sub.example.org", "example.org")
-    assert at_destination("sub.example.org", ".example.org") and not at_destination("example.org", ".example.org")
-    assert not at_destination("example.org", "[mx.example.org]:25")
-    mixed = _message("deferred", ("other.example", TLSA), ("example.org", None))
+def test_only_mail_waiting_for_tls_at_the_destination_counts_as_still_stuck() -> None:
+    mixed = _message("deferred", ("other.example", TLSA), ("example.org", "Connection timed out"))
+    tls = _message("deferred", ("example.org", "Server certificate not verified"))
     held = _message("hold", ("example.org", TLSA))
-    assert deferred_for([mixed, held], "example.org") == [mixed]
-    assert tls_deferred([mixed], "example.org") == []  # its recipient at example.org waits for no TLS reason
-
-
-def test_tls_reasons_and_evidence_without_addresses() -> None:
-    for reason in (TLSA, "Server certificate not trusted", "Cannot start TLS: handshake failure"):
-        assert is_tls_reason(reason)
-    assert not is_tls_reason("Connection timed out") and not is_tls_reason(None)
-    quoted = _message("deferred", ("example.org", "host said: 450 <bob@example.org>: TLS required"))
-    evidence = evidence_of([quoted], "example.org")
-    assert evidence["reasons"] == ["host said: 450 <…@example.org>: TLS required"]
-    assert evidence["messages"] == 1 and evidence["oldest_arrival"] == "2026-12-07T00:00:00+00:00"
+    assert tls_deferred([mixed, tls, held], "example.org") == [tls]
+    assert tls_deferred([tls], "[mx.example.org]:25") == []  # a next hop covers no recipient domain
+    assert not releasable("[mx.example.org]:25") and releasable(".example.org")

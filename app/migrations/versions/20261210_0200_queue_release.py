@@ -5,7 +5,7 @@
 claims by it).
 
 Revision ID: d4e92a6b0f38
-Revises: 3e8b5d1c9f42
+Revises: c3d81f5a9e27
 Create Date: 2026-12-10 02:00:00
 """
 
@@ -17,7 +17,7 @@ from alembic import op
 from app.core.db import UTCDateTime
 
 revision: str = "d4e92a6b0f38"
-down_revision: str | None = "3e8b5d1c9f42"
+down_revision: str | None = "c3d81f5a9e27"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
