@@ -17,7 +17,7 @@ HTTP.
 
 Everything under `/__standin__/` is a control API that real mailcow does NOT have, for tests only:
 
-* `POST /__standin__/faults` `{"op": "add|delete|get|edit|any", "mode": "http500|empty|timeout|
+* `POST /__standin__/faults` `{"op": "add|delete|get|edit|mailq|any", "mode": "http500|empty|timeout|
   drop_after_commit", "count": 1, "delay": 0}` arms a fault for the next `count` matching API calls.
   `http500` answers 500 without touching the state; `empty` answers 200 with an empty body without
   touching the state; `timeout` waits `delay` seconds (default 30) and then handles the call normally,
