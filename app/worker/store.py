@@ -1,7 +1,9 @@
 """The worker's database side: claim due overrides, record outcomes, release and back off. The worker
 writes its bookkeeping on an override row — the lease, attempts, the add in flight, the next attempt,
-the remediation watch's count — here and nowhere else (the API only makes waiting jobs due when an
-admin resumes a target); the state only ever changes through `app.overrides.lifecycle`.
+the remediation watch's count, the queue pass's release record (`queue_release`, its status checked
+against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time — here and nowhere else (the API only makes
+waiting jobs due when an admin resumes a target); the state only ever changes through
+`app.overrides.lifecycle`.
 
 A claim is a short committed transaction that leases rows to one worker (`lease_owner`,
 `lease_until`); on PostgreSQL the due rows are read with `FOR UPDATE SKIP LOCKED`, so two workers
