@@ -129,7 +129,9 @@ async def _check(ctx: JobContext, job: QueueJob, messages: list[QueueMessage]) -
         audit = QueueAudit(
             "override.queue_clear", f"no mail for {job.destination} is deferred for TLS any more", evidence
         )
-    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, None, audit):
+    # The override's queue evidence (what reviewers see) is brought up to date with the same read.
+    fresh = queue_evidence(messages, job.destination, now).as_json()
+    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, None, audit, fresh):
         WORKER_JOBS.labels("release", "still_stuck" if stuck else "clear").inc()
         if stuck:
             log.warning("override %s: %s after the release", job.id, describe(evidence))

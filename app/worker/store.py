@@ -391,9 +391,11 @@ def move_queue_release(
     value: dict[str, Any] | None,
     due_at: datetime | None,
     audit: QueueAudit | None = None,
+    queue: dict[str, Any] | None = None,
 ) -> bool:
     """Record a queue pass: the release's new value (its status checked against its table under the row's
-    lock), when the next pass is due, and its audit entry, in one transaction; the lease is let go. False
+    lock), when the next pass is due, its audit entry and (the check) the fresh queue evidence, in one
+    transaction; the lease is let go. False
     (nothing written) if the lease is not this worker's any more."""
     with transaction(engine) as session:
         override = session.exec(select(Override).where(Override.id == job.id).with_for_update()).first()
@@ -403,6 +405,8 @@ def move_queue_release(
         if value is not None:
             lifecycle.check_queue_release_move(override.queue_release_status, QueueReleaseStatus(value["status"]))
             values["queue_release"] = value
+        if queue is not None:
+            values["queue"] = queue  # what the queue holds for the destination now (app/overrides/stuck.py)
         if override.state == OverrideState.removing:
             values["next_attempt_at"] = utcnow()  # revoked meanwhile: its removal waited for this lease
         _leased(session, [job.id], owner, **values)

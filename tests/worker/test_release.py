@@ -99,6 +99,8 @@ async def test_the_destination_s_deferred_mail_is_delivered_in_the_pass_that_app
     await worker.tick()  # the check (TLSO_QUEUE_CHECK_SECONDS=0 here)
     record = release_of(engine, override_id)
     assert record["status"] == "clear" and record["still_stuck"] is False
+    queue = load(engine, override_id).queue or {}
+    assert queue["messages"] == 0 and queue["line"] == "no mail deferred for example.org"  # what reviewers see
     assert audit_actions(engine, override_id)[-2:] == ["override.queue_released", "override.queue_clear"]
     await worker.tick()
     assert len(deliver_calls(standin)) == 3  # released once
