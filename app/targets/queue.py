@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -130,14 +131,19 @@ async def target_queue(engine: Engine, settings: Settings, name: str, destinatio
 
 
 def per_domain(messages: Sequence[QueueMessage], now: datetime) -> list[QueueEvidence]:
-    """The evidence for every recipient domain with deferred mail, most recipients first."""
+    """The evidence for every recipient domain with deferred mail, most recipients first (each domain's
+    evidence made from its own messages: one pass over the queue, not one per domain)."""
+    by_domain: dict[str, list[QueueMessage]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     for message in messages:
         if message.deferred:
+            for domain in dict.fromkeys(r.domain for r in message.recipients):
+                by_domain[domain].append(message)
             for recipient in message.recipients:
                 counts[recipient.domain] += 1
     busiest = sorted(counts, key=lambda d: (-counts[d], d))[:MAX_DESTINATIONS]
-    return [queue_evidence(list(messages), domain, now) for domain in busiest]
+    full = capped(list(messages))
+    return [replace(queue_evidence(by_domain[domain], domain, now), capped=full) for domain in busiest]
 
 
 # ---- the worker's refresh ---------------------------------------------------------------------------

@@ -211,13 +211,18 @@ def test_a_refused_key_pauses_the_target_and_the_next_request_does_not_call(
 
 
 @SQLITE_ONLY
-def test_the_read_on_create_can_be_turned_off(
-    client: TestClient, auth: Auth, standin: MailcowStandin, app: FastAPI, settings: Settings
+async def test_a_request_taken_without_the_queue_gets_it_from_the_next_worker_pass(
+    client: TestClient, auth: Auth, standin: MailcowStandin, app: FastAPI, settings: Settings, worker: Worker
 ) -> None:
+    # the read on create turned off (as for a request from Slack, whose 3 s the diagnosis takes)
     app.state.settings = settings.model_copy(update={"queue_evidence_budget_seconds": 0.0})
     stuck(standin)
-    assert create(client, auth)["queue"] is None
+    created = create(client, auth)
+    assert created["queue"] is None
     assert standin.calls == []
+    await worker.tick()
+    queue = client.get(f"/v1/overrides/{created['id']}", headers=auth(*BOB)).json()["queue"]
+    assert queue["line"] == "14 messages to 9 recipients stuck for 3 h: Server certificate not verified"
 
 
 async def test_the_worker_refreshes_watched_overrides_without_a_new_version(
