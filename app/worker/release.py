@@ -21,6 +21,8 @@ Which messages concern a destination, and which delay reasons are TLS's, are app
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -45,17 +47,17 @@ S = QueueReleaseStatus
 async def queue_pass(ctx: JobContext, client: MailcowClient, jobs: list[QueueJob]) -> None:
     """Release, check or watch the claimed overrides of one target, on one read of its queue."""
     try:
-        messages = await client.get_mailq()
+        queue = QueueView(await client.get_mailq())
     except MailcowError as exc:
         await queue_later(ctx, jobs, "reading the mail queue", exc)
         return
     for job in jobs:
         if job.state == OverrideState.active and job.status is None:
-            await _release(ctx, client, job, messages)
+            await _release(ctx, client, job, queue)
         elif job.state == OverrideState.active and job.status == S.released:
-            await _check(ctx, job, messages)
+            await _check(ctx, job, queue)
         elif job.state in lifecycle.WATCHED_ENDS and job.status != S.watched:
-            await _watch(ctx, job, messages)
+            await _watch(ctx, job, queue)
         else:  # nothing is due for it (a pass left over from before a change): let go
             await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, None, None)
 
@@ -65,22 +67,22 @@ async def queue_pass(ctx: JobContext, client: MailcowClient, jobs: list[QueueJob
 RELEASE_ROUNDS = 20
 
 
-async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, messages: list[QueueMessage]) -> None:
+async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, queue: QueueView) -> None:
     size = ctx.settings.queue_release_batch
     mine: list[QueueMessage] = []
     seen: set[str] = set()
     calls = 0
     try:
         for _ in range(RELEASE_ROUNDS):
-            new = [m for m in deferred_for(messages, job.destination) if m.queue_id not in seen]
+            new = [m for m in queue.deferred_for(job.destination) if m.queue_id not in seen]
             if new:
                 await client.deliver([m.queue_id for m in new], batch_size=size)
                 calls += -(-len(new) // size)
                 mine += new
                 seen.update(m.queue_id for m in new)
-            if not new or not capped(messages):
+            if not new or not queue.capped:
                 break
-            messages = await client.get_mailq()
+            queue = QueueView(await client.get_mailq())
     except (MailcowError, ValueError) as exc:
         # Messages of earlier batches may have gone out: delivering them again is harmless.
         await queue_later(ctx, [job], f"releasing the deferred mail of override {job.id}", exc)
@@ -96,7 +98,7 @@ async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, messag
         "deferred": evidence,
         "still_stuck": False,
         # mailcow listed its maximum: mail of the destination beyond it was not seen (the check sees what remains).
-        "queue_capped": capped(messages),
+        "queue_capped": queue.capped,
     }
     check_at = now + timedelta(seconds=ctx.settings.queue_check_seconds)
     comment = (
@@ -111,8 +113,8 @@ async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, messag
         log.info("override %s: released %d deferred message(s) for %s", job.id, len(ids), job.destination)
 
 
-async def _check(ctx: JobContext, job: QueueJob, messages: list[QueueMessage]) -> None:
-    stuck = tls_deferred(messages, job.destination)
+async def _check(ctx: JobContext, job: QueueJob, queue: QueueView) -> None:
+    stuck = tls_deferred(queue.deferred_for(job.destination), job.destination)
     now = utcnow()
     evidence = evidence_of(stuck, job.destination)
     value = {**(job.queue_release or {}), "checked_at": now.isoformat(), "still_deferred": evidence}
@@ -130,21 +132,22 @@ async def _check(ctx: JobContext, job: QueueJob, messages: list[QueueMessage]) -
             "override.queue_clear", f"no mail for {job.destination} is deferred for TLS any more", evidence
         )
     # The override's queue evidence (what reviewers see) is brought up to date with the same read.
-    fresh = queue_evidence(messages, job.destination, now).as_json()
-    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, None, audit, fresh):
+    fresh = replace(queue_evidence(queue.deferred_for(job.destination), job.destination, now), capped=queue.capped)
+    fresh_json = fresh.as_json()
+    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, None, audit, fresh_json):
         WORKER_JOBS.labels("release", "still_stuck" if stuck else "clear").inc()
         if stuck:
             log.warning("override %s: %s after the release", job.id, describe(evidence))
 
 
-async def _watch(ctx: JobContext, job: QueueJob, messages: list[QueueMessage]) -> None:
+async def _watch(ctx: JobContext, job: QueueJob, queue: QueueView) -> None:
     now = utcnow()
     value: dict[str, Any] = dict(job.queue_release or {})
     if job.status != S.watching:
         until = (job.ended_at or now) + timedelta(seconds=ctx.settings.queue_watch_seconds)
         value.update(status=S.watching.value, watch_until=until.isoformat(), failing=False, episodes=0)
     until = datetime.fromisoformat(str(value["watch_until"]))
-    stuck = tls_deferred(messages, job.destination)
+    stuck = tls_deferred(queue.deferred_for(job.destination), job.destination)
     audit = None
     if stuck and not value.get("failing"):
         evidence = evidence_of(stuck, job.destination)
@@ -173,6 +176,30 @@ def request_again(job: QueueJob) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Which queued mail a destination covers, and which delay reasons are TLS's, are app/overrides/stuck.py's rules
 # (the queue evidence uses the same); here only what the release adds to them.
+
+
+class QueueView:
+    """One read of a target's queue, its deferred mail indexed by recipient domain: each override of the pass
+    looks at its own domains' messages, not at all of the (up to 10,000) messages again."""
+
+    def __init__(self, messages: list[QueueMessage]) -> None:
+        self.capped = capped(messages)
+        self._by_domain: dict[str, list[QueueMessage]] = defaultdict(list)
+        for message in messages:
+            if message.deferred:
+                for domain in dict.fromkeys(r.domain for r in message.recipients):
+                    self._by_domain[domain].append(message)
+
+    def deferred_for(self, destination: str) -> list[QueueMessage]:
+        """What `stuck.deferred_for` finds in the whole queue: the deferred messages `destination` covers."""
+        covers = matcher(destination)
+        if covers is None:
+            return []
+        found: dict[str, QueueMessage] = {}
+        for domain, messages in self._by_domain.items():
+            if covers(domain):
+                found.update((m.queue_id, m) for m in messages)
+        return list(found.values())
 
 
 def releasable(destination: str) -> bool:

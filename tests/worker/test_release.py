@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,10 +24,11 @@ from app.core.db import transaction, utcnow
 from app.diagnosis.models import Diagnosis
 from app.mailcow.queue import QueueMessage, QueueRecipient
 from app.notify.events import build_event
+from app.overrides import stuck
 from app.overrides.models import Override, OverrideState
 from app.worker import recheck
 from app.worker.loop import Worker
-from app.worker.release import releasable, tls_deferred
+from app.worker.release import QueueView, releasable, tls_deferred
 from devtools.mailcow_standin import MailcowStandin
 from tests.helpers import COMMENT, load
 from tests.worker.helpers import (
@@ -382,3 +384,16 @@ def test_only_mail_waiting_for_tls_at_the_destination_counts_as_still_stuck() ->
     assert tls_deferred([mixed, tls, held], "example.org") == [tls]
     assert tls_deferred([tls], "[mx.example.org]:25") == []  # a next hop covers no recipient domain
     assert not releasable("[mx.example.org]:25") and releasable(".example.org")
+
+
+def test_the_queue_view_finds_what_the_shared_rule_finds() -> None:
+    queue = [
+        _message("deferred", ("example.org", TLSA), ("other.example", TLSA)),
+        _message("deferred", ("sub.example.org", TLSA)),
+        _message("hold", ("example.org", TLSA)),
+        _message("deferred", ("xn--strae-oqa.example", TLSA)),
+    ]
+    queue = [replace(m, queue_id=f"A{n}") for n, m in enumerate(queue)]
+    view = QueueView(queue)
+    for destination in ("example.org", ".example.org", "other.example", "xn--strae-oqa.example", "[mx.example.org]"):
+        assert view.deferred_for(destination) == stuck.deferred_for(queue, destination), destination
