@@ -22,7 +22,8 @@ def database_gauges(session: Session) -> list[Metric]:
 
 
 def override_gauges(session: Session, now: datetime) -> list[Metric]:
-    """Overrides by state, removals overdue, conflicts waiting for an admin, drift per target."""
+    """Overrides by state, removals overdue, conflicts waiting for an admin, drift and overrides that do not
+    let the mail through, per target."""
     by_state = dict(session.exec(select(Override.state, func.count()).group_by(col(Override.state))).all())
     overdue = session.exec(
         select(func.count())
@@ -31,6 +32,9 @@ def override_gauges(session: Session, now: datetime) -> list[Metric]:
     ).one()
     live = session.exec(
         select(Override.state, Override.conflict, Override.drift, Override.target).where(col(Override.live).is_(True))
+    ).all()
+    active_queue = session.exec(
+        select(Override.target, Override.queue_release).where(col(Override.state) == OverrideState.active)
     ).all()
 
     states = GaugeMetricFamily("tlso_overrides", "Overrides by state", labels=["state"])
@@ -57,12 +61,23 @@ def override_gauges(session: Session, now: datetime) -> list[Metric]:
     )
     drifted = GaugeMetricFamily("tlso_overrides_drift", "Active overrides whose mailcow row drifted", labels=["target"])
     per_target: dict[str, int] = {}
+    stuck = GaugeMetricFamily(
+        "tlso_overrides_still_stuck",
+        "Active overrides whose destination's mail was still deferred for TLS after the release (not working)",
+        labels=["target"],
+    )
+    stuck_per_target: dict[str, int] = {}
     for row_state, _, drift, row_target in live:
         if row_state == OverrideState.active and drift:
             per_target[row_target] = per_target.get(row_target, 0) + 1
+    for row_target, queue_release in active_queue:
+        if isinstance(queue_release, dict) and queue_release.get("still_stuck"):
+            stuck_per_target[row_target] = stuck_per_target.get(row_target, 0) + 1
     for target, count in sorted(per_target.items()):
         drifted.add_metric([target], float(count))
-    return [states, overdue_family, conflicts, drifted]
+    for target, count in sorted(stuck_per_target.items()):
+        stuck.add_metric([target], float(count))
+    return [states, overdue_family, conflicts, drifted, stuck]
 
 
 def target_gauges(session: Session, now: datetime) -> list[Metric]:

@@ -45,6 +45,7 @@ from app.overrides.evidence import RecentDiagnoses
 from app.overrides.router import router as overrides_router
 from app.slack.router import router as slack_router
 from app.slack.service import slack_users
+from app.targets.queue import queue_on_create
 from app.targets.router import router as targets_router
 
 log = logging.getLogger("app")
@@ -129,6 +130,7 @@ def create_app(
     app.state.record_refusal = refusal_on_record  # core.auth records refused identities through it
     app.state.diagnosis_limiter = RateLimiter(settings.diagnosis_rate_per_minute)
     app.state.recent_diagnoses = RecentDiagnoses()
+    app.state.queue_reader = queue_on_create  # a new request's mail queue evidence (overrides cannot import targets)
     app.state.audit_keys = trusted_keys(settings)  # a malformed key stops the start, not a later request
     slack_users(settings)  # so does a malformed Slack user map
     install_error_handlers(app)

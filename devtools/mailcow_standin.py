@@ -9,13 +9,15 @@ normalisation (trim + IDNA UTS46) and validation, `intval` semantics, the case-i
 index, the ENUM check, the "HTTP 200 with an empty body" failures, the exact response shapes, the edit
 and delete quirks, and the `created`/`modified` columns. The tests and the project's dev mode use it.
 
-Only the `tls-policy-map` category exists here; every other category answers like an unknown route.
+Only the `tls-policy-map` and `mailq` categories exist here (the mail queue lives in
+devtools/standin_queue.py; its calls are logged and faulted as op `mailq`); every other category answers
+like an unknown route.
 The session cookie is sent without `Secure` so that the cookie pitfall can be reproduced over plain
 HTTP.
 
 Everything under `/__standin__/` is a control API that real mailcow does NOT have, for tests only:
 
-* `POST /__standin__/faults` `{"op": "add|delete|get|edit|any", "mode": "http500|empty|timeout|
+* `POST /__standin__/faults` `{"op": "add|delete|get|edit|mailq|any", "mode": "http500|empty|timeout|
   drop_after_commit", "count": 1, "delay": 0}` arms a fault for the next `count` matching API calls.
   `http500` answers 500 without touching the state; `empty` answers 200 with an empty body without
   touching the state; `timeout` waits `delay` seconds (default 30) and then handles the call normally,
@@ -29,6 +31,7 @@ Everything under `/__standin__/` is a control API that real mailcow does NOT hav
 * `GET /__standin__/calls` is the call log (method, path, op, status, how the caller authenticated,
   whether it sent a cookie, the body); the API key is never stored. `DELETE` clears it.
 * `POST /__standin__/keys` adds or replaces an API key (`StandinKey` fields); the key is not echoed.
+* `/__standin__/queue`: the mail queue (devtools/standin_queue.py).
 
 In process (tests), `MailcowStandin.history()` lists every state a row was ever in (after each insert,
 update or delete): whether Postfix could ever have seen a row active, for instance.
@@ -63,6 +66,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from devtools.standin_queue import QueueAnswer, StandinQueue, queue_routes
+
 CONTROL_PREFIX = "/__standin__"
 SESSION_COOKIE = "MCSESSID"
 SESSION_LIFETIME = 10800
@@ -70,7 +75,7 @@ MAX_SESSIONS = 5000
 MAX_CALLS = 10000
 
 POLICY_ENUM = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure")
-FAULT_OPS = ("add", "delete", "get", "edit", "any")
+FAULT_OPS = ("add", "delete", "get", "edit", "mailq", "any")
 FAULT_MODES = ("http500", "empty", "timeout", "drop_after_commit")
 
 _JSON = "application/json"
@@ -621,6 +626,7 @@ class MailcowStandin:
         self.calls: list[dict[str, Any]] = []
         self.auth_failures: list[tuple[datetime, str]] = []  # what mailcow's netfilter counts, per IP
         self._seq = itertools.count(1)
+        self.queue = StandinQueue(self._policy_for, self._now)
 
     # ---- control API helpers --------------------------------------------------------------------
     def reset(self) -> None:
@@ -630,6 +636,7 @@ class MailcowStandin:
             self.faults.clear()
             self.calls.clear()
             self.auth_failures.clear()
+            self.queue.clear()
 
     def banned(self, remote: str) -> bool:
         """Whether mailcow's netfilter would have banned `remote` by now: 10 failed logins within 600 s,
@@ -706,6 +713,12 @@ class MailcowStandin:
             self.table._remember("seed", row)
             self.table.next_id = max(self.table.next_id, new_id + 1)
             return row.as_json()
+
+    def _policy_for(self, domain: str) -> tuple[int, str] | None:
+        """(active, policy) of the row Postfix would use for mail to `domain` now (the queue's deliver)."""
+        key = collation_key(domain)
+        row = next((r for r in list(self.table.rows.values()) if collation_key(r.dest) == key), None)
+        return None if row is None else (row.active, row.policy)
 
     def _take_fault(self, op: str) -> Fault | None:
         with self._lock:
@@ -801,6 +814,8 @@ class MailcowStandin:
             self._assert_method(call, "GET")
             if session.role is None:
                 return ""
+            if category == "mailq":
+                return _queue_reply(self.queue.get(obj))
             if category != "tls-policy-map":
                 raise _route_not_found()
             return self._get(obj)
@@ -812,6 +827,8 @@ class MailcowStandin:
                     raise _Exit(200, _REQUEST_INCOMPLETE)
                 items = php_array(php_json_decode(post["items"]))
                 self._assert_method(call, "POST")
+                if category == "mailq":
+                    return _queue_reply(self.queue.delete(items))
                 if category != "tls-policy-map":
                     raise _route_not_found()
                 return self._process_return("delete", self._delete(session, {"id": items}), session)
@@ -821,6 +838,8 @@ class MailcowStandin:
             attr.pop("csrf_token", None)
             edit_items = php_array(php_json_decode(post["items"])) if "items" in post else None
             self._assert_method(call, "POST")
+            if category == "mailq":
+                return _queue_reply(self.queue.edit(edit_items, attr))
             if category != "tls-policy-map":
                 raise _route_not_found()
             data: dict[str, Any] = {"id": edit_items}
@@ -964,6 +983,16 @@ class MailcowStandin:
         return php_json_pretty(details)
 
 
+def _queue_reply(answer: QueueAnswer) -> str:
+    if isinstance(answer.body, str):
+        if answer.status != 200:
+            raise _Exit(answer.status, answer.body, answer.content_type)
+        return answer.body
+    if isinstance(answer.body, list) and answer.body and "queue_id" in answer.body[0]:
+        return php_json_pretty(answer.body)  # process_get_return()
+    return cast(str, php_json_encode(answer.body))
+
+
 def _route_not_found() -> _Exit:
     return _Exit(404, _error("route not found"))
 
@@ -981,7 +1010,9 @@ def _cookie_header(session_id: str, now: datetime) -> str:
 
 
 def _action_of(rest: str) -> str:
-    action = rest.split("/", 1)[0]
+    action, _, rest_of_path = rest.partition("/")
+    if action in ("edit", "delete", "get") and rest_of_path.split("/", 1)[0] == "mailq":
+        return "mailq"
     return action if action in ("add", "edit", "delete", "get") else "other"
 
 
@@ -1111,6 +1142,7 @@ def create_standin_app(keys: list[StandinKey] | None = None, *, now: Callable[[]
             Route(f"{CONTROL_PREFIX}/rows", rows, methods=["GET", "POST"]),
             Route(f"{CONTROL_PREFIX}/calls", calls, methods=["GET", "DELETE"]),
             Route(f"{CONTROL_PREFIX}/keys", keys_endpoint, methods=["POST"]),
+            *queue_routes(lambda: standin.queue, CONTROL_PREFIX),
         ]
     )
     app.router.redirect_slashes = False

@@ -144,6 +144,9 @@ def make_settings(**overrides: Any) -> Settings:
         "diagnosis_on_create": False,
         # The worker's remediation watch would too; tests/worker/test_recheck.py runs it against the lab.
         "remediation": "off",
+        # So would reading mailcow's queue on create and refreshing it; the queue tests turn them on.
+        "queue_evidence_budget_seconds": 0.0,
+        "queue_refresh_seconds": 0.0,
     }
     values.update(overrides)
     return Settings(**values)

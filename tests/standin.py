@@ -27,6 +27,8 @@ ADD = "/api/v1/add/tls-policy-map"
 EDIT = "/api/v1/edit/tls-policy-map"
 DELETE = "/api/v1/delete/tls-policy-map"
 ALL = "/api/v1/get/tls-policy-map/all"
+MAILQ = "/api/v1/get/mailq/all"
+EDIT_MAILQ = "/api/v1/edit/mailq"
 
 
 def make_app(extra: list[StandinKey] | None = None) -> Starlette:
@@ -86,9 +88,17 @@ def fault(standin: MailcowStandin, op: str, mode: str, count: int = 1) -> None:
 # Fixtures
 
 
+def assert_no_forbidden_queue_calls(standin: MailcowStandin) -> None:
+    """mailcow's `flush`, `super_delete` and `delete/mailq` must never be sent (mailcow-api.md §12)."""
+    forbidden = standin.queue.forbidden
+    assert not forbidden, f"forbidden mail queue calls reached the stand-in: {forbidden}"
+
+
 @pytest.fixture
-def standin_app() -> Starlette:
-    return create_standin_app([StandinKey(KEY)])
+def standin_app() -> Iterator[Starlette]:
+    app = create_standin_app([StandinKey(KEY)])
+    yield app
+    assert_no_forbidden_queue_calls(standin_of(app))
 
 
 @pytest.fixture

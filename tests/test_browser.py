@@ -223,7 +223,7 @@ def _check_listed(page: dict[str, Any], override: dict[str, Any]) -> dict[str, A
     [item] = [item for item in page["items"] if item["id"] == override["id"]]
     assert item["destination"] == override["destination"] and item["state"] == "pending"
     # What a reviewer reads first: the summary line with what mail loses under the requested policy.
-    assert list(item)[0] == "summary" and item["summary"]["line"].startswith(override["policy"]), item
+    assert next(iter(item)) == "summary" and item["summary"]["line"].startswith(override["policy"]), item
     return item
 
 

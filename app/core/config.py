@@ -130,6 +130,16 @@ class Settings(CoreSettings):
     # An add whose answer was lost (a timeout) may still be committed by mailcow this long after it was
     # sent; a removal that finds nothing of ours waits that long before it records the end.
     mailcow_add_settle_seconds: float = Field(default=60.0, ge=0)
+    # mailcow's queue (app/worker/release.py): once an override is active its destination's deferred mail is
+    # delivered at once, by queue id, this many ids per call; a check this long afterwards flags an override
+    # whose mail is still deferred for TLS; after the end the destination is watched this long.
+    queue_release_batch: int = Field(default=100, ge=1, le=1000)
+    queue_check_seconds: float = Field(default=60.0, ge=0)
+    queue_watch_seconds: float = Field(default=86400.0, ge=0)
+    # The mail queue (mailcow-api.md §12): a new request reads it within this budget (0: not on create), and
+    # the worker reads it again for pending and active overrides every so often (0: never).
+    queue_evidence_budget_seconds: float = Field(default=2.0, ge=0, le=30)
+    queue_refresh_seconds: float = Field(default=300.0, ge=0)
 
     # diagnosis
     dns_resolver: str | None = None

@@ -13,6 +13,9 @@ The quirks are documented in /work/shared/mailcow-api.md; the ones handled here:
   its own row: "tls_policy_map_entry_exists" (§3), which callers resolve with `find_policy`.
 * get: `{}` means "none", `/{id}` adds a stray `"0": null`, the list order is undefined (§7).
 * delete: a bare JSON array; unknown ids "succeed" (§6).
+* mail queue (§12, `get_mailq`, `deliver`): recipients arrive as `"addr (reason)"` strings, only hex
+  queue ids are acted on (others are refused here), and success is answered even for a vanished id.
+  No method can send `flush`, `super_delete` or `delete/mailq`.
 * edit: stores dest and policy verbatim, treats "" and "0" as "keep", and reports a duplicate dest
   under the wrong key `recipient_map_entry_exists` (§4); the first two are refused here, the third is
   normalised to `tls_policy_map_entry_exists`.
@@ -25,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.cookiejar import Cookie, CookieJar
 from types import TracebackType
@@ -43,6 +46,7 @@ from tenacity import (
     wait_random,
 )
 
+from app.mailcow.checks import check_edit_dest, check_id, check_parameters, check_policy, check_queue_ids
 from app.mailcow.dest import dest_key, lookup_candidates
 from app.mailcow.errors import (
     MailcowAuthError,
@@ -52,13 +56,21 @@ from app.mailcow.errors import (
     MailcowRejected,
     MailcowUnavailable,
 )
-from app.mailcow.policies import POLICIES
+from app.mailcow.mailq import (
+    DELIVER_BATCH,
+    EDIT_MAILQ_PATH,
+    MAILQ_PATH,
+    batches,
+    check_delivered,
+    deliver_body,
+    read_mailq,
+)
+from app.mailcow.queue import QueueMessage
 
 log = logging.getLogger("app.mailcow")
 
 API: Final = "/api/v1"
 EDITABLE: Final = frozenset({"dest", "policy", "parameters", "active"})
-MAX_COLUMN: Final = 255
 
 CALLS = Counter(
     "tlso_mailcow_calls_total", "mailcow API calls, by outcome (ok or error kind)", ["target", "op", "outcome"]
@@ -196,7 +208,7 @@ class MailcowClient:
 
     async def get_policy(self, id: int) -> PolicyRow | None:
         """The row with this id, or None."""
-        row_id = _check_id(id)
+        row_id = check_id(id)
         return await self._call(
             "get", "GET", f"{API}/get/tls-policy-map/{row_id}", None, lambda r: self._parse_one(r, row_id)
         )
@@ -214,15 +226,15 @@ class MailcowClient:
         """Add a row (active unless told otherwise); mailcow returns no id, so use `find_policy(dest)` afterwards."""
         if not isinstance(dest, str) or not dest.strip():
             raise ValueError("dest must be a non-empty string")
-        policy = _check_policy(policy)
-        _check_parameters(parameters)
+        policy = check_policy(policy)
+        check_parameters(parameters)
         # `active` is always sent: mailcow stores a missing one as 0, an inactive row
         body = {"dest": dest, "policy": policy, "parameters": parameters, "active": 1 if active else 0}
         await self._call("add", "POST", f"{API}/add/tls-policy-map", body, self._parse_added)
 
     async def edit_policy(self, id: int, **attrs: Any) -> None:
         """Change dest, policy, parameters and/or active of one row."""
-        row_id = _check_id(id)
+        row_id = check_id(id)
         unknown = set(attrs) - EDITABLE
         if unknown:
             raise ValueError(f"cannot edit {sorted(unknown)}; editable: {sorted(EDITABLE)}")
@@ -230,11 +242,11 @@ class MailcowClient:
             raise ValueError("nothing to edit")
         attr: dict[str, Any] = {}
         if "dest" in attrs:
-            attr["dest"] = _check_edit_dest(attrs["dest"])
+            attr["dest"] = check_edit_dest(attrs["dest"])
         if "policy" in attrs:
-            attr["policy"] = _check_policy(attrs["policy"])
+            attr["policy"] = check_policy(attrs["policy"])
         if "parameters" in attrs:
-            attr["parameters"] = _check_parameters(attrs["parameters"])
+            attr["parameters"] = check_parameters(attrs["parameters"])
         if "active" in attrs:
             active = attrs["active"]
             if isinstance(active, bool):
@@ -247,12 +259,24 @@ class MailcowClient:
 
     async def delete_policies(self, ids: list[int]) -> None:
         """Delete rows; mailcow confirms unknown ids too, so verify with get/find when it matters."""
-        checked = [_check_id(i) for i in ids]
+        checked = [check_id(i) for i in ids]
         if not checked:
             return
         await self._call(
             "delete", "POST", f"{API}/delete/tls-policy-map", checked, lambda r: self._parse_deleted(r, checked)
         )
+
+    async def get_mailq(self) -> list[QueueMessage]:
+        """The mail queue (mailcow lists at most 10,000 messages), recipients by domain only."""
+        return await self._call("mailq", "GET", MAILQ_PATH, None, lambda r: read_mailq(r.text))
+
+    async def deliver(self, queue_ids: Sequence[str], *, batch_size: int = DELIVER_BATCH) -> int:
+        """Ask Postfix to deliver these queued messages now, in batches; how many ids were sent. Success
+        says nothing about delivery: read the queue again to know."""
+        ids = check_queue_ids(queue_ids)
+        for batch in batches(ids, batch_size):
+            await self._call("deliver", "POST", EDIT_MAILQ_PATH, deliver_body(batch), self._parse_delivered)
+        return len(ids)
 
     # ---- transport ------------------------------------------------------------------------------
 
@@ -484,6 +508,9 @@ class MailcowClient:
                 return
         raise MailcowProtocolError(f"edit: no confirmation for id {row_id} in {self._redact(reply.text[:200])!r}")
 
+    def _parse_delivered(self, reply: _Reply) -> None:
+        check_delivered(self._entries(reply, "deliver"))
+
     def _parse_deleted(self, reply: _Reply, ids: list[int]) -> None:
         confirmed = {
             str(msg[1])
@@ -499,7 +526,7 @@ class MailcowClient:
 
 
 # --------------------------------------------------------------------------------------------------
-# Input checks for what mailcow would answer uninformatively (empty body, silent no-op)
+# Reading mailcow's answers
 # --------------------------------------------------------------------------------------------------
 
 
@@ -518,36 +545,3 @@ def _key_of(entry: dict[str, Any]) -> str | None:
     if isinstance(msg, list) and msg and isinstance(msg[0], str):
         return msg[0]
     return msg if isinstance(msg, str) else None
-
-
-def _check_id(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("a mailcow row id is a positive int")
-    return value
-
-
-def _check_policy(policy: Any) -> str:
-    if not isinstance(policy, str) or policy.strip().lower() not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
-    return policy.strip().lower()
-
-
-def _check_parameters(parameters: Any) -> str:
-    if not isinstance(parameters, str):
-        raise ValueError("parameters must be a string")
-    if len(parameters) > MAX_COLUMN:
-        raise ValueError(f"parameters are {len(parameters)} characters long; mailcow stores at most {MAX_COLUMN}")
-    if parameters == "0":
-        raise ValueError('mailcow treats parameters "0" as empty and skips its check')
-    return parameters
-
-
-def _check_edit_dest(dest: Any) -> str:
-    # add normalises dest (trim, lowercase, punycode); edit stores it verbatim and ignores "" and "0"
-    if not isinstance(dest, str) or dest in ("", "0"):
-        raise ValueError('dest must be a non-empty string other than "0"')
-    if dest != dest.strip() or dest != dest.lower() or not dest.isascii():
-        raise ValueError("edit stores dest verbatim: pass it trimmed, lower-case and in punycode")
-    if len(dest) > MAX_COLUMN:
-        raise ValueError(f"dest is longer than {MAX_COLUMN} characters")
-    return dest

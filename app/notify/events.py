@@ -5,7 +5,8 @@ that event*: what changes over an override's life (state, version, parameters, e
 approvals, a pending extension) is read back from the override's own audit rows up to the event and from
 the votes cast before it, so a receiver that gets an old event late (a retry, a re-queued dead letter)
 never sees a later state under an earlier event's name. The rest (destination, ticket, justification,
-requester, findings, the diagnosis verdict) never changes after the request.
+requester, findings, the diagnosis verdict) never changes after the request; the mail queue evidence is
+as last read (its own `checked_at`).
 
 Additions keep the schema name; a change that would break a receiver gets `tlsoverride.event/v2`.
 """
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from app.audit.models import AuditEvent
 from app.core.config import Settings
 from app.overrides.models import TERMINAL_STATES, Override, OverrideState, Vote
+from app.overrides.stuck import from_json, queue_line
 from app.overrides.summary import summarize
 
 SCHEMA: Literal["tlsoverride.event/v1"] = "tlsoverride.event/v1"
@@ -68,6 +70,28 @@ class EventDiagnosis(_Model):
     error: str | None = Field(default=None, description="Why there is no diagnosis (rate limit, failure).")
 
 
+class EventQueueReason(_Model):
+    reason: str = Field(description="Postfix's delay reason (addresses replaced by `<…@domain>`).")
+    recipients: int
+    failure_class: str | None = Field(description="The diagnosis's failure class it points at, if any.")
+    tls: bool = Field(description="A TLS/DANE failure, the kind an override is for.")
+
+
+class EventQueue(_Model):
+    """What mailcow's queue held deferred for the destination when last read (not at the event: see
+    `checked_at`). Counts, reasons and times only, never addresses."""
+
+    checked_at: datetime
+    attributable: bool = Field(description="False for a next hop: the queue shows recipient domains only.")
+    messages: int
+    recipients: int
+    oldest_arrival: datetime | None
+    reasons: list[EventQueueReason]
+    capped: bool = Field(description="mailcow lists at most 10,000 messages: the counts may be higher.")
+    error: str | None = Field(description="Why the queue could not be read.")
+    line: str | None = Field(examples=["14 messages to 9 recipients stuck for 3 h: Server certificate not verified"])
+
+
 class EventSummary(_Model):
     line: str = Field(
         examples=["fingerprint · blocked (A: TLSA mismatch) · certificate pinned, not checked against DANE"]
@@ -86,6 +110,15 @@ class EventLinks(_Model):
     cancel: str
     revoke: str
     extend: str
+    request_again: str | None = Field(
+        default=None,
+        description="`recipient.still_failing` and `recipient.regressed` only: POST `details.request_again` here "
+        "(`target`, `destination`, `policy`; add a justification) to ask for a new override.",
+    )
+
+
+# Events about a recipient after its override ended: they carry a link to request a new one.
+REQUEST_AGAIN_EVENTS = frozenset({"recipient.still_failing", "recipient.regressed"})
 
 
 class OverrideSnapshot(_Model):
@@ -113,6 +146,7 @@ class OverrideSnapshot(_Model):
     end_reason: str | None
     findings: list[EventFinding]
     diagnosis: EventDiagnosis | None
+    queue: EventQueue | None = Field(default=None, description="The mail queue for the destination, last read.")
     summary: EventSummary
     links: EventLinks = Field(description="Absolute URLs (TLSO_PUBLIC_BASE_URL); the actions are POSTs.")
 
@@ -139,7 +173,13 @@ class WebhookEvent(_Model):
     """The body of every delivery to a `json` sink (Standard Webhooks: `type`, `timestamp`, `data`)."""
 
     schema_: Literal["tlsoverride.event/v1"] = Field(default=SCHEMA, alias="schema")
-    type: str = Field(description="The audit action: `override.created`, `override.approved`, `audit.checkpoint`, …")
+    type: str = Field(
+        description="The audit action: `override.created`, `override.approved`, `audit.checkpoint`, … About the "
+        "queue: `override.queue_released` (the destination's deferred mail handed to mailcow's deliver, "
+        "`details.released`), `override.still_stuck` (its mail still deferred for TLS a minute later: the override "
+        "does not help), `override.queue_clear`; after the end `recipient.still_failing` (mail defers for TLS "
+        "again) and `recipient.regressed` (the diagnosis turned `blocked` again), with `links.request_again`."
+    )
     timestamp: datetime = Field(description="When it happened (the audit row's time).")
     data: EventData
 
@@ -163,6 +203,8 @@ def build_event(
     snapshot = None
     if override is not None:
         snapshot = snapshot_at(override, votes, trail, row.seq, settings)
+        if row.action in REQUEST_AGAIN_EVENTS:
+            snapshot.links.request_again = settings.link("/v1/overrides")
     return WebhookEvent(
         type=row.action,
         timestamp=row.at,
@@ -235,6 +277,7 @@ def snapshot_at(
         end_reason=override.end_reason if state in TERMINAL_STATES or state == OverrideState.removing else None,
         findings=[EventFinding.model_validate(f) for f in override.findings or []],
         diagnosis=_verdict(diagnosis),
+        queue=_queue(override.queue),
         summary=EventSummary.model_validate(summarize(override.policy, override.parameters, diagnosis).__dict__),
         links=override_links(settings, override.id or 0),
     )
@@ -249,6 +292,26 @@ def _pending_extension(rows: Sequence[AuditEvent], state: OverrideState) -> Even
         return None
     return EventPendingExtension(
         duration=_duration((last.after or {}).get("requested_extension")), requested_by=last.actor
+    )
+
+
+def _queue(stored: dict[str, Any] | None) -> EventQueue | None:
+    evidence = from_json(stored) if stored else None
+    if evidence is None:
+        return None
+    return EventQueue(
+        checked_at=evidence.checked_at,
+        attributable=evidence.attributable,
+        messages=evidence.messages,
+        recipients=evidence.recipients,
+        oldest_arrival=evidence.oldest_arrival,
+        reasons=[
+            EventQueueReason(reason=r.reason, recipients=r.recipients, failure_class=r.failure_class, tls=r.tls)
+            for r in evidence.reasons
+        ],
+        capped=evidence.capped,
+        error=evidence.error,
+        line=queue_line(evidence),
     )
 
 

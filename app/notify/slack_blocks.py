@@ -100,6 +100,9 @@ def override_blocks(snapshot: OverrideSnapshot, footer: str | None = None) -> li
             "text": {"type": "mrkdwn", "text": _cut(f"*Justification*\n>{escape(s.justification)}", 3000)},
         },
     ]
+    if s.queue is not None and s.queue.line:
+        stuck = f"*Mail queue* ({_when(s.queue.checked_at)})\n{escape(s.queue.line)}"
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _cut(stuck, 3000)}})
     refused = [f for f in s.findings if f.severity != "info"]
     if refused:
         lines = "\n".join(f"• {escape(f.message)}" for f in refused[:5])

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,9 @@ class RecentDiagnoses:
 
 
 Found = tuple[dict[str, Any] | None, list[dict[str, Any]]]
+# Reads the target's mail queue for a new request: (ctx, target, destination, time limit) → the evidence
+# to store, or None. `create_app` hands it over (app.targets.queue.queue_on_create).
+QueueReader = Callable[[ActionContext, str, str, float | None], dict[str, Any] | None]
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class Evidence:
     limiter: RateLimiter
     recent: RecentDiagnoses
     time_limit: float | None = None  # a caller that must answer quickly (Slack: 3 s) takes no longer
+    queue_reader: QueueReader | None = None  # None: the worker's refresh reads the queue later
 
     def gather(self, ctx: ActionContext, target: str, destination: str, policy: str, parameters: str) -> Found:
         """Diagnose the destination's domain (from a worker thread of the API) and assess the request.
@@ -151,6 +156,13 @@ class Evidence:
             log.warning("diagnosis of %s failed: %s", domain, exc)
             return {"error": f"diagnosis failed: {exc}"}, named
         return diagnosis.model_dump(mode="json"), findings_for(diagnosis, policy, parameters, settings) + named
+
+    def queue(self, ctx: ActionContext, target: str, destination: str) -> dict[str, Any] | None:
+        """What mailcow's queue holds deferred for the destination (app.overrides.stuck), read within
+        `TLSO_QUEUE_EVIDENCE_BUDGET_SECONDS`; a failure is recorded in it and never refuses the request."""
+        if self.queue_reader is None:
+            return None
+        return self.queue_reader(ctx, target, destination, self.time_limit)
 
     async def _diagnose(self, settings: Settings, principal: Principal, domain: str) -> Diagnosis:
         work = diagnose_within_budget(self.limiter, settings, principal, domain)

@@ -25,6 +25,7 @@ from app.overrides.models import (
     EndReason,
     Override,
     OverrideState,
+    QueueReleaseStatus,
     conflict_status_of,
 )
 
@@ -70,6 +71,36 @@ CONFLICT_TRANSITIONS: dict[ConflictStatus | None, frozenset[ConflictStatus]] = {
         ).items()
     },
 }
+
+# The release of an override's deferred mail (`Override.queue_release`, its status), written by the worker's
+# queue pass only (`app.worker.store.move_queue_release`), which checks this table under the row's lock.
+QUEUE_RELEASE_TRANSITIONS: dict[QueueReleaseStatus | None, frozenset[QueueReleaseStatus]] = {
+    None: frozenset({QueueReleaseStatus.released, QueueReleaseStatus.watching}),
+    **{
+        status: allowed
+        for status, allowed in _table(
+            QueueReleaseStatus,
+            {
+                "released": "clear still_stuck watching",
+                "clear": "watching",
+                "still_stuck": "watching",
+                # The watch keeps its status while it looks (its episode changes in place) until its window ends.
+                "watching": "watching watched",
+            },
+        ).items()
+    },
+}
+
+# The ends after which the destination is watched for mail that defers for TLS again.
+WATCHED_ENDS = frozenset({OverrideState.expired, OverrideState.revoked, OverrideState.remediated})
+
+
+def check_queue_release_move(old: QueueReleaseStatus | None, new: QueueReleaseStatus) -> None:
+    """Refuse a move of the release's status that its table does not allow."""
+    if new not in QUEUE_RELEASE_TRANSITIONS[old]:
+        was = old.value if old else None
+        raise InvalidTransition(f"A queue release in status '{was}' cannot become '{new.value}'.")
+
 
 # Why an override is being removed → the state it ends in once mailcow is clean.
 END_STATE: dict[EndReason, OverrideState] = {

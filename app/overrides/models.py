@@ -68,6 +68,21 @@ class ConflictStatus(Enum):
     abandoned = "abandoned"  # the admin gave the override up: the row stays as it was
 
 
+class QueueReleaseStatus(StrEnum):
+    """Where the release of an override's deferred mail stands (`Override.queue_release["status"]`); it moves
+    through `app.overrides.lifecycle.QUEUE_RELEASE_TRANSITIONS` only."""
+
+    released = "released"  # the destination's deferred messages were handed to `deliver`: the check is due
+    clear = "clear"  # the check found none of its mail deferred for TLS any more: the override works
+    still_stuck = "still_stuck"  # the check found its mail still deferred for TLS: the override does not help
+    watching = "watching"  # the override ended: new TLS deferrals for the destination are watched for
+    watched = "watched"  # the watch window is over
+
+
+def queue_release_status_of(value: dict[str, Any] | None) -> QueueReleaseStatus | None:
+    return QueueReleaseStatus(value["status"]) if value else None
+
+
 def conflict_status_of(conflict: dict[str, Any] | None) -> ConflictStatus | None:
     return ConflictStatus(conflict["status"]) if conflict else None
 
@@ -81,6 +96,7 @@ class Override(SQLModel, table=True):
     __table_args__ = (
         Index("ix_override_state", "state"),
         Index("ix_override_target_destination", "target", "destination"),
+        Index("ix_override_queue_due_at", "queue_due_at"),
         # One live override per target+destination, enforced by the database itself.
         Index(
             "uq_override_live_destination",
@@ -157,10 +173,22 @@ class Override(SQLModel, table=True):
     findings: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     clean_checks: int = Field(default=0)
     last_checked_at: datetime | None = _ts()
+    # What mailcow's queue holds for the destination (app.overrides.stuck: counts, reasons, times; never
+    # addresses), gathered on create and refreshed while the override is pending or active.
+    queue: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+    # The release of the destination's deferred mail once active, its check, the watch after the end
+    # (app/worker/release.py), and when the next of those passes is due (None: none is).
+    queue_release: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    queue_due_at: datetime | None = _ts()
 
     @property
     def conflict_status(self) -> ConflictStatus | None:
         return conflict_status_of(self.conflict)
+
+    @property
+    def queue_release_status(self) -> QueueReleaseStatus | None:
+        return queue_release_status_of(self.queue_release)
 
 
 class Vote(SQLModel, table=True):

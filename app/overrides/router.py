@@ -36,6 +36,7 @@ from app.overrides.schemas import (
     SummaryRead,
     VoteRead,
 )
+from app.overrides.stuck import queue_line
 from app.overrides.summary import summarize
 
 router = APIRouter(prefix="/v1/overrides", tags=["overrides"])
@@ -98,6 +99,7 @@ def to_read(session: Session, override: Override) -> OverrideRead:
             verdict=review.verdict,
             recommended=review.recommended,
             weaker_than_recommended=review.weaker_than_recommended,
+            stuck_mail=queue_line(override.queue) if override.ended_at is None else None,
         ),
         id=override.id or 0,
         target=override.target,
@@ -129,9 +131,12 @@ def to_read(session: Session, override: Override) -> OverrideRead:
         drift=override.drift,
         last_error=override.last_error,
         findings=[FindingRead.model_validate(f) for f in override.findings or []],
+        queue_release=override.queue_release,
+        still_stuck=bool((override.queue_release or {}).get("still_stuck")),
         version=override.version,
         links={"self": f"/v1/overrides/{override.id}", "events": f"/v1/overrides/{override.id}/events"},
         votes=votes,
+        queue=override.queue,
         diagnosis=override.diagnosis,
     )
 
@@ -207,7 +212,8 @@ def create_override(
 ) -> OverrideRead:
     """Ask for a temporary TLS policy override. The domain is diagnosed and the evidence stored with it."""
     ctx = _context(request, principal, session, body, idempotency_key)
-    evidence = Evidence(request.app.state.diagnosis_limiter, request.app.state.recent_diagnoses)
+    state = request.app.state
+    evidence = Evidence(state.diagnosis_limiter, state.recent_diagnoses, queue_reader=state.queue_reader)
     return _answer(session, ctx, response, lambda: service.create_override(session, ctx, body, evidence), 201)
 
 

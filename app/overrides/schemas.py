@@ -109,6 +109,33 @@ class FindingRead(BaseModel):
     refused: bool = False
 
 
+class QueueReasonRead(BaseModel):
+    reason: str = Field(description="Postfix's delay reason, as mailcow lists it (addresses replaced by `<…@domain>`).")
+    recipients: int = Field(description="Deferred recipients at the destination with this reason.")
+    failure_class: str | None = Field(description="The diagnosis's failure class it points at (dane.md §2.2), if any.")
+    label: str | None = Field(description="What the reason means, in a few words.")
+    tls: bool = Field(description="A TLS/DANE failure, the kind an override is for.")
+
+
+class QueueEvidenceRead(BaseModel):
+    """What mailcow's queue held deferred for the destination when last read: counts, reasons and times
+    only, never addresses or senders."""
+
+    destination: str
+    checked_at: datetime
+    attributable: bool = Field(
+        description="False for a next hop (`[mx.example.org]:25`): the queue shows recipient domains, not next hops."
+    )
+    messages: int = Field(description="Deferred messages with at least one recipient at the destination.")
+    recipients: int = Field(description="Their recipients at the destination.")
+    oldest_arrival: datetime | None
+    reasons: list[QueueReasonRead] = Field(description="Distinct delay reasons, most recipients first (at most 10).")
+    capped: bool = Field(description="mailcow lists at most 10,000 queued messages: the counts may be higher.")
+    error: str | None = Field(description="Why the queue could not be read (then there are no counts).")
+    note: str | None = None
+    line: str | None = Field(description='In one line: "14 messages to 9 recipients stuck for 3 h: …".')
+
+
 class SummaryRead(BaseModel):
     """What a reviewer reads first (app/overrides/summary.py: the same line Slack and webhook events show)."""
 
@@ -170,6 +197,10 @@ class OverrideBrief(BaseModel):
     drift: dict[str, Any] | None
     last_error: str | None
     findings: list[FindingRead] = Field(description="What the checks found about the request (before the diagnosis).")
+    still_stuck: bool = Field(
+        description="Mail for the destination was still deferred with a TLS reason after the release: the "
+        "override does not let it through."
+    )
     version: int
     links: dict[str, str]
 
@@ -178,6 +209,15 @@ class OverrideRead(OverrideBrief):
     """An override in full: the brief view, then every vote and the diagnosis stored with the request."""
 
     votes: list[VoteRead] = Field(description="Every vote, all rounds, in order.")
+    queue: QueueEvidenceRead | None = Field(
+        description="The mail queue for the destination: read on create, refreshed while pending or active."
+    )
+    queue_release: dict[str, Any] | None = Field(
+        description="The destination's deferred mail once the override is active: `status` `released` (mailcow was "
+        "asked to deliver `released` messages now), `clear` or `still_stuck` (the check "
+        "`TLSO_QUEUE_CHECK_SECONDS` later), `watching`/`watched` (after the end, for `TLSO_QUEUE_WATCH_SECONDS`: "
+        "`failing` while mail for it defers for TLS again); counts, delay reasons and times only."
+    )
     diagnosis: dict[str, Any] | None = Field(
         description="The diagnosis stored with the request (DNS, TLSA, each MX host's probe and certificates)."
     )

@@ -35,6 +35,7 @@ def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, 
     target, destination, parameters, duration = validate_request(body, settings)
     # The probes run before `session` is first used: on SQLite its transaction holds the only write lock.
     diagnosis, findings = evidence.gather(ctx, target, destination, body.policy, parameters)
+    queue = evidence.queue(ctx, target, destination)
     ctx.claim(session)
     existing = find_live(session, target, destination)
     if existing is not None:
@@ -72,6 +73,7 @@ def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, 
         next_attempt_at=now if auto else None,
         diagnosis=diagnosis,
         findings=findings or [],
+        queue=queue,
     )
     session.add(override)
     try:

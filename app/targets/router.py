@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from app.core.auth import CurrentPrincipal, Principal, require
 from app.core.db import SessionDep
 from app.core.errors import problem_responses
 from app.overrides.permissions import ActionContext
 from app.overrides.schemas import ActionBody
-from app.targets import service
-from app.targets.schemas import TargetPolicies, TargetRead
+from app.targets import queue, service
+from app.targets.schemas import TargetPolicies, TargetQueue, TargetRead
 
 router = APIRouter(prefix="/v1/targets", tags=["targets"])
 Reader = Annotated[Principal, require("approver", "admin", "auditor")]
+QueueReader = Annotated[Principal, require("approver", "admin")]
 TargetName = Annotated[str, Path(max_length=100, description="The target's name (see `GET /v1/targets`).")]
 
 
@@ -36,6 +37,31 @@ async def target_policies(request: Request, name: TargetName, _: Reader) -> Targ
     touched); `drift` says how an owned row differs from its override; `missing` lists active
     overrides whose row is gone."""
     return await service.live_policies(request.app.state.engine, request.app.state.settings, name)
+
+
+@router.get(
+    "/{name}/queue",
+    response_model=TargetQueue,
+    summary="What the target's mail queue holds deferred (approver, admin)",
+    responses=problem_responses(401, 403, 404, 422, 503),
+)
+async def target_queue(
+    request: Request,
+    name: TargetName,
+    _: QueueReader,
+    destination: Annotated[
+        str | None,
+        Query(
+            max_length=300,
+            description="A destination as an override names it (`example.org`, `.example.org`); without it, "
+            "every recipient domain with deferred mail.",
+        ),
+    ] = None,
+) -> TargetQueue:
+    """Read from mailcow now: deferred messages and recipients per destination, the oldest arrival and the
+    distinct delay reasons, each with the diagnosis's failure class where it matches. Counts, reasons and
+    times only: never senders, recipients' local parts or content. A next hop is not attributable."""
+    return await queue.target_queue(request.app.state.engine, request.app.state.settings, name, destination)
 
 
 @router.post(

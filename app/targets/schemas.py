@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from app.overrides.models import OverrideState
+from app.overrides.schemas import QueueEvidenceRead
 
 
 class TargetRead(BaseModel):
@@ -55,3 +56,17 @@ class TargetPolicies(BaseModel):
     fetched_at: datetime
     rows: list[PolicyRowRead] = Field(description="The live policy map, by destination.")
     missing: list[MissingRowRead] = Field(description="Active overrides whose row is not in the map.")
+
+
+class TargetQueue(BaseModel):
+    """What a target's mail queue holds deferred: counts, delay reasons and times, never addresses."""
+
+    target: str
+    fetched_at: datetime
+    queued: int = Field(description="Messages in the queue (all of Postfix's queues), as mailcow lists them.")
+    deferred: int = Field(description="Of those, messages in the deferred queue.")
+    capped: bool = Field(description="mailcow lists at most 10,000 messages: the counts may be higher.")
+    destinations: list[QueueEvidenceRead] = Field(
+        description="The destination asked for; without one, each recipient domain with deferred mail, most "
+        "recipients first (at most 200)."
+    )

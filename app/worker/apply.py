@@ -40,6 +40,7 @@ from app.worker import store
 from app.worker.context import JobContext
 from app.worker.failures import Call, describe, given_up, read_map, retry_later
 from app.worker.faults import crash_point
+from app.worker.release import releasable
 from app.worker.store import RELEASED, Job
 
 log = logging.getLogger("app.worker.apply")
@@ -257,6 +258,8 @@ def _applied_in(session: Session, job: Job, owner: str, row_id: int, adopted: bo
             "next_attempt_at": None,
             "attempts": 0,
             "last_error": None,
+            # Its destination's deferred mail is released in this same pass (app/worker/release.py).
+            "queue_due_at": now if releasable(override.destination) else None,
         },
         audit_extra={"adopted": adopted, "attempts": override.attempts + 1, "worker": owner},
     )

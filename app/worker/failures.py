@@ -85,6 +85,27 @@ async def retry_later(
     log.warning("%s of override %s on %s failed (%s); next attempt %s", job_kind, job.id, job.target, text, when)
 
 
+async def queue_later(ctx: JobContext, jobs: list[store.QueueJob], what: str, error: BaseException) -> None:
+    """A queue read or `deliver` failed (the release, its check, the watch): never given up. After a refused
+    key the target pauses and the passes wait for it; otherwise they are due again after
+    `TLSO_QUEUE_CHECK_SECONDS` (at least the first retry's backoff): mailcow's queue tools run in its
+    `dockerapi` container, which does not come back within seconds."""
+    paused = await pause_if_refused(ctx, jobs[0].target, error) if jobs else False
+    delay = 0.0 if paused else max(ctx.settings.retry_initial_seconds, ctx.settings.queue_check_seconds)
+    for job in jobs:
+        await ctx.db(store.queue_later, ctx.engine, job, ctx.owner, delay)
+        WORKER_JOBS.labels("release", "retry").inc()
+    when = "when the target's pause ends" if paused else f"in {delay:.1f}s"
+    log.warning(
+        "%s on %s failed (%s); %d override(s) try again %s",
+        what,
+        jobs[0].target if jobs else "?",
+        describe(error),
+        len(jobs),
+        when,
+    )
+
+
 async def given_up(
     ctx: JobContext, job: Job, job_kind: str, error: BaseException, call: Call, *, attempts: int = 1
 ) -> bool:

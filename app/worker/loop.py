@@ -1,10 +1,11 @@
 """The worker loop: find what is due, run the jobs, sleep until the next due time.
 
 One iteration ("tick"): lapse undecided requests, start the removal of expired overrides, claim and
-run removals and applies (per target, targets in parallel), reconcile the targets whose turn it is,
-deliver notifications. Then it sleeps until the earliest due time in the database — an expiry, a
-retry, a lease running out, a reconcile — but never longer than `TLSO_WORKER_POLL_SECONDS`, because
-approvals happen in the API process and are only seen by polling.
+run removals and applies (per target, targets in parallel), release, check and watch the queue of
+overrides whose queue pass is due, reconcile the targets whose turn it is, refresh the mail queue
+evidence of watched overrides, deliver notifications. Then it sleeps until the earliest due time in the
+database — an expiry, a retry, a lease running out, a queue pass, a reconcile — but never longer than
+`TLSO_WORKER_POLL_SECONDS`, because approvals happen in the API process and are only seen by polling.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ from app.targets.service import claim_reconcile, ensure_targets, renew_reconcile
 from app.worker import store
 from app.worker.apply import apply_batch
 from app.worker.context import JobContext
-from app.worker.failures import retry_later
+from app.worker.failures import queue_later, retry_later
 from app.worker.faults import CRASH_ENV
+from app.worker.queue_refresh import refresh_queues
 from app.worker.recheck import watch
 from app.worker.reconcile import reconcile_target
+from app.worker.release import queue_pass
 from app.worker.remove import remove_batch
-from app.worker.store import Job
+from app.worker.store import Job, QueueJob
 
 log = logging.getLogger("app.worker")
 
@@ -154,16 +157,21 @@ class Worker:
         if failures:
             raise failures[0]
 
+        released = await self._queue_pass(paused)
+
         reconcilable = [name for name in self.targets if name not in paused and name not in ctx.auth_failed]
         reconciling = await ctx.db(claim_reconcile, self.engine, reconcilable, self.owner, timedelta(seconds=lease))
         async with self._renewing(renew_reconcile, reconciling, timedelta(seconds=lease)):
             for name in reconciling:
                 await reconcile_target(ctx, self.client(name), name)
 
+        queues = [name for name in self.targets if name not in paused and name not in ctx.auth_failed]
+        refreshed = await refresh_queues(ctx, self.client, queues)
+
         await ctx.db(audit_upkeep, self.engine, settings, self.signer)  # before delivery: checkpoints go out now
         delivered = await self._deliver()
         next_due = await ctx.db(store.next_due, self.engine, list(self.targets), paused | ctx.auth_failed)
-        did_work = bool(lapsed or late or removals or applies or reconciling or delivered)
+        did_work = bool(lapsed or late or removals or applies or released or reconciling or refreshed or delivered)
         return TickResult(did_work, next_due)
 
     @contextlib.asynccontextmanager
@@ -190,6 +198,39 @@ class Worker:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def _queue_pass(self, paused: set[str]) -> int:
+        """Release the deferred mail of overrides that just became active, check it, watch ended ones
+        (app/worker/release.py); after the applies, so that an override's mail flows in the pass that applied it."""
+        ctx, settings = self.ctx, self.settings
+        jobs = await ctx.db(
+            store.claim_queue,
+            self.engine,
+            self.owner,
+            lease_seconds=settings.worker_lease_seconds,
+            limit=settings.worker_batch_size,
+            exclude_targets=paused | ctx.auth_failed,
+        )
+        by_target: dict[str, list[QueueJob]] = defaultdict(list)
+        for job in jobs:
+            by_target[job.target].append(job)
+
+        async def one_target(target: str, target_jobs: list[QueueJob]) -> None:
+            try:
+                client = self.client(target)
+            except TargetNotConfigured as exc:
+                await queue_later(ctx, target_jobs, "the queue pass", exc)
+                return
+            await queue_pass(ctx, client, target_jobs)
+
+        async with self._renewing(store.renew_queue, [job.id for job in jobs], settings.worker_lease_seconds):
+            outcomes = await asyncio.gather(
+                *(one_target(name, target_jobs) for name, target_jobs in by_target.items()), return_exceptions=True
+            )
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if failures:
+            raise failures[0]
+        return len(jobs)
 
     def _paused(self) -> list[str]:
         """The targets paused for the key configured here."""

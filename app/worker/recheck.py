@@ -1,4 +1,5 @@
-"""The remediation watch: re-diagnose active overrides; notice when the recipient has fixed DANE.
+"""The remediation watch: re-diagnose active overrides; notice when the recipient has fixed DANE — and,
+for `TLSO_QUEUE_WATCH_SECONDS` after an expired, revoked or remediated end, when it breaks again.
 
 After `TLSO_REMEDIATION_CHECKS` clean diagnoses in a row the worker records `recipient.fixed` in the
 audit trail (which the notification sinks carry) and, with `TLSO_REMEDIATION=end`, ends the override
@@ -15,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, or_
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app.audit.service import record
 from app.core.config import Settings
@@ -35,11 +36,19 @@ Diagnose = Callable[[str], Awaitable[Diagnosis]]
 
 
 def _due(engine: Engine, settings: Settings, limit: int) -> list[tuple[int, str, datetime | None]]:
-    cutoff = utcnow() - timedelta(seconds=settings.recheck_interval_seconds)
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.recheck_interval_seconds)
+    watched_since = now - timedelta(seconds=settings.queue_watch_seconds)
     with transaction(engine) as session:
         rows = session.exec(
             select(Override)
-            .where(Override.state == OverrideState.active)
+            .where(
+                or_(
+                    col(Override.state) == OverrideState.active,
+                    # Ended ones for TLSO_QUEUE_WATCH_SECONDS: a recipient that breaks again is noticed.
+                    col(Override.state).in_(sorted(lifecycle.WATCHED_ENDS)) & (col(Override.ended_at) >= watched_since),
+                )
+            )
             .where(or_(col(Override.last_checked_at).is_(None), col(Override.last_checked_at) <= cutoff))
             .order_by(col(Override.last_checked_at).is_(None).desc(), col(Override.last_checked_at))
             .limit(limit)
@@ -51,6 +60,8 @@ def _record_result(engine: Engine, settings: Settings, override_id: int, diagnos
     clean = is_clean(diagnosis)
     with transaction(engine) as session:
         override = lifecycle.load(session, override_id, for_update=True)
+        if override.state in lifecycle.WATCHED_ENDS:
+            return _after_the_end(session, override, diagnosis, clean)
         if override.state != OverrideState.active:
             return "gone"
         checks = override.clean_checks + 1 if clean else 0
@@ -87,6 +98,41 @@ def _record_result(engine: Engine, settings: Settings, override_id: int, diagnos
                 comment=f"{diagnosis.domain} fails again after passing: {diagnosis.explanation}",
             )
         return "clean" if clean else "failing"
+
+
+def _after_the_end(session: Session, override: Override, diagnosis: Diagnosis, clean: bool) -> str:
+    """An ended override's recipient: `recipient.regressed` when its diagnosis turns `blocked` after passing
+    (once per episode: the count of clean checks starts again), with the evidence and what to request."""
+    override_id = override.id or 0
+    blocked = diagnosis.verdict == "blocked"
+    if blocked and override.clean_checks > 0:
+        store.count_clean_checks(session, override_id, 0)
+        record(
+            session,
+            actor="system",
+            action="recipient.regressed",
+            override_id=override_id,
+            after={
+                "verdict": diagnosis.verdict,
+                "failure_class": diagnosis.failure_class,
+                "explanation": diagnosis.explanation[:500],
+                "checked_at": diagnosis.checked_at.isoformat(),
+                "ended": override.state.value,
+                "request_again": {
+                    "target": override.target,
+                    "destination": override.destination,
+                    "policy": diagnosis.recommended.policy if diagnosis.recommended else override.policy,
+                },
+            },
+            comment=f"{diagnosis.domain} is blocked again after the override ended ({override.state.value}): "
+            f"{diagnosis.explanation}; mail to it defers until it is fixed or a new override is approved",
+        )
+        return "regressed"
+    if clean:
+        store.count_clean_checks(session, override_id, override.clean_checks + 1)
+    elif blocked:
+        store.count_clean_checks(session, override_id, 0)
+    return "clean" if clean else "failing"
 
 
 async def recheck_due(engine: Engine, settings: Settings, run: Diagnose | None = None, limit: int = 20) -> int:

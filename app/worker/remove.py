@@ -31,6 +31,7 @@ from app.worker import store
 from app.worker.context import JobContext
 from app.worker.failures import Call, describe, given_up, read_map, retry_later
 from app.worker.faults import crash_point
+from app.worker.release import releasable
 from app.worker.store import RELEASED, Job
 
 log = logging.getLogger("app.worker.remove")
@@ -216,7 +217,10 @@ def _removed_in(session: Session, job: Job, owner: str, deleted: list[int], rest
         raise InvalidTransition(f"override {job.id} is being removed without a reason to end ({reason})")
     # A failed apply keeps its error for the API; any other end clears the removal's retry errors.
     keep_error = reason == EndReason.apply_failed
-    changes: dict[str, Any] = {**RELEASED, "next_attempt_at": None}
+    end = lifecycle.END_STATE[reason]
+    # After an expired, revoked or remediated end the destination is watched for mail deferred for TLS again.
+    watched = end in lifecycle.WATCHED_ENDS and releasable(override.destination)
+    changes: dict[str, Any] = {**RELEASED, "next_attempt_at": None, "queue_due_at": utcnow() if watched else None}
     if not keep_error:
         changes["last_error"] = None
     if restored and override.conflict:
@@ -226,7 +230,7 @@ def _removed_in(session: Session, job: Job, owner: str, deleted: list[int], rest
     lifecycle.transition(
         session,
         override,
-        lifecycle.END_STATE[reason],
+        end,
         actor="system",
         action="override.removed",
         comment=f"{what} ({reason})",

@@ -1,7 +1,9 @@
 """The worker's database side: claim due overrides, record outcomes, release and back off. The worker
 writes its bookkeeping on an override row — the lease, attempts, the add in flight, the next attempt,
-the remediation watch's count — here and nowhere else (the API only makes waiting jobs due when an
-admin resumes a target); the state only ever changes through `app.overrides.lifecycle`.
+the remediation watch's count, the queue pass's release record (`queue_release`, its status checked
+against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time — here and nowhere else (the API only makes
+waiting jobs due when an admin resumes a target); the state only ever changes through
+`app.overrides.lifecycle`.
 
 A claim is a short committed transaction that leases rows to one worker (`lease_owner`,
 `lease_until`); on PostgreSQL the due rows are read with `FOR UPDATE SKIP LOCKED`, so two workers
@@ -32,10 +34,20 @@ from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.overrides import lifecycle
-from app.overrides.models import ConflictStatus, EndReason, Override, OverrideState, conflict_status_of
+from app.overrides.models import (
+    ConflictStatus,
+    EndReason,
+    Override,
+    OverrideState,
+    QueueReleaseStatus,
+    conflict_status_of,
+    queue_release_status_of,
+)
 from app.targets.models import MailcowTarget
 
 RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+# Overrides the queue pass and the remediation watch look at: active ones, and ended ones being watched.
+QUEUE_STATES = (OverrideState.active, *sorted(lifecycle.WATCHED_ENDS))
 
 
 @dataclass(frozen=True)
@@ -264,12 +276,13 @@ def release_active(engine: Engine, override_id: int, owner: str) -> None:
 
 
 def claim_recheck(engine: Engine, override_id: int, seen: datetime | None) -> bool:
-    """Compare-and-set on `last_checked_at`, so two workers do not diagnose the same override at once."""
+    """Compare-and-set on `last_checked_at`, so two workers do not diagnose the same override at once (an
+    active one, or one watched after its end)."""
     with transaction(engine) as session:
         guard = col(Override.last_checked_at).is_(None) if seen is None else col(Override.last_checked_at) == seen
         result = session.execute(
             update(Override)
-            .where(col(Override.id) == override_id, col(Override.state) == OverrideState.active, guard)
+            .where(col(Override.id) == override_id, col(Override.state).in_(QUEUE_STATES), guard)
             .values(last_checked_at=utcnow())
             .execution_options(synchronize_session=False)
         )
@@ -284,6 +297,134 @@ def count_clean_checks(session: Session, override_id: int, checks: int) -> None:
         .values(clean_checks=checks)
         .execution_options(synchronize_session=False)
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The queue pass (app/worker/release.py): the release of an active override's deferred mail, its check, the
+# watch after the end. Leased like the other jobs, due by `queue_due_at`; it does not bump the version.
+
+
+@dataclass(frozen=True)
+class QueueJob:
+    """An override whose queue pass is due, copied out of the claim's transaction."""
+
+    id: int
+    state: OverrideState
+    target: str
+    destination: str
+    policy: str
+    queue_release: dict[str, Any] | None
+    ended_at: datetime | None
+    due_at: datetime | None
+
+    @property
+    def status(self) -> QueueReleaseStatus | None:
+        return queue_release_status_of(self.queue_release)
+
+
+def claim_queue(
+    engine: Engine,
+    owner: str,
+    *,
+    lease_seconds: float,
+    limit: int,
+    exclude_targets: set[str] | frozenset[str] = frozenset(),
+) -> list[QueueJob]:
+    """Lease up to `limit` overrides whose queue pass is due (active ones, and ended ones being watched)."""
+    with transaction(engine) as session:
+        now = utcnow()
+        lease_until = now + timedelta(seconds=lease_seconds)
+        query = (
+            select(Override)
+            .where(col(Override.state).in_(QUEUE_STATES))
+            .where(col(Override.queue_due_at).is_not(None), col(Override.queue_due_at) <= now)
+            .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
+        )
+        if exclude_targets:
+            query = query.where(col(Override.target).not_in(sorted(exclude_targets)))
+        query = query.order_by(col(Override.queue_due_at), col(Override.id)).limit(limit)
+        rows = session.exec(query.with_for_update(skip_locked=True)).all()
+        if not rows:
+            return []
+        # A worker killed mid-pass leaves the pass due again when its lease runs out.
+        session.execute(
+            update(Override)
+            .where(col(Override.id).in_([row.id for row in rows]))
+            .values(lease_owner=owner, lease_until=lease_until, queue_due_at=lease_until)
+            .execution_options(synchronize_session=False)
+        )
+        return [
+            QueueJob(
+                id=row.id or 0,
+                state=row.state,
+                target=row.target,
+                destination=row.destination,
+                policy=row.policy,
+                queue_release=row.queue_release,
+                ended_at=row.ended_at,
+                due_at=row.queue_due_at,
+            )
+            for row in rows
+        ]
+
+
+def renew_queue(engine: Engine, override_ids: list[int], owner: str, lease_seconds: float) -> int:
+    """Extend this worker's leases on queue passes still in flight."""
+    if not override_ids:
+        return 0
+    with transaction(engine) as session:
+        lease_until = utcnow() + timedelta(seconds=lease_seconds)
+        return _leased(session, override_ids, owner, lease_until=lease_until, queue_due_at=lease_until)
+
+
+@dataclass(frozen=True)
+class QueueAudit:
+    action: str
+    comment: str
+    after: dict[str, Any]
+
+
+def move_queue_release(
+    engine: Engine,
+    job: QueueJob,
+    owner: str,
+    value: dict[str, Any] | None,
+    due_at: datetime | None,
+    audit: QueueAudit | None = None,
+    queue: dict[str, Any] | None = None,
+) -> bool:
+    """Record a queue pass: the release's new value (its status checked against its table under the row's
+    lock), when the next pass is due, its audit entry and (the check) the fresh queue evidence, in one
+    transaction; the lease is let go. False
+    (nothing written) if the lease is not this worker's any more."""
+    with transaction(engine) as session:
+        override = session.exec(select(Override).where(Override.id == job.id).with_for_update()).first()
+        if override is None or override.lease_owner != owner:
+            return False
+        values: dict[str, Any] = {**RELEASED, "queue_due_at": due_at}
+        if value is not None:
+            lifecycle.check_queue_release_move(override.queue_release_status, QueueReleaseStatus(value["status"]))
+            values["queue_release"] = value
+        if queue is not None:
+            values["queue"] = queue  # what the queue holds for the destination now (app/overrides/stuck.py)
+        if override.state == OverrideState.removing:
+            values["next_attempt_at"] = utcnow()  # revoked meanwhile: its removal waited for this lease
+        _leased(session, [job.id], owner, **values)
+        if audit is not None:
+            record(
+                session,
+                actor="system",
+                action=audit.action,
+                override_id=job.id,
+                after=audit.after,
+                comment=audit.comment,
+            )
+        return True
+
+
+def queue_later(engine: Engine, job: QueueJob, owner: str, delay: float) -> None:
+    """The queue pass failed (mailcow could not say or do it): let go, due again after `delay` seconds."""
+    move_queue_release(engine, job, owner, None, utcnow() + timedelta(seconds=delay))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,6 +490,10 @@ def next_due(engine: Engine, targets: list[str], paused: set[str]) -> datetime |
                 select(func.min(Override.review_deadline)).where(col(Override.state) == OverrideState.pending)
             ).one(),
         ]
+        queue = select(func.min(Override.queue_due_at)).where(col(Override.state).in_(QUEUE_STATES))
+        if paused:
+            queue = queue.where(col(Override.target).not_in(sorted(paused)))
+        candidates.append(session.exec(queue).one())
         live = [name for name in targets if name not in paused]
         if live:
             candidates.append(
