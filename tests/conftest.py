@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import settings as hypothesis_settings
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
@@ -29,6 +30,11 @@ from tests.helpers import ISSUER, VALID_REQUEST, Headers, LiveServer, make_setti
 # `private_postgres` is a PostgreSQL cluster of its own for tests that stop the server; `standin` and
 # `standin_app` are the mailcow stand-in (devtools/), `served_standin` the same over real HTTP.
 pytest_plugins = ["tests.lab.fixtures", "tests.oidc.fixtures", "tests.private_postgres", "tests.standin"]
+
+# Property tests judge answers, not speed: on a loaded 2-core CI machine one example of 1,000 can take longer
+# than Hypothesis' default 200 ms deadline, which fails the test for nothing (speed is measured in bench/).
+hypothesis_settings.register_profile("tlso", deadline=None)
+hypothesis_settings.load_profile("tlso")
 
 PG_ADMIN_URL = os.environ.get("TLSO_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_TEMPLATE = f"tlso_tpl_{os.getpid()}"
