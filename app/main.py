@@ -35,12 +35,11 @@ from app.core.errors import (
 )
 from app.core.metrics import metrics_router
 from app.core.security_headers import SecurityHeaders, page_policy
+from app.diagnosis.budget import RateLimiter, RecentDiagnoses
 from app.diagnosis.router import router as diagnosis_router
-from app.diagnosis.service import RateLimiter
 from app.gauges import database_gauges
 from app.notify.router import document_webhooks
 from app.notify.router import router as notifications_router
-from app.overrides.evidence import RecentDiagnoses
 from app.overrides.router import router as overrides_router
 from app.slack.router import router as slack_router
 from app.slack.service import slack_users
@@ -121,8 +120,9 @@ def create_app(
         record_refusal(app.state.engine, app.state.settings, **fields)
 
     app.state.record_refusal = refusal_on_record  # core.auth records refused identities through it
-    app.state.diagnosis_limiter = RateLimiter(settings.diagnosis_rate_per_minute)
-    app.state.recent_diagnoses = RecentDiagnoses()
+    # Both live in the database: every replica of the API keeps one budget per caller and one cache.
+    app.state.diagnosis_limiter = RateLimiter(engine, settings.diagnosis_rate_per_minute)
+    app.state.recent_diagnoses = RecentDiagnoses(engine)
     app.state.audit_keys = trusted_keys(settings)  # a malformed key stops the start, not a later request
     slack_users(settings)  # so does a malformed Slack user map
     install_error_handlers(app)
@@ -151,7 +151,8 @@ def health_router() -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz", summary="The process is alive")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
+        # `async def`: nothing here blocks, so no hop to the thread pool and back on every probe.
         return {"status": "ok"}
 
     @router.get(

@@ -51,7 +51,10 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # No pre-ping: it is a round trip on every checkout. A connection the server dropped fails its request
+    # once (a 503, app/core/errors.py) and SQLAlchemy then replaces every pooled connection older than the
+    # failure; `pool_recycle` retires connections before idle-timeouts on the way (proxies, firewalls) do.
+    return create_engine(url, pool_size=10, max_overflow=10, pool_recycle=300)
 
 
 def _make_sqlite_serialisable(engine: Engine) -> None:

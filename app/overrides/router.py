@@ -20,8 +20,8 @@ from app.core.text import MAX_ID, Filter
 from app.overrides import decisions, service
 from app.overrides.evidence import Evidence
 from app.overrides.lifecycle import is_overdue
-from app.overrides.models import Override, OverrideState
-from app.overrides.permissions import ActionContext, load_visible
+from app.overrides.models import Override, OverrideState, Vote
+from app.overrides.permissions import ActionContext, load_visible, read_visible
 from app.overrides.schemas import (
     ActionBody,
     ExtendBody,
@@ -66,7 +66,8 @@ ACTION_LINKS = {
 }
 
 
-def to_read(session: Session, override: Override) -> OverrideRead:
+def to_read(session: Session, override: Override, loaded_votes: list[Vote] | None = None) -> OverrideRead:
+    """The override as answered; `loaded_votes` are its votes when the caller loaded a page's at once."""
     votes = [
         VoteRead(
             reviewer=v.reviewer,
@@ -77,7 +78,7 @@ def to_read(session: Session, override: Override) -> OverrideRead:
             round=v.round,
             at=v.created_at,
         )
-        for v in service.votes_of(session, override.id or 0)
+        for v in (service.votes_of(session, override.id or 0) if loaded_votes is None else loaded_votes)
     ]
     pending = None
     if override.extension_seconds:
@@ -222,7 +223,8 @@ def list_overrides(
         cursor,
         limit,
     )
-    return OverridePage(items=[to_read(session, row) for row in rows], next_cursor=next_cursor)
+    votes = service.votes_by_override(session, [row.id or 0 for row in rows])
+    return OverridePage(items=[to_read(session, row, votes[row.id or 0]) for row in rows], next_cursor=next_cursor)
 
 
 @router.get(
@@ -234,9 +236,9 @@ def list_overrides(
 def get_override(
     override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal, response: Response
 ) -> OverrideRead:
-    override = load_visible(session, principal, override_id)
+    override, votes = read_visible(session, principal, override_id)
     response.headers["ETag"] = f'"{override.version}"'
-    return to_read(session, override)
+    return to_read(session, override, votes)
 
 
 @router.get(
