@@ -13,7 +13,7 @@ from sqlmodel import Session
 from app.audit.schemas import EventRead
 from app.audit.service import as_dict, iter_events
 from app.core.auth import CurrentPrincipal, Principal
-from app.core.db import SessionDep
+from app.core.db import ReadSessionDep, SessionDep
 from app.core.errors import problem_responses
 from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
@@ -197,7 +197,7 @@ def create_override(
 
 @router.get("", response_model=OverridePage, summary="List overrides", responses=problem_responses(401, 422))
 def list_overrides(
-    session: SessionDep,
+    session: ReadSessionDep,
     principal: CurrentPrincipal,
     state: Annotated[list[OverrideState] | None, Query(description="Repeat to match several states.")] = None,
     destination: Filter = None,
@@ -234,7 +234,7 @@ def list_overrides(
     responses={200: {"headers": ETAG_HEADER, "links": ACTION_LINKS}, **problem_responses(401, 404, 422)},
 )
 def get_override(
-    override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal, response: Response
+    override_id: OverrideId, session: ReadSessionDep, principal: CurrentPrincipal, response: Response
 ) -> OverrideRead:
     override, votes = read_visible(session, principal, override_id)
     response.headers["ETag"] = f'"{override.version}"'

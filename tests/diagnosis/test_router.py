@@ -159,7 +159,6 @@ def test_an_integration_shares_one_budget_whoever_it_acts_for(client: TestClient
     assert client.get("/v1/diagnostics/good.example.test", headers=auth("user1", "requester")).status_code == 200
 
 
-
 def test_rate_limit_key() -> None:
     person = Principal(actor="alice", name="Alice", roles=frozenset())
     bot = Principal(actor="user7", name="User 7", roles=frozenset(), via="ticketing")
