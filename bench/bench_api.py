@@ -219,7 +219,8 @@ def seed_overrides(conn: psycopg.Connection[Any], count: int) -> None:
                'Recipient TLSA records are stale after a certificate renewal (benchmark).',
                CASE WHEN r2 < 0.2 THEN NULL ELSE 'OPS-' || (g % greatest({count} / 3, 1)) END,
                604800, st, st IN {LIVE_STATES}, 3, 'user' || floor(200 * r3 * r3)::int,
-               'user' || floor(200 * r3 * r3)::int, 'User ' || floor(200 * r3 * r3)::int, 1, at, at + interval '1 hour', at + interval '2 days',
+               'user' || floor(200 * r3 * r3)::int, 'User ' || floor(200 * r3 * r3)::int, 1, at,
+               at + interval '1 hour', at + interval '2 days',
                CASE WHEN st IN {APPLIED_STATES} THEN at + interval '1 hour' END,
                CASE WHEN st IN {APPLIED_STATES} THEN at + interval '7 days' END,
                CASE WHEN st IN ('expired', 'revoked', 'remediated', 'rejected', 'cancelled', 'lapsed', 'failed')
@@ -263,8 +264,8 @@ def add_pending_pool(conn: psycopg.Connection[Any], count: int) -> int:
             state, live, version, requested_by, requested_by_key, requested_by_name, approvals_required, created_at,
             updated_at, review_deadline, extension_round, attempts, clean_checks)
         SELECT g, 'default', 'pool' || g || '.example', 'encrypt', '', 'Pending request for the approve benchmark.',
-               'POOL-' || g, 604800, 'pending', true, 1, 'alice', 'alice', 'Alice', 1, now(), now(), now() + interval '2 days',
-               0, 0, 0
+               'POOL-' || g, 604800, 'pending', true, 1, 'alice', 'alice', 'Alice', 1, now(), now(),
+               now() + interval '2 days', 0, 0, 0
         FROM generate_series({first}, {first + count - 1}) AS g
         """
     )
