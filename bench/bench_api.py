@@ -288,6 +288,11 @@ def seed_audit(conn: psycopg.Connection[Any], count: int, overrides: int) -> str
     from app.audit.models import AuditEvent
     from app.audit.service import as_dict, chain_hash  # the exact form that is hashed
 
+    try:  # JSON as the service writes it (sorted and compact since issue 10; json.dumps' default before)
+        from app.core.db import canonical_json as stored_json
+    except ImportError:
+        stored_json = json.dumps
+
     thresholds, acc = [], 0.0
     for action, share in AUDIT_ACTIONS:
         acc += share
@@ -322,8 +327,8 @@ def seed_audit(conn: psycopg.Connection[Any], count: int, overrides: int) -> str
                     None,
                     action,
                     override_id,
-                    None if event.before is None else json.dumps(event.before),
-                    json.dumps(event.after),
+                    None if event.before is None else stored_json(event.before),
+                    stored_json(event.after),
                     event.comment,
                     prev,
                     digest,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -39,6 +40,12 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+def canonical_json(value: Any) -> str:
+    """How JSON columns are written: sorted, compact, unescaped; the audit trail hashes exactly this form,
+    so a row's stored text can be hashed as it is (app/audit/service.py)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -46,7 +53,9 @@ def make_engine(url: str) -> Engine:
             from pathlib import Path
 
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, json_serializer=canonical_json
+        )
         _make_sqlite_serialisable(engine)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
@@ -54,7 +63,7 @@ def make_engine(url: str) -> Engine:
     # No pre-ping: it is a round trip on every checkout. A connection the server dropped fails its request
     # once (a 503, app/core/errors.py) and SQLAlchemy then replaces every pooled connection older than the
     # failure; `pool_recycle` retires connections before idle-timeouts on the way (proxies, firewalls) do.
-    return create_engine(url, pool_size=10, max_overflow=10, pool_recycle=300)
+    return create_engine(url, pool_size=10, max_overflow=10, pool_recycle=300, json_serializer=canonical_json)
 
 
 def _make_sqlite_serialisable(engine: Engine) -> None:
