@@ -130,6 +130,8 @@ def create_app(
     # The OAuth2 scheme only documents the Swagger UI login; tokens are checked by current_principal.
     # Every authenticated route can also answer 403 (X-On-Behalf-Of from a non-integration), 503 (the
     # identity provider's keys cannot be fetched) and 500 (a bug: still a problem document).
+    # The probes first: routes are matched in order, and a probe should not walk past every API route.
+    app.include_router(health_router())
     api = APIRouter(dependencies=[Depends(scheme)], responses=problem_responses(403, 500, 503))
     api.include_router(overrides_router)
     api.include_router(audit_router)
@@ -139,7 +141,6 @@ def create_app(
     app.include_router(api)
     app.include_router(slack_router)
     document_webhooks(app)
-    app.include_router(health_router())
     app.include_router(metrics_router(database_gauges))
     if dev_idp is not None:
         app.include_router(dev_idp.router())

@@ -136,7 +136,8 @@ def _answer(
         headers = {"ETag": f'"{override.version}"'}
         if status == 201:
             headers["Location"] = f"/v1/overrides/{override.id}"
-        return to_read(session, override), headers
+        # A request just created has no votes yet: no query to find none.
+        return to_read(session, override, [] if status == 201 else None), headers
 
     return answer_once(ctx.idempotency, response, status, OverrideRead, changed)
 
