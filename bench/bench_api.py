@@ -288,10 +288,8 @@ def seed_audit(conn: psycopg.Connection[Any], count: int, overrides: int) -> str
     from app.audit.models import AuditEvent
     from app.audit.service import as_dict, chain_hash  # the exact form that is hashed
 
-    try:  # JSON as the service writes it (sorted and compact since issue 10; json.dumps' default before)
-        from app.core.db import canonical_json as stored_json
-    except ImportError:
-        stored_json = json.dumps
+    def stored_json(value: Any) -> str:  # as the service writes audit JSON (sorted and compact since issue 10)
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     thresholds, acc = [], 0.0
     for action, share in AUDIT_ACTIONS:

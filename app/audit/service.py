@@ -59,7 +59,8 @@ def record(
 def _jsonable(value: dict[str, Any] | None) -> dict[str, Any] | None:
     if value is None:
         return None
-    result: dict[str, Any] = json.loads(json.dumps(value, default=_default))
+    # Keys sorted: stored so (app/core/db.py compact_json), the row's text is the hashed form itself.
+    result: dict[str, Any] = json.loads(json.dumps(value, default=_default, sort_keys=True))
     return result
 
 
@@ -277,8 +278,8 @@ def _text(value: str | None) -> str:
 def _hashed_rows(session: Session, batch: int = 5000) -> Iterator[dict[str, Any]]:
     """The trail in sequence order, each row with its recomputed hash, for `verify_events`: fast.
 
-    The JSON columns are read as the text they were stored as, which is already canonical (the engine
-    writes JSON sorted and compact: app/core/db.py), so the hashed form is put together from the columns
+    The JSON columns are read as the text they were stored as, which is already canonical (`record` sorts
+    the keys, the engine writes JSON compact: app/core/db.py), so the hashed form is put together from the columns
     as they are, without parsing and re-encoding. If that does not give the row's hash (a row written in
     another form, or one that was changed), the row is hashed the reference way (`chain_hash`), so the
     verdict is exactly the reference's; only the speed differs."""

@@ -40,10 +40,11 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def canonical_json(value: Any) -> str:
-    """How JSON columns are written: sorted, compact, unescaped; the audit trail hashes exactly this form,
-    so a row's stored text can be hashed as it is (app/audit/service.py)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def compact_json(value: Any) -> str:
+    """How JSON columns are written: compact and unescaped, keys in the order given. The audit trail hands
+    its rows over with sorted keys, so they are stored in exactly the form it hashes, and a row's stored
+    text can be hashed as it is (app/audit/service.py)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def make_engine(url: str) -> Engine:
@@ -54,7 +55,7 @@ def make_engine(url: str) -> Engine:
 
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, json_serializer=canonical_json
+            url, connect_args={"check_same_thread": False, "timeout": 30}, json_serializer=compact_json
         )
         _make_sqlite_serialisable(engine)
         return engine
@@ -63,7 +64,7 @@ def make_engine(url: str) -> Engine:
     # No pre-ping: it is a round trip on every checkout. A connection the server dropped fails its request
     # once (a 503, app/core/errors.py) and SQLAlchemy then replaces every pooled connection older than the
     # failure; `pool_recycle` retires connections before idle-timeouts on the way (proxies, firewalls) do.
-    return create_engine(url, pool_size=10, max_overflow=10, pool_recycle=300, json_serializer=canonical_json)
+    return create_engine(url, pool_size=10, max_overflow=10, pool_recycle=300, json_serializer=compact_json)
 
 
 def _make_sqlite_serialisable(engine: Engine) -> None:
