@@ -127,3 +127,17 @@ def _request_reader(request: Request) -> Iterator[Session]:
 
 
 ReadSessionDep = Annotated[Session, Depends(_request_reader, scope="function")]
+
+
+def _request_statement(request: Request) -> Iterator[Session]:
+    engine: Engine = request.app.state.engine
+    if is_sqlite(engine):
+        yield from _request_reader(request)
+        return
+    # On PostgreSQL a lone statement is its own snapshot: no BEGIN and no ROLLBACK round trip around it.
+    with Session(engine.execution_options(isolation_level="AUTOCOMMIT")) as session:
+        yield session
+
+
+StatementSessionDep = Annotated[Session, Depends(_request_statement, scope="function")]
+"""For a read that is one statement (one override and its votes): consistent without a transaction."""

@@ -13,7 +13,7 @@ from sqlmodel import Session
 from app.audit.schemas import EventRead
 from app.audit.service import as_dict, iter_events
 from app.core.auth import CurrentPrincipal, Principal
-from app.core.db import ReadSessionDep, SessionDep
+from app.core.db import ReadSessionDep, SessionDep, StatementSessionDep
 from app.core.errors import problem_responses
 from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
@@ -235,7 +235,7 @@ def list_overrides(
     responses={200: {"headers": ETAG_HEADER, "links": ACTION_LINKS}, **problem_responses(401, 404, 422)},
 )
 def get_override(
-    override_id: OverrideId, session: ReadSessionDep, principal: CurrentPrincipal, response: Response
+    override_id: OverrideId, session: StatementSessionDep, principal: CurrentPrincipal, response: Response
 ) -> OverrideRead:
     override, votes = read_visible(session, principal, override_id)
     response.headers["ETag"] = f'"{override.version}"'
