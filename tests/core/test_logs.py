@@ -18,12 +18,14 @@ def configured() -> Iterator[None]:
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     access = logging.getLogger(logs.ACCESS_LOGGER)
-    saved_access = (access.handlers[:], access.propagate)
+    saved_access = (access.handlers[:], access.propagate, access.level, access.disabled)
+    access.setLevel(logging.NOTSET)  # as a process that only ran configure_logging has it (other tests
+    access.disabled = False  # start uvicorn servers, which set their own levels)
     yield
     logs._stop_access_log()
     root.handlers[:], level = saved
     root.setLevel(level)
-    access.handlers[:], access.propagate = saved_access
+    access.handlers[:], access.propagate, access.level, access.disabled = saved_access
 
 
 def test_access_lines_are_written_by_their_own_thread(configured: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -38,12 +40,12 @@ def test_access_lines_are_written_by_their_own_thread(configured: None, capsys: 
 
     handler.emit = recording  # type: ignore[method-assign]
     logging.getLogger(logs.ACCESS_LOGGER).info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", "/healthz", "1.1", 200)
-    logging.getLogger("app").warning("at once")
+    logging.getLogger("tests.core.logs").warning("at once")
     assert writers == [threading.current_thread().name]  # the app's line was written right here
     logs._stop_access_log()  # as at exit: the queued lines are written out
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [(line["logger"], line["message"]) for line in lines] == [
-        ("app", "at once"),
+        ("tests.core.logs", "at once"),
         ("uvicorn.access", '127.0.0.1:1 - "GET /healthz HTTP/1.1" 200'),
     ]
     assert len(writers) == 2 and writers[1] != threading.current_thread().name
