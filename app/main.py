@@ -86,7 +86,10 @@ def create_app(
 ) -> FastAPI:
     if dev_idp is not None and settings.env == "production":
         raise RuntimeError("the dev identity provider mints tokens for anyone: never with TLSO_ENV=production")
-    engine = engine or make_engine(settings.database_url)
+    # No pre-ping in the API: it is a round trip on every request. A connection the server dropped fails its
+    # request once (503 problem+json, app/core/errors.py), and SQLAlchemy then replaces every pooled connection
+    # older than that failure, so the API serves again by itself (tests/test_drills.py).
+    engine = engine or make_engine(settings.database_url, pre_ping=False)
     scheme = oauth2_scheme(settings)
 
     @asynccontextmanager

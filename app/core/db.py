@@ -47,7 +47,9 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
+    """An engine for `url`. `pre_ping` tests each pooled connection before use (a round trip): the worker
+    and the CLI keep it; the API turns it off (see `create_app`)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -61,10 +63,10 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))
-    # No pre-ping: it is a round trip on every checkout. A connection the server dropped fails its request
-    # once (a 503, app/core/errors.py) and SQLAlchemy then replaces every pooled connection older than the
-    # failure; `pool_recycle` retires connections before idle-timeouts on the way (proxies, firewalls) do.
-    return create_engine(url, pool_size=10, max_overflow=10, pool_recycle=300, json_serializer=compact_json)
+    # `pool_recycle` retires connections before idle-timeouts on the way (proxies, firewalls) do.
+    return create_engine(
+        url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=10, pool_recycle=300, json_serializer=compact_json
+    )
 
 
 def _make_sqlite_serialisable(engine: Engine) -> None:
