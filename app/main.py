@@ -36,12 +36,11 @@ from app.core.errors import (
 from app.core.me import router as me_router
 from app.core.metrics import metrics_router
 from app.core.security_headers import SecurityHeaders, page_policy
+from app.diagnosis.budget import RateLimiter, RecentDiagnoses
 from app.diagnosis.router import router as diagnosis_router
-from app.diagnosis.service import RateLimiter
 from app.gauges import database_gauges
 from app.notify.router import document_webhooks
 from app.notify.router import router as notifications_router
-from app.overrides.evidence import RecentDiagnoses
 from app.overrides.router import router as overrides_router
 from app.slack.router import router as slack_router
 from app.slack.service import slack_users
@@ -89,7 +88,10 @@ def create_app(
 ) -> FastAPI:
     if dev_idp is not None and settings.env == "production":
         raise RuntimeError("the dev identity provider mints tokens for anyone: never with TLSO_ENV=production")
-    engine = engine or make_engine(settings.database_url)
+    # No pre-ping in the API: it is a round trip on every request. A connection the server dropped fails its
+    # request once (503 problem+json, app/core/errors.py), and SQLAlchemy then replaces every pooled connection
+    # older than that failure, so the API serves again by itself (tests/test_drills.py).
+    engine = engine or make_engine(settings.database_url, pre_ping=False)
     scheme = oauth2_scheme(settings)
 
     @asynccontextmanager
@@ -128,8 +130,9 @@ def create_app(
         record_refusal(app.state.engine, app.state.settings, **fields)
 
     app.state.record_refusal = refusal_on_record  # core.auth records refused identities through it
-    app.state.diagnosis_limiter = RateLimiter(settings.diagnosis_rate_per_minute)
-    app.state.recent_diagnoses = RecentDiagnoses()
+    # Both live in the database: every replica of the API keeps one budget per caller and one cache.
+    app.state.diagnosis_limiter = RateLimiter(engine, settings.diagnosis_rate_per_minute)
+    app.state.recent_diagnoses = RecentDiagnoses(engine)
     app.state.queue_reader = queue_on_create  # a new request's mail queue evidence (overrides cannot import targets)
     app.state.audit_keys = trusted_keys(settings)  # a malformed key stops the start, not a later request
     slack_users(settings)  # so does a malformed Slack user map
@@ -138,6 +141,8 @@ def create_app(
     # The OAuth2 scheme only documents the Swagger UI login; tokens are checked by current_principal.
     # Every authenticated route can also answer 403 (X-On-Behalf-Of from a non-integration), 503 (the
     # identity provider's keys cannot be fetched) and 500 (a bug: still a problem document).
+    # The probes first: routes are matched in order, and a probe should not walk past every API route.
+    app.include_router(health_router())
     api = APIRouter(dependencies=[Depends(scheme)], responses=problem_responses(403, 500, 503))
     api.include_router(me_router)
     api.include_router(overrides_router)
@@ -148,7 +153,6 @@ def create_app(
     app.include_router(api)
     app.include_router(slack_router)
     document_webhooks(app)
-    app.include_router(health_router())
     app.include_router(metrics_router(database_gauges))
     if dev_idp is not None:
         app.include_router(dev_idp.router())
@@ -162,7 +166,8 @@ def health_router() -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz", summary="The process is alive")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
+        # `async def`: nothing here blocks, so no hop to the thread pool and back on every probe.
         return {"status": "ok"}
 
     @router.get(

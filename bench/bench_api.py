@@ -26,8 +26,10 @@ py-spy (`pip install py-spy`, any venv) and records that row's API process.
     .venv/bin/python bench/bench_api.py --only requests --clients 1,32 --duration 5
     .venv/bin/python bench/bench_api.py --only pages,audit --sizes 1000,1000000
     .venv/bin/python bench/bench_api.py --only requests --rows list-pending --profile list-pending
+    .venv/bin/python bench/bench_api.py --only pages,audit --sizes 1000000 --keep 1000000   # seed 1 M once
 
-Each size gets its own database (`tlso_bench_api_<size>`), dropped at the end.
+Each size gets its own database (`tlso_bench_api_<size>`), dropped at the end unless `--keep` names it;
+a kept database is reused by the next run with `--keep` (upgraded by the migrations, not reseeded).
 """
 
 from __future__ import annotations
@@ -151,12 +153,26 @@ def admin_url(database: str) -> str:
     return re.sub(r"/[^/]*$", f"/{database}", PG_ADMIN)
 
 
-@contextlib.contextmanager
-def bench_database(name: str) -> Iterator[str]:
+def seeded_rows(name: str) -> int:
+    """The audit rows of a kept database `name` (0 if there is none)."""
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            return 0
+    with contextlib.suppress(psycopg.Error), psycopg.connect(admin_url(name)) as conn:
+        row = conn.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+    return 0
+
+
+@contextlib.contextmanager
+def bench_database(name: str, keep: bool = False) -> Iterator[str]:
+    """A database built by the migrations; with `keep` it is not dropped at the end, and a kept one is
+    upgraded (new migrations, new indexes) and reused as it is."""
     url = admin_url(name)
+    if not (keep and seeded_rows(name)):
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
     sys.path.insert(0, str(REPO_ROOT))
     from app.core.db import make_engine
     from app.core.migrations import upgrade
@@ -167,8 +183,9 @@ def bench_database(name: str) -> Iterator[str]:
     try:
         yield url
     finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not keep:
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,15 +210,17 @@ def seed_overrides(conn: psycopg.Connection[Any], count: int) -> None:
     conn.execute(
         f"""
         INSERT INTO override (id, target, destination, policy, parameters, justification, ticket, duration_seconds,
-            state, live, version, requested_by, requested_by_name, approvals_required, created_at, updated_at,
-            review_deadline, applied_at, expires_at, ended_at, end_reason, extension_round, attempts, clean_checks)
+            state, live, version, requested_by, requested_by_key, requested_by_name, approvals_required, created_at,
+            updated_at, review_deadline, applied_at, expires_at, ended_at, end_reason, extension_round, attempts,
+            clean_checks)
         SELECT g, tgt, CASE WHEN st IN {LIVE_STATES} THEN 'live' || g || '.example'
                             ELSE 'd' || (g % greatest({count} / 4, 1)) || '.example' END,
                CASE WHEN r2 < 0.7 THEN 'encrypt' WHEN r2 < 0.9 THEN 'may' ELSE 'dane' END, '',
                'Recipient TLSA records are stale after a certificate renewal (benchmark).',
                CASE WHEN r2 < 0.2 THEN NULL ELSE 'OPS-' || (g % greatest({count} / 3, 1)) END,
                604800, st, st IN {LIVE_STATES}, 3, 'user' || floor(200 * r3 * r3)::int,
-               'User ' || floor(200 * r3 * r3)::int, 1, at, at + interval '1 hour', at + interval '2 days',
+               'user' || floor(200 * r3 * r3)::int, 'User ' || floor(200 * r3 * r3)::int, 1, at,
+               at + interval '1 hour', at + interval '2 days',
                CASE WHEN st IN {APPLIED_STATES} THEN at + interval '1 hour' END,
                CASE WHEN st IN {APPLIED_STATES} THEN at + interval '7 days' END,
                CASE WHEN st IN ('expired', 'revoked', 'remediated', 'rejected', 'cancelled', 'lapsed', 'failed')
@@ -222,8 +241,8 @@ def seed_overrides(conn: psycopg.Connection[Any], count: int) -> None:
     # One approval for every override that went past review; a second for some.
     conn.execute(
         """
-        INSERT INTO vote (override_id, round, reviewer, reviewer_name, decision, comment, created_at)
-        SELECT id, 0, 'reviewer' || (id % 20), 'Reviewer',
+        INSERT INTO vote (override_id, round, reviewer, reviewer_key, reviewer_name, decision, comment, created_at)
+        SELECT id, 0, 'reviewer' || (id % 20), 'reviewer' || (id % 20), 'Reviewer',
                CASE WHEN state = 'rejected' THEN 'reject' ELSE 'approve' END,
                'checked the diagnosis', created_at + interval '30 minutes'
         FROM override WHERE state NOT IN ('pending', 'cancelled', 'lapsed')
@@ -242,11 +261,11 @@ def add_pending_pool(conn: psycopg.Connection[Any], count: int) -> int:
     conn.execute(
         f"""
         INSERT INTO override (id, target, destination, policy, parameters, justification, ticket, duration_seconds,
-            state, live, version, requested_by, requested_by_name, approvals_required, created_at, updated_at,
-            review_deadline, extension_round, attempts, clean_checks)
+            state, live, version, requested_by, requested_by_key, requested_by_name, approvals_required, created_at,
+            updated_at, review_deadline, extension_round, attempts, clean_checks)
         SELECT g, 'default', 'pool' || g || '.example', 'encrypt', '', 'Pending request for the approve benchmark.',
-               'POOL-' || g, 604800, 'pending', true, 1, 'alice', 'Alice', 1, now(), now(), now() + interval '2 days',
-               0, 0, 0
+               'POOL-' || g, 604800, 'pending', true, 1, 'alice', 'alice', 'Alice', 1, now(), now(),
+               now() + interval '2 days', 0, 0, 0
         FROM generate_series({first}, {first + count - 1}) AS g
         """
     )
@@ -268,6 +287,9 @@ def seed_audit(conn: psycopg.Connection[Any], count: int, overrides: int) -> str
     sys.path.insert(0, str(REPO_ROOT))
     from app.audit.models import AuditEvent
     from app.audit.service import as_dict, chain_hash  # the exact form that is hashed
+
+    def stored_json(value: Any) -> str:  # as the service writes audit JSON (sorted and compact since issue 10)
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     thresholds, acc = [], 0.0
     for action, share in AUDIT_ACTIONS:
@@ -303,8 +325,8 @@ def seed_audit(conn: psycopg.Connection[Any], count: int, overrides: int) -> str
                     None,
                     action,
                     override_id,
-                    None if event.before is None else json.dumps(event.before),
-                    json.dumps(event.after),
+                    None if event.before is None else stored_json(event.before),
+                    stored_json(event.after),
                     event.comment,
                     prev,
                     digest,
@@ -816,6 +838,12 @@ def main() -> int:
     parser.add_argument("--page-rounds", type=int, default=2, help="measure each page this often, keep the best")
     parser.add_argument("--profile", metavar="ROW", help="record this request row (at the most clients) with py-spy")
     parser.add_argument("--profile-out", type=Path, help="keep the raw py-spy stacks here")
+    parser.add_argument(
+        "--keep",
+        default="",
+        help="sizes whose database is kept after the run and reused (upgraded, not reseeded) by the next run "
+        "(the request table's 1 k database changes as it runs: do not keep that one)",
+    )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
@@ -829,6 +857,7 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown rows: {sorted(unknown)}")
     args.clients = [int(n) for n in args.clients.split(",")]
+    args.keep = {int(n) for n in args.keep.split(",") if n}
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.page_duration = args.page_duration or (2.0 if args.quick else 5.0)
     sizes = [int(n) for n in (args.sizes or ("1000,100000" if args.quick else "1000,100000,1000000")).split(",")]
@@ -846,12 +875,18 @@ def main() -> int:
             bare = start_bare(work) if "requests" in only else None
             for size in sizes:
                 print(f"seeding {size:,} overrides and audit rows", file=sys.stderr)
-                with bench_database(f"tlso_bench_api_{size}") as url:
+                name = f"tlso_bench_api_{size}"
+                keep = size in args.keep
+                reuse = keep and seeded_rows(name) == size
+                with bench_database(name, keep) as url:
                     started = time.perf_counter()
-                    with psycopg.connect(url, autocommit=True) as conn:
-                        seed_overrides(conn, size)
-                        seed_audit(conn, size, size)
-                    print(f"  seeded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+                    if reuse:
+                        print(f"  reusing the kept database {name}", file=sys.stderr)
+                    else:
+                        with psycopg.connect(url, autocommit=True) as conn:
+                            seed_overrides(conn, size)
+                            seed_audit(conn, size, size)
+                        print(f"  seeded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
                     picks = Picks.from_database(url)
                     api = start_api(url, issuer, work)
                     try:

@@ -129,7 +129,7 @@ def test_a_stopped_database_gives_503_and_the_api_recovers_by_itself(
     idp: DevIdentityProvider,
     auth: Auth,
 ) -> None:
-    engine = make_engine(drill_database)
+    engine = make_engine(drill_database, pre_ping=False)  # as create_app makes it for `serve`
     app = create_app(make_settings(database_url=drill_database), engine=engine, dev_idp=idp)
     alice = auth("alice", "requester")
     try:

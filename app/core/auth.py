@@ -1,8 +1,15 @@
 """OIDC bearer-token validation and the caller's roles.
 
 Tokens are JWTs checked with joserfc (authlib's JOSE implementation): signature against the issuer's
-JWKS (discovered, cached, refetched on an unknown `kid` at most every few seconds), an algorithm
-allow-list (never `none`, never HMAC), exact `iss`, `aud`, `exp` and `nbf` with a small leeway.
+JWKS (discovered, cached, refetched on an unknown `kid` at most every few seconds and at the latest when
+it is `TLSO_OIDC_JWKS_MAX_AGE_SECONDS` old), an algorithm allow-list (never `none`, never HMAC), exact
+`iss`, `aud`, `exp` and `nbf` with a small leeway.
+
+A token that passed is remembered (`ValidatedTokens`) so that its next requests skip the signature
+check, only until its `exp` (plus the leeway, as the full check allows) and only while the JWKS it was
+checked against is the current one: a refresh of the JWKS forgets every remembered token, so a key
+removed from the JWKS stops validating at the next refresh, exactly as without the cache. Roles are
+read from the token's claims, so a changed role takes effect with the caller's next token.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Annotated, Any, Protocol
 from urllib.parse import quote
 
@@ -51,7 +60,7 @@ class Principal:
     def delegated(self) -> bool:
         return self.token_roles is not None
 
-    @property
+    @cached_property
     def key(self) -> str:
         """The person as compared with others (app/core/person.py)."""
         return person_key(self.actor)
@@ -96,7 +105,44 @@ class Principal:
 class _JwksCache:
     keys: KeySet | None = None
     attempted_at: float = -1e9  # the last fetch, successful or not (monotonic clock)
+    fetched_at: float = -1e9  # the last successful fetch (monotonic clock)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ValidatedTokens:
+    """Tokens that passed the full check, by key id and signature, with the claims they carried: at most
+    `size` of them (the least recently used go first). An entry holds only while the token is unexpired
+    (`exp` + leeway, on the wall clock, as the full check has it) and the JWKS it was checked against is
+    still the current one (the same `KeySet` object); the token's signing input must match too, so a
+    signature glued to another header or payload is never taken for the token it came with."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, bytes], tuple[bytes, float, KeySet, dict[str, Any]]] = OrderedDict()
+
+    def get(self, kid: str, token: bytes, keys: KeySet) -> dict[str, Any] | None:
+        signing_input, _, signature = token.rpartition(b".")
+        found = self._items.get((kid, signature))
+        if found is None:
+            return None
+        stored_input, until, checked_with, claims = found
+        if stored_input != signing_input or checked_with is not keys or time.time() >= until:
+            del self._items[(kid, signature)]
+            return None
+        self._items.move_to_end((kid, signature))
+        return claims
+
+    def put(self, kid: str, token: bytes, keys: KeySet, until: float, claims: dict[str, Any]) -> None:
+        if self.size <= 0:
+            return
+        signing_input, _, signature = token.rpartition(b".")
+        self._items[(kid, signature)] = (signing_input, until, keys, claims)
+        self._items.move_to_end((kid, signature))
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class TokenValidator:
@@ -107,6 +153,7 @@ class TokenValidator:
         self.http = http
         self._jwks_uri: str | None = None
         self._cache = _JwksCache()
+        self.validated = ValidatedTokens(settings.oidc_token_cache_size)
 
     async def _discover(self) -> str:
         if self._jwks_uri is None:
@@ -123,10 +170,11 @@ class TokenValidator:
         `TLSO_OIDC_JWKS_MIN_REFRESH_SECONDS` — also while the provider fails, so forged kids cannot make
         us hammer it. Tokens with a known kid never wait for a fetch."""
         cache = self._cache
-        if cache.keys is not None and (kid is None or _has_kid(cache.keys, kid)):
-            return cache.keys
+        known = cache.keys is not None and (kid is None or _has_kid(cache.keys, kid))
+        if known and cache.keys is not None and (not self._too_old(cache) or cache.lock.locked()):
+            return cache.keys  # fresh, or another request is refreshing it right now
         async with cache.lock:  # one fetch at a time; the others see its result
-            if cache.keys is not None and (kid is None or _has_kid(cache.keys, kid)):
+            if cache.keys is not None and (kid is None or _has_kid(cache.keys, kid)) and not self._too_old(cache):
                 return cache.keys
             # Without any keys, look again sooner (the provider may just be starting).
             pause = self.settings.oidc_jwks_min_refresh_seconds if cache.keys is not None else 2.0
@@ -136,11 +184,16 @@ class TokenValidator:
                     response = await self.http.get(await self._discover())
                     response.raise_for_status()
                     cache.keys = KeySet.import_key_set(response.json())
+                    cache.fetched_at = cache.attempted_at
                 except (httpx.HTTPError, ValueError, KeyError) as exc:
                     log.warning("cannot fetch the issuer's keys: %s", exc)
             if cache.keys is None:
                 raise ServiceUnavailable("The identity provider's keys cannot be fetched.")
             return cache.keys
+
+    def _too_old(self, cache: _JwksCache) -> bool:
+        """Whether the keys are due for a refresh (a key the provider removed must stop validating)."""
+        return time.monotonic() - cache.fetched_at >= self.settings.oidc_jwks_max_age_seconds
 
     async def validate(self, token: str) -> dict[str, Any]:
         settings = self.settings
@@ -155,6 +208,10 @@ class TokenValidator:
         keys = await self._keys(kid if isinstance(kid, str) else None)
         if isinstance(kid, str) and not _has_kid(keys, kid):
             raise Unauthenticated("The token was signed with an unknown key.")
+        raw, cache_kid = token.encode(), kid if isinstance(kid, str) else ""
+        remembered = self.validated.get(cache_kid, raw, keys)
+        if remembered is not None:
+            return dict(remembered)
         try:
             decoded = jwt.decode(token, keys, algorithms=settings.oidc_algorithms)
             jwt.JWTClaimsRegistry(
@@ -166,7 +223,11 @@ class TokenValidator:
             ).validate(decoded.claims)
         except (JoseError, ValueError) as exc:
             raise Unauthenticated(f"The bearer token was rejected: {exc}") from exc
-        return dict(decoded.claims)
+        claims = dict(decoded.claims)
+        exp = claims.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            self.validated.put(cache_kid, raw, keys, float(exp) + settings.oidc_leeway_seconds, claims)
+        return dict(claims)
 
 
 def _has_kid(keys: KeySet, kid: str) -> bool:

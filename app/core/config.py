@@ -74,6 +74,8 @@ class Settings(CoreSettings):
     oidc_algorithms: Annotated[list[str], NoDecode] = ["RS256", "ES256", "PS256", "EdDSA"]
     oidc_leeway_seconds: int = 30
     oidc_jwks_min_refresh_seconds: int = 30
+    oidc_jwks_max_age_seconds: int = Field(default=300, ge=1)
+    oidc_token_cache_size: int = Field(default=10_000, ge=0)
     oidc_roles_claim: str = "groups"
     oidc_role_map: Annotated[dict[str, list[Role]], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_ROLE_MAP))
     oidc_authorization_url: str = ""  # default: {issuer}/auth (Swagger UI login)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -39,19 +40,33 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str) -> Engine:
+def compact_json(value: Any) -> str:
+    """How JSON columns are written: compact and unescaped, keys in the order given. The audit trail hands
+    its rows over with sorted keys, so they are stored in exactly the form it hashes, and a row's stored
+    text can be hashed as it is (app/audit/service.py)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
+    """An engine for `url`. `pre_ping` tests each pooled connection before use (a round trip): the worker
+    and the CLI keep it; the API turns it off (see `create_app`)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             from pathlib import Path
 
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, json_serializer=compact_json
+        )
         _make_sqlite_serialisable(engine)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # `pool_recycle` retires connections before idle-timeouts on the way (proxies, firewalls) do.
+    return create_engine(
+        url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=10, pool_recycle=300, json_serializer=compact_json
+    )
 
 
 def _make_sqlite_serialisable(engine: Engine) -> None:
@@ -114,3 +129,17 @@ def _request_reader(request: Request) -> Iterator[Session]:
 
 
 ReadSessionDep = Annotated[Session, Depends(_request_reader, scope="function")]
+
+
+def _request_statement(request: Request) -> Iterator[Session]:
+    engine: Engine = request.app.state.engine
+    if is_sqlite(engine):
+        yield from _request_reader(request)
+        return
+    # On PostgreSQL a lone statement is its own snapshot: no BEGIN and no ROLLBACK round trip around it.
+    with Session(engine.execution_options(isolation_level="AUTOCOMMIT")) as session:
+        yield session
+
+
+StatementSessionDep = Annotated[Session, Depends(_request_statement, scope="function")]
+"""For a read that is one statement (one override and its votes): consistent without a transaction."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import queue
 import sys
 from datetime import UTC, datetime
+from logging.handlers import QueueHandler, QueueListener
 
 CHECKPOINT_LOGGER = "app.audit.checkpoint"
 
@@ -26,13 +29,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+ACCESS_LOGGER = "uvicorn.access"
+_access: QueueListener | None = None
+
+
+def _stop_access_log() -> None:
+    """Write out the queued access lines and end their thread (at exit, or before a new set-up)."""
+    global _access
+    listener, _access = _access, None
+    if listener is not None:
+        listener.stop()
+
+
+atexit.register(_stop_access_log)
+
+
 def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
+    global _access
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    # The access log (a line per request) is formatted and written by a thread of its own: a request only
+    # queues its line. Every other logger writes at once (a line before a crash must not wait in a queue).
+    _stop_access_log()
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _access = QueueListener(lines, handler)
+    _access.start()
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.handlers[:] = [QueueHandler(lines)]
+    access.propagate = False
     root.setLevel(level.upper())
     # httpx logs full URLs at INFO; keep it quiet (never leak anything from a request line).
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +15,9 @@ from app.core.config import Settings
 from app.core.db import reading
 from app.core.errors import TooManyRequests
 from app.diagnosis.assess import assess_request
+from app.diagnosis.budget import RateLimiter, RecentDiagnoses
 from app.diagnosis.models import Diagnosis, Finding
-from app.diagnosis.service import RateLimiter, diagnose_within_budget
+from app.diagnosis.service import diagnose_within_budget
 from app.mailcow.dest import DEVIATION_NAMES, deviations_in, transitional_form, unicode_form
 from app.overrides.lifecycle import find_live
 from app.overrides.permissions import ActionContext
@@ -86,31 +84,6 @@ def idna_deviation(destination: str) -> Finding | None:
             "treated as a conflict."
         ),
     )
-
-
-class RecentDiagnoses:
-    """Diagnoses of the last two minutes, per domain: a burst of requests for one broken domain (a
-    ticket storm) probes it once. The stored evidence keeps its own `checked_at`."""
-
-    def __init__(self, seconds: float = 120.0, size: int = 256) -> None:
-        self.seconds, self.size = seconds, size
-        self._lock = threading.Lock()
-        self._items: OrderedDict[str, tuple[float, Diagnosis]] = OrderedDict()
-
-    def get(self, domain: str) -> Diagnosis | None:
-        with self._lock:
-            found = self._items.get(domain)
-            if found is None or time.monotonic() - found[0] > self.seconds:
-                return None
-            return found[1]
-
-    def put(self, domain: str, diagnosis: Diagnosis) -> Diagnosis:
-        with self._lock:
-            self._items[domain] = (time.monotonic(), diagnosis)
-            self._items.move_to_end(domain)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return diagnosis
 
 
 Found = tuple[dict[str, Any] | None, list[dict[str, Any]]]

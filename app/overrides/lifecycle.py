@@ -26,6 +26,7 @@ from app.overrides.models import (
     Override,
     OverrideState,
     QueueReleaseStatus,
+    Vote,
     conflict_status_of,
 )
 
@@ -260,6 +261,19 @@ def load(session: Session, override_id: int, *, for_update: bool = False) -> Ove
     if override is None:
         raise NotFound(f"Override {override_id} does not exist.")
     return override
+
+
+def load_with_votes(session: Session, override_id: int) -> tuple[Override, list[Vote]]:
+    """The override and its votes (in vote order) in one query: a read needs both."""
+    rows = session.exec(
+        select(Override, Vote)
+        .outerjoin(Vote, col(Vote.override_id) == Override.id)
+        .where(Override.id == override_id)
+        .order_by(col(Vote.id))
+    ).all()
+    if not rows:
+        raise NotFound(f"Override {override_id} does not exist.")
+    return rows[0][0], [vote for _, vote in rows if vote is not None]
 
 
 def find_live(session: Session, target: str, destination: str) -> Override | None:

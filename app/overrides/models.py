@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import Enum, StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint, text
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, func, text
 from sqlalchemy import Enum as SAEnum
 from sqlmodel import Field, SQLModel
 
@@ -93,8 +93,13 @@ def _ts(nullable: bool = True) -> Any:
 
 class Override(SQLModel, table=True):
     __tablename__ = "override"
+    # Each list filter with the page's order (`id`), so a page reads only its own rows at any table size.
     __table_args__ = (
-        Index("ix_override_state", "state"),
+        Index("ix_override_state_id", "state", "id"),
+        Index("ix_override_requested_by_key_id", "requested_by_key", "id"),
+        Index("ix_override_destination_id", "destination", "id"),
+        Index("ix_override_target_id", "target", "id"),
+        Index("ix_override_ticket_lower_id", func.lower(text("ticket")), "id"),
         Index("ix_override_target_destination", "target", "destination"),
         Index("ix_override_queue_due_at", "queue_due_at"),
         # One live override per target+destination, enforced by the database itself.
@@ -128,7 +133,7 @@ class Override(SQLModel, table=True):
 
     # A person is recorded as given (shown) and by their key (compared: app/core/person.py).
     requested_by: str = Field(max_length=200)
-    requested_by_key: str = Field(max_length=200, index=True)
+    requested_by_key: str = Field(max_length=200)
     requested_by_name: str = Field(max_length=200)
     requested_via: str | None = Field(default=None, max_length=200)
     approvals_required: int = Field(default=1)

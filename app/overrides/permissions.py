@@ -13,8 +13,8 @@ from app.core.auth import Principal
 from app.core.config import Role, Settings
 from app.core.errors import Forbidden, NotFound, PreconditionFailed, PreconditionRequired
 from app.core.idempotency import Idempotency
-from app.overrides.lifecycle import load
-from app.overrides.models import Override
+from app.overrides.lifecycle import load, load_with_votes
+from app.overrides.models import Override, Vote
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,14 @@ def load_visible(session: Session, principal: Principal, override_id: int) -> Ov
     if not can_see(principal, override):
         raise NotFound(f"Override {override_id} does not exist.")
     return override
+
+
+def read_visible(session: Session, principal: Principal, override_id: int) -> tuple[Override, list[Vote]]:
+    """`load_visible` with the override's votes, in one query."""
+    override, votes = load_with_votes(session, override_id)
+    if not can_see(principal, override):
+        raise NotFound(f"Override {override_id} does not exist.")
+    return override, votes
 
 
 def load_for_action(

@@ -13,15 +13,15 @@ from sqlmodel import Session
 from app.audit.schemas import EventRead
 from app.audit.service import as_dict, iter_events
 from app.core.auth import CurrentPrincipal, Principal
-from app.core.db import SessionDep
+from app.core.db import ReadSessionDep, SessionDep, StatementSessionDep
 from app.core.errors import problem_responses
 from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
 from app.overrides import decisions, service
 from app.overrides.evidence import Evidence
 from app.overrides.lifecycle import is_overdue
-from app.overrides.models import Override, OverrideState
-from app.overrides.permissions import ActionContext, load_visible
+from app.overrides.models import Override, OverrideState, Vote
+from app.overrides.permissions import ActionContext, load_visible, read_visible
 from app.overrides.schemas import (
     ActionBody,
     ExtendBody,
@@ -71,7 +71,8 @@ ACTION_LINKS = {
 }
 
 
-def to_read(session: Session, override: Override) -> OverrideRead:
+def to_read(session: Session, override: Override, loaded_votes: list[Vote] | None = None) -> OverrideRead:
+    """The override as answered; `loaded_votes` are its votes when the caller loaded a page's at once."""
     votes = [
         VoteRead(
             reviewer=v.reviewer,
@@ -82,7 +83,7 @@ def to_read(session: Session, override: Override) -> OverrideRead:
             round=v.round,
             at=v.created_at,
         )
-        for v in service.votes_of(session, override.id or 0)
+        for v in (service.votes_of(session, override.id or 0) if loaded_votes is None else loaded_votes)
     ]
     pending = None
     if override.extension_seconds:
@@ -157,7 +158,8 @@ def _answer(
         headers = {"ETag": f'"{override.version}"'}
         if status == 201:
             headers["Location"] = f"/v1/overrides/{override.id}"
-        return to_read(session, override), headers
+        # A request just created has no votes yet: no query to find none.
+        return to_read(session, override, [] if status == 201 else None), headers
 
     return answer_once(ctx.idempotency, response, status, OverrideRead, changed)
 
@@ -219,7 +221,7 @@ def create_override(
 
 @router.get("", response_model=OverridePage, summary="List overrides", responses=problem_responses(401, 422))
 def list_overrides(
-    session: SessionDep,
+    session: ReadSessionDep,
     principal: CurrentPrincipal,
     state: Annotated[list[OverrideState] | None, Query(description="Repeat to match several states.")] = None,
     destination: Filter = None,
@@ -254,7 +256,8 @@ def list_overrides(
         cursor,
         limit,
     )
-    full = [to_read(session, row) for row in rows]
+    votes = service.votes_by_override(session, [row.id or 0 for row in rows])
+    full = [to_read(session, row, votes[row.id or 0]) for row in rows]
     items: list[OverrideRead | OverrideBrief] = list(full) if view == "full" else [to_brief(read) for read in full]
     return OverridePage(items=items, next_cursor=next_cursor)
 
@@ -266,11 +269,11 @@ def list_overrides(
     responses={200: {"headers": ETAG_HEADER, "links": ACTION_LINKS}, **problem_responses(401, 404, 422)},
 )
 def get_override(
-    override_id: OverrideId, session: SessionDep, principal: CurrentPrincipal, response: Response
+    override_id: OverrideId, session: StatementSessionDep, principal: CurrentPrincipal, response: Response
 ) -> OverrideRead:
-    override = load_visible(session, principal, override_id)
+    override, votes = read_visible(session, principal, override_id)
     response.headers["ETag"] = f'"{override.version}"'
-    return to_read(session, override)
+    return to_read(session, override, votes)
 
 
 @router.get(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -146,7 +147,8 @@ def list_overrides(
     if filters.requester:
         query = query.where(Override.requested_by_key == person_key(filters.requester))
     if filters.ticket:
-        query = query.where(Override.ticket == filters.ticket)
+        # Case-insensitive (an integration's `mail-4711` finds `MAIL-4711`), served by the index on lower(ticket).
+        query = query.where(func.lower(Override.ticket) == filters.ticket.lower())
     if filters.target:
         query = query.where(Override.target == filters.target)
     if filters.overdue is not None:
@@ -162,3 +164,13 @@ def list_overrides(
 
 def votes_of(session: Session, override_id: int) -> list[Vote]:
     return list(session.exec(select(Vote).where(Vote.override_id == override_id).order_by(col(Vote.id))).all())
+
+
+def votes_by_override(session: Session, override_ids: Sequence[int]) -> dict[int, list[Vote]]:
+    """The votes of several overrides in one query (a page's: no query per item), each list in vote order."""
+    found: dict[int, list[Vote]] = {override_id: [] for override_id in override_ids}
+    if override_ids:
+        query = select(Vote).where(col(Vote.override_id).in_(list(override_ids))).order_by(col(Vote.id))
+        for vote in session.exec(query):
+            found[vote.override_id].append(vote)
+    return found

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +320,74 @@ def test_a_slow_export_download_does_not_block_writes(live_server: Any, engine: 
             timeout=5,
         )
         assert created.status_code == 201, created.text
+
+
+def test_rows_are_hashed_as_stored_without_reencoding(
+    client: Any, engine: Engine, auth: Any, trail: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service stores JSON in the hashed (canonical) form, so verification hashes the stored text as it
+    is; the reference hashing (parse, re-encode) is not needed for a row the service wrote."""
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT after FROM audit_event WHERE seq = 1")).scalar_one()
+    text = stored if isinstance(stored, str) else json.dumps(stored)
+    if isinstance(stored, str):
+        assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    import app.audit.service as service
+
+    reference = []
+    monkeypatch.setattr(service, "chain_hash", lambda prev, row: reference.append(row["seq"]) or chain_hash(prev, row))
+    assert _verify(client, auth)["valid"] is True
+    assert reference == []
+
+
+def test_rows_stored_in_another_json_form_verify_the_reference_way(client: Any, engine: Engine, auth: Any) -> None:
+    """Rows written before JSON was stored canonically (json.dumps' default spacing) still verify, and a
+    change to one is still found."""
+    prev = "0" * 64
+    rows = []
+    for seq in (1, 2):
+        event = AuditEvent(
+            seq=seq,
+            at=datetime(2026, 1, 1, 12, 0, seq, 5, tzinfo=UTC),
+            actor="Jürgen",
+            via=None,
+            action="override.created",
+            override_id=seq,
+            before={"b": 1, "a": 'x "q" ✓'} if seq == 2 else None,
+            after={"state": "pending", "n": [1, 2.5, None]},
+            comment=None,
+            prev_hash=prev,
+            hash="",
+        )
+        event.hash = prev = chain_hash(prev, as_dict(event))
+        rows.append(event)
+    with engine.begin() as conn:
+        for event in rows:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO audit_event (seq, at, actor, via, action, override_id, before, after, comment, "
+                    "prev_hash, hash) VALUES (:seq, :at, :actor, NULL, :action, :oid, :before, :after, NULL, :prev, "
+                    ":hash)"
+                ),
+                {
+                    "seq": event.seq,
+                    "at": event.at.replace(tzinfo=None),
+                    "actor": event.actor,
+                    "action": event.action,
+                    "oid": event.override_id,
+                    "before": None if event.before is None else json.dumps(event.before),
+                    "after": json.dumps(event.after),
+                    "prev": event.prev_hash,
+                    "hash": event.hash,
+                },
+            )
+        conn.execute(sa.text("UPDATE audit_head SET seq = 2, hash = :h WHERE id = 1"), {"h": prev})
+    assert _verify(client, auth)["valid"] is True
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("ALTER TABLE audit_event DISABLE TRIGGER audit_event_no_update_delete"))
+        conn.execute(
+            sa.text("""UPDATE audit_event SET after = '{"state": "active", "n": [1, 2.5, null]}' WHERE seq = 1""")
+        )
+    result = _verify(client, auth)
+    assert (result["valid"], result["first_broken"], result["reason"]) == (False, 1, "hash does not match content")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from alembic import command
@@ -22,7 +23,11 @@ VALID_OTHER = {
 
 
 def test_models_and_migrations_agree(engine: Engine) -> None:
-    with engine.connect() as connection:
+    with engine.connect() as connection, warnings.catch_warnings():
+        # SQLite's reflection cannot read an index on an expression (lower(ticket)); its presence is
+        # checked in tests/overrides/test_queries.py on both databases.
+        warnings.filterwarnings("ignore", "Skipped unsupported reflection of expression-based index")
+        warnings.filterwarnings("ignore", "autogenerate skipping metadata-specified expression-based index")
         diff = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
     assert diff == []
 

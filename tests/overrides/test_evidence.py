@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.diagnosis import engine as diagnosis_engine
 from app.diagnosis import service as diagnosis_service
-from app.diagnosis.service import RateLimiter
+from app.diagnosis.budget import RateLimiter
 from tests.helpers import Headers, lab_settings
 from tests.lab.lab import Lab
 
@@ -70,7 +70,7 @@ def test_replays_duplicates_and_bursts_probe_the_domain_once(
 def test_fresh_diagnoses_on_create_share_the_callers_budget(
     client: TestClient, auth: Callable[..., Headers], app: Any
 ) -> None:
-    app.state.diagnosis_limiter = RateLimiter(1)
+    app.state.diagnosis_limiter = RateLimiter(app.state.engine, 1)
     alice = auth("alice", "requester")
     body = {"policy": "encrypt", "justification": "Recipient TLSA records are stale after a rollover."}
     first = client.post("/v1/overrides", json={**body, "destination": "stale.example.test"}, headers=alice)
