@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -13,6 +13,7 @@ from sqlalchemy import DateTime, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, create_engine
+from starlette.concurrency import run_in_threadpool
 
 
 def utcnow() -> datetime:
@@ -94,7 +95,7 @@ _READ_ONLY = "tlso_read_only"
 def reading(engine: Engine) -> Iterator[Session]:
     """A session that only reads (a long export, a chain verification): one consistent snapshot, and
     on SQLite no write lock, so a slow download never holds up the API or the worker."""
-    with Session(engine.execution_options(**{_READ_ONLY: True})) as session:
+    with _read_session(engine) as session:
         try:
             yield session
         finally:
@@ -113,32 +114,79 @@ def transaction(engine: Engine) -> Iterator[Session]:
             raise
 
 
-def _request_session(request: Request) -> Iterator[Session]:
+def _end(session: Session, *, commit: bool) -> None:
+    """Commit (or roll back) and close: the end of a request's session, in one hop to the thread pool."""
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+# The request dependencies are `async` generators: opening a Session does no I/O, so it happens on the event
+# loop instead of in a hop to the thread pool and back; only the end that talks to the database (COMMIT,
+# ROLLBACK) goes to a worker thread, in one call.
+
+
+async def _request_session(request: Request) -> AsyncIterator[Session]:
     # The single commit point of the API. scope="function" (below) makes FastAPI run the code after
     # `yield` before the response is sent, so a client never sees an answer whose change was lost.
-    with transaction(request.app.state.engine) as session:
+    session = Session(request.app.state.engine, expire_on_commit=False)
+    try:
         yield session
+    except BaseException:
+        await run_in_threadpool(_end, session, commit=False)
+        raise
+    await run_in_threadpool(_end, session, commit=True)
 
 
 SessionDep = Annotated[Session, Depends(_request_session, scope="function")]
 
 
-def _request_reader(request: Request) -> Iterator[Session]:
-    with reading(request.app.state.engine) as session:
+def _read_session(engine: Engine) -> Session:
+    return Session(engine.execution_options(**{_READ_ONLY: True}))
+
+
+async def _request_reader(request: Request) -> AsyncIterator[Session]:
+    # As `reading`: one snapshot, ended by a rollback (a round trip, so in the thread pool) if it began.
+    session = _read_session(request.app.state.engine)
+    try:
         yield session
+    finally:
+        await _end_reading(session)
+
+
+async def _end_reading(session: Session) -> None:
+    if session.in_transaction():
+        await run_in_threadpool(_end, session, commit=False)
+    else:
+        session.close()
 
 
 ReadSessionDep = Annotated[Session, Depends(_request_reader, scope="function")]
 
 
-def _request_statement(request: Request) -> Iterator[Session]:
+async def _request_statement(request: Request) -> AsyncIterator[Session]:
     engine: Engine = request.app.state.engine
     if is_sqlite(engine):
-        yield from _request_reader(request)
+        session = _read_session(engine)
+        try:
+            yield session
+        finally:
+            await _end_reading(session)
         return
-    # On PostgreSQL a lone statement is its own snapshot: no BEGIN and no ROLLBACK round trip around it.
-    with Session(engine.execution_options(isolation_level="AUTOCOMMIT")) as session:
+    # On PostgreSQL a lone statement is its own snapshot: no BEGIN and no ROLLBACK round trip around it, and
+    # closing the session (the connection back to the pool, idle in autocommit) does no I/O either.
+    session = Session(engine.execution_options(isolation_level="AUTOCOMMIT"))
+    try:
         yield session
+    finally:
+        session.close()
 
 
 StatementSessionDep = Annotated[Session, Depends(_request_statement, scope="function")]
