@@ -95,7 +95,7 @@ _READ_ONLY = "tlso_read_only"
 def reading(engine: Engine) -> Iterator[Session]:
     """A session that only reads (a long export, a chain verification): one consistent snapshot, and
     on SQLite no write lock, so a slow download never holds up the API or the worker."""
-    with _read_session(engine) as session:
+    with Session(engine.execution_options(**{_READ_ONLY: True})) as session:
         try:
             yield session
         finally:
@@ -148,13 +148,21 @@ async def _request_session(request: Request) -> AsyncIterator[Session]:
 SessionDep = Annotated[Session, Depends(_request_session, scope="function")]
 
 
-def _read_session(engine: Engine) -> Session:
-    return Session(engine.execution_options(**{_READ_ONLY: True}))
+def _app_engine(request: Request, name: str, **options: Any) -> Engine:
+    """The app's engine with `options`, made once (an OptionEngine per request is not free) and made again
+    only if the app's engine was replaced."""
+    state = request.app.state
+    engine: Engine = state.engine
+    made: tuple[Engine, Engine] | None = getattr(state, name, None)
+    if made is None or made[0] is not engine:
+        made = (engine, engine.execution_options(**options))
+        setattr(state, name, made)
+    return made[1]
 
 
 async def _request_reader(request: Request) -> AsyncIterator[Session]:
     # As `reading`: one snapshot, ended by a rollback (a round trip, so in the thread pool) if it began.
-    session = _read_session(request.app.state.engine)
+    session = Session(_app_engine(request, "tlso_read_engine", **{_READ_ONLY: True}))
     try:
         yield session
     finally:
@@ -174,7 +182,7 @@ ReadSessionDep = Annotated[Session, Depends(_request_reader, scope="function")]
 async def _request_statement(request: Request) -> AsyncIterator[Session]:
     engine: Engine = request.app.state.engine
     if is_sqlite(engine):
-        session = _read_session(engine)
+        session = Session(_app_engine(request, "tlso_read_engine", **{_READ_ONLY: True}))
         try:
             yield session
         finally:
@@ -182,7 +190,7 @@ async def _request_statement(request: Request) -> AsyncIterator[Session]:
         return
     # On PostgreSQL a lone statement is its own snapshot: no BEGIN and no ROLLBACK round trip around it, and
     # closing the session (the connection back to the pool, idle in autocommit) does no I/O either.
-    session = Session(engine.execution_options(isolation_level="AUTOCOMMIT"))
+    session = Session(_app_engine(request, "tlso_statement_engine", isolation_level="AUTOCOMMIT"))
     try:
         yield session
     finally:
