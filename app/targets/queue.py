@@ -19,10 +19,10 @@ from typing import Any
 
 import anyio.from_thread
 from sqlalchemy import Engine
-from sqlmodel import Session, col, select, update
+from sqlmodel import Session, col, select
 
 from app.core.config import Settings
-from app.core.db import reading, transaction, utcnow
+from app.core.db import reading, utcnow
 from app.core.errors import InvalidInput, NotFound, ServiceUnavailable
 from app.mailcow.errors import MailcowAuthError, MailcowError
 from app.mailcow.queue import QueueMessage, capped
@@ -171,19 +171,3 @@ def _checked_since(queue: Any, moment: datetime) -> bool:
         return bool(queue) and datetime.fromisoformat(str(queue["checked_at"])) > moment
     except (KeyError, TypeError, ValueError):
         return False
-
-
-def store_evidence(engine: Engine, evidence: dict[int, dict[str, Any]]) -> int:
-    """Write each override's new queue evidence (only while it is still watched); how many were written.
-    The version is not changed: reading the queue is no decision, and must not make a reviewer's If-Match fail."""
-    written = 0
-    with transaction(engine) as session:
-        for override_id, queue in evidence.items():
-            result = session.execute(
-                update(Override)
-                .where(col(Override.id) == override_id, col(Override.state).in_(WATCHED_STATES))
-                .values(queue=queue)
-                .execution_options(synchronize_session=False)
-            )
-            written += int(result.rowcount)  # type: ignore[attr-defined]
-    return written

@@ -1,7 +1,7 @@
 """The worker's database side: claim due overrides, record outcomes, release and back off. The worker
 writes its bookkeeping on an override row — the lease, attempts, the add in flight, the next attempt,
 the remediation watch's count, the queue pass's release record (`queue_release`, its status checked
-against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time — here and nowhere else (the API only makes
+against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time, the refreshed queue evidence — here and nowhere else (the API only makes
 waiting jobs due when an admin resumes a target); the state only ever changes through
 `app.overrides.lifecycle`.
 
@@ -425,6 +425,22 @@ def move_queue_release(
 def queue_later(engine: Engine, job: QueueJob, owner: str, delay: float) -> None:
     """The queue pass failed (mailcow could not say or do it): let go, due again after `delay` seconds."""
     move_queue_release(engine, job, owner, None, utcnow() + timedelta(seconds=delay))
+
+
+def record_queue_evidence(engine: Engine, evidence: dict[int, dict[str, Any]], watched: tuple[OverrideState, ...]) -> int:
+    """The refresh's queue evidence on each override still in a `watched` state; how many were written. No
+    lease is taken (reading the queue decides nothing), and the version stays: no reviewer's If-Match fails."""
+    written = 0
+    with transaction(engine) as session:
+        for override_id, queue in evidence.items():
+            result = session.execute(
+                update(Override)
+                .where(col(Override.id) == override_id, col(Override.state).in_(watched))
+                .values(queue=queue)
+                .execution_options(synchronize_session=False)
+            )
+            written += int(result.rowcount)  # type: ignore[attr-defined]
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------------------
