@@ -154,16 +154,19 @@ def watched(engine: Engine, target: str, older_than: datetime) -> list[tuple[int
     (or missing); an empty list means the queue need not be read for this target now."""
     with Session(engine) as session:
         rows = session.exec(
-            select(Override.id, Override.destination, Override.queue).where(
+            select(Override.id, Override.destination, Override.queue, Override.state, Override.queue_due_at).where(
                 Override.target == target, col(Override.state).in_(WATCHED_STATES)
             )
         ).all()
-    stale = [
+    # An active override whose queue pass is scheduled gets its evidence from that pass's check, together
+    # with its `still_stuck` flag (app/worker/release.py), so that the two never disagree.
+    return [
         (row_id, destination)
-        for row_id, destination, queue in rows
-        if row_id is not None and not _checked_since(queue, older_than)
+        for row_id, destination, queue, state, queue_due_at in rows
+        if row_id is not None
+        and not (state == OverrideState.active and queue_due_at is not None)
+        and not _checked_since(queue, older_than)
     ]
-    return stale
 
 
 def _checked_since(queue: Any, moment: datetime) -> bool:

@@ -377,6 +377,18 @@ def renew_queue(engine: Engine, override_ids: list[int], owner: str, lease_secon
         return _leased(session, override_ids, owner, lease_until=lease_until, queue_due_at=lease_until)
 
 
+def note_queue_release(engine: Engine, job: QueueJob, owner: str, value: dict[str, Any]) -> bool:
+    """Write the release's record while keeping the lease (what is about to be handed to `deliver`, so that a
+    worker taking over after a kill audits it too); its status is checked against its table. False (nothing
+    written) if the lease is not this worker's any more."""
+    with transaction(engine) as session:
+        override = session.exec(select(Override).where(Override.id == job.id).with_for_update()).first()
+        if override is None or override.lease_owner != owner or override.state != job.state:
+            return False
+        lifecycle.check_queue_release_move(override.queue_release_status, QueueReleaseStatus(value["status"]))
+        return _leased(session, [job.id], owner, queue_release=value) == 1
+
+
 @dataclass(frozen=True)
 class QueueAudit:
     action: str

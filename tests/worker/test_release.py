@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -142,6 +142,87 @@ async def test_a_working_override_is_not_flagged_when_other_mail_is_deferred_for
     await worker.tick()
     assert release_of(engine, override_id)["status"] == "clear"
     assert 'tlso_overrides_still_stuck{target="default"}' not in scrape(client, auth)
+
+
+@pytest.fixture
+async def refreshing(engine: Engine, transport: SwitchableTransport) -> AsyncIterator[Worker]:
+    """A worker with the queue refresh on (the tests' default is off), every 300 s."""
+    settings = worker_settings(queue_check_seconds=0.0, queue_release_batch=3, queue_refresh_seconds=300.0)
+    worker = Worker(engine, settings, owner="w1", transports={"default": transport})
+    yield worker
+    await worker.aclose()
+
+
+def _recheck_now(engine: Engine, override_id: int) -> None:
+    """As if `TLSO_QUEUE_REFRESH_SECONDS` had passed: the check of an active override is due again."""
+    due = load(engine, override_id).queue_due_at
+    assert due is not None and due > utcnow() + timedelta(seconds=200)  # scheduled with the refresh (300 s)
+    set_columns(engine, override_id, queue_due_at=utcnow())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_still_stuck_flag_follows_the_queue_while_the_override_is_active(
+    client: TestClient, auth: Auth, engine: Engine, refreshing: Worker, standin: MailcowStandin
+) -> None:
+    reason = "TLS is required, but was not offered"
+    standin.queue.fill("example.org", messages=2, reason=reason, deliverable_under={"none"})
+    override_id = approved(client, auth, "example.org")
+    await refreshing.tick()  # released
+    await refreshing.tick()  # checked: flagged
+    assert release_of(engine, override_id)["still_stuck"] is True
+
+    _recheck_now(engine, override_id)
+    await refreshing.tick()  # the same mail, the same episode: no second event
+    assert len(audit_after(engine, override_id, "override.still_stuck")) == 1
+
+    assert len(deliver_calls(standin)) == 1  # released once
+    standin.queue.clear()  # the mail went (the recipient fixed its TLS, or an admin dealt with it)
+    _recheck_now(engine, override_id)
+    await refreshing.tick()
+    record = release_of(engine, override_id)
+    assert record["status"] == "clear" and record["still_stuck"] is False
+    assert (load(engine, override_id).queue or {})["messages"] == 0  # the evidence reviewers read agrees
+    assert audit_actions(engine, override_id)[-1] == "override.queue_clear"
+    assert 'tlso_overrides_still_stuck{target="default"}' not in scrape(client, auth)
+
+    _recheck_now(engine, override_id)
+    await refreshing.tick()  # still clear: no event
+    assert audit_actions(engine, override_id).count("override.queue_clear") == 1
+
+    standin.queue.fill("example.org", messages=1, reason=TLSA, deliverable_under={"none"})  # it comes back
+    _recheck_now(engine, override_id)
+    await refreshing.tick()
+    _recheck_now(engine, override_id)
+    await refreshing.tick()
+    flags = audit_after(engine, override_id, "override.still_stuck")
+    assert len(flags) == 2 and flags[-1]["messages"] == 1  # flagged again, once for the new episode
+    assert release_of(engine, override_id)["still_stuck"] is True
+    assert (load(engine, override_id).queue or {})["messages"] == 1
+    assert 'tlso_overrides_still_stuck{target="default"} 1.0' in scrape(client, auth)
+    assert deliver_calls(standin) == []  # since the queue was emptied: the checks only look
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_an_override_with_nothing_deferred_writes_no_queue_event_until_mail_defers(
+    client: TestClient, auth: Auth, engine: Engine, refreshing: Worker, standin: MailcowStandin
+) -> None:
+    standin.queue.fill("other.example", messages=2, reason=TLSA)  # another destination's: not ours
+    override_id = approved(client, auth, "example.org")
+    await refreshing.tick()  # applied; nothing deferred for it: nothing asked of mailcow
+    await refreshing.tick()  # the check finds what was expected
+    assert audit_actions(engine, override_id)[-1] == "override.applied"
+    assert deliver_calls(standin) == []
+    record = release_of(engine, override_id)
+    assert record["status"] == "clear" and record["released"] == 0
+
+    # New mail defers for TLS after activation: the override does not help it.
+    standin.queue.fill("example.org", messages=3, reason=TLSA, deliverable_under={"none"})
+    _recheck_now(engine, override_id)
+    await refreshing.tick()
+    assert audit_actions(engine, override_id)[-1] == "override.still_stuck"
+    [flag] = audit_after(engine, override_id, "override.still_stuck")
+    assert flag["messages"] == 3
+    assert "override.queue_released" not in audit_actions(engine, override_id)
 
 
 @SQLITE_ONLY
