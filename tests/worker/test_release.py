@@ -7,12 +7,14 @@ release once. The stand-in fails every test that sends `flush`, `super_delete` o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
@@ -276,30 +278,53 @@ async def test_a_next_hop_override_releases_nothing(
     assert deliver_calls(standin) == [] and load(engine, override_id).queue_release is None
 
 
+class DeliverGate(SwitchableTransport):
+    """Holds the first `deliver` until a second one arrives (or `hold` seconds pass), so that a second worker
+    has every chance to enter the same release while the first is inside it: `most_inside` says how many were."""
+
+    def __init__(self, app: Any, hold: float = 3.0) -> None:
+        super().__init__(app)
+        self.hold, self.inside, self.most_inside = hold, 0, 0
+        self.second = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST" or b'"deliver"' not in request.content:
+            return await super().handle_async_request(request)
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        try:
+            if self.inside == 1:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.second.wait(), self.hold)
+            else:
+                self.second.set()
+            return await super().handle_async_request(request)
+        finally:
+            self.inside -= 1
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_two_workers_racing_release_once(
-    client: TestClient,
-    auth: Auth,
-    engine: Engine,
-    settings: Settings,
-    transport: SwitchableTransport,
-    standin: MailcowStandin,
+    client: TestClient, auth: Auth, engine: Engine, settings: Settings, standin_app: Any, standin: MailcowStandin
 ) -> None:
     stuck = standin.queue.fill("example.org", messages=5, reason=TLSA)
     override_id = approved(client, auth, "example.org")
-    first = Worker(engine, settings, owner="w1", transports={"default": transport})
+    gate = DeliverGate(standin_app, hold=0.0)
+    first = Worker(engine, settings, owner="w1", transports={"default": gate})
     await first.tick()  # applied and released
     set_columns(engine, override_id, queue_release=None, queue_due_at=utcnow())  # due again, for both at once
     standin.queue.fill("example.org", messages=1, reason=TLSA)
     standin.queue.commands.clear()
 
-    workers = [Worker(engine, settings, owner=f"r{n}", transports={"default": transport}) for n in range(2)]
+    gate.hold = 3.0  # the first worker inside the release waits there for a second one (none may come)
+    workers = [Worker(engine, settings, owner=f"r{n}", transports={"default": gate}) for n in range(2)]
     try:
         for _ in range(3):
             await asyncio.gather(*(worker.tick() for worker in workers))
     finally:
         for worker in [first, *workers]:
             await worker.aclose()
+    assert gate.most_inside == 1  # while one worker was inside the release, the other could not claim it
     assert len(deliver_calls(standin)) == 1  # one worker released it; the other found it leased or done
     released = audit_after(engine, override_id, "override.queue_released")
     assert len(released) == 2 and released[-1]["released"] == 1
