@@ -114,11 +114,12 @@ OVERRIDE_WRITERS = {"app.overrides.lifecycle", "app.worker.store", "app.targets.
 
 
 def _writes_override(path: Path) -> bool:
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "update":
-            if any(isinstance(arg, ast.Name) and arg.id == "Override" for arg in node.args):
-                return True
-    return False
+    return any(
+        isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "update"
+        and any(isinstance(arg, ast.Name) and arg.id == "Override" for arg in node.args)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    )
 
 
 def test_the_override_row_has_one_owner_for_worker_writes() -> None:

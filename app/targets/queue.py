@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import anyio.from_thread
-from sqlalchemy import Engine
+from sqlalchemy import Engine, and_, not_
 from sqlmodel import Session, col, select
 
 from app.core.config import Settings
@@ -152,20 +152,19 @@ def per_domain(messages: Sequence[QueueMessage], now: datetime) -> list[QueueEvi
 def watched(engine: Engine, target: str, older_than: datetime) -> list[tuple[int, str]]:
     """(id, destination) of the target's watched overrides whose queue evidence is older than `older_than`
     (or missing); an empty list means the queue need not be read for this target now."""
-    with Session(engine) as session:
-        rows = session.exec(
-            select(Override.id, Override.destination, Override.queue, Override.state, Override.queue_due_at).where(
-                Override.target == target, col(Override.state).in_(WATCHED_STATES)
-            )
-        ).all()
     # An active override whose queue pass is scheduled gets its evidence from that pass's check, together
     # with its `still_stuck` flag (app/worker/release.py), so that the two never disagree.
+    checked_by_its_pass = and_(col(Override.state) == OverrideState.active, col(Override.queue_due_at).is_not(None))
+    with Session(engine) as session:
+        rows = session.exec(
+            select(Override.id, Override.destination, Override.queue)
+            .where(Override.target == target, col(Override.state).in_(WATCHED_STATES))
+            .where(not_(checked_by_its_pass))
+        ).all()
     return [
         (row_id, destination)
-        for row_id, destination, queue, state, queue_due_at in rows
-        if row_id is not None
-        and not (state == OverrideState.active and queue_due_at is not None)
-        and not _checked_since(queue, older_than)
+        for row_id, destination, queue in rows
+        if row_id is not None and not _checked_since(queue, older_than)
     ]
 
 

@@ -1,9 +1,9 @@
 """The worker's database side: claim due overrides, record outcomes, release and back off. The worker
 writes its bookkeeping on an override row — the lease, attempts, the add in flight, the next attempt,
 the remediation watch's count, the queue pass's release record (`queue_release`, its status checked
-against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time, the refreshed queue evidence — here and nowhere else (the API only makes
-waiting jobs due when an admin resumes a target); the state only ever changes through
-`app.overrides.lifecycle`.
+against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time, the refreshed queue evidence — here and
+nowhere else (the API only makes waiting jobs due when an admin resumes a target); the state only ever
+changes through `app.overrides.lifecycle`.
 
 A claim is a short committed transaction that leases rows to one worker (`lease_owner`,
 `lease_until`); on PostgreSQL the due rows are read with `FOR UPDATE SKIP LOCKED`, so two workers
@@ -439,7 +439,9 @@ def queue_later(engine: Engine, job: QueueJob, owner: str, delay: float) -> None
     move_queue_release(engine, job, owner, None, utcnow() + timedelta(seconds=delay))
 
 
-def record_queue_evidence(engine: Engine, evidence: dict[int, dict[str, Any]], watched: tuple[OverrideState, ...]) -> int:
+def record_queue_evidence(
+    engine: Engine, evidence: dict[int, dict[str, Any]], watched: tuple[OverrideState, ...]
+) -> int:
     """The refresh's queue evidence on each override still in a `watched` state; how many were written. No
     lease is taken (reading the queue decides nothing), and the version stays: no reviewer's If-Match fails."""
     written = 0
