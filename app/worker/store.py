@@ -383,8 +383,8 @@ def note_queue_release(engine: Engine, job: QueueJob, owner: str, value: dict[st
     written) if the lease is not this worker's any more."""
     with transaction(engine) as session:
         override = session.exec(select(Override).where(Override.id == job.id).with_for_update()).first()
-        if override is None or override.lease_owner != owner or override.state != job.state:
-            return False
+        if override is None or override.lease_owner != owner:
+            return False  # (a revoke meanwhile keeps our lease: the release goes on, its removal waits for it)
         lifecycle.check_queue_release_move(override.queue_release_status, QueueReleaseStatus(value["status"]))
         return _leased(session, [job.id], owner, queue_release=value) == 1
 
