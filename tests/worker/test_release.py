@@ -228,6 +228,18 @@ async def test_an_override_with_nothing_deferred_writes_no_queue_event_until_mai
 
 
 @SQLITE_ONLY
+async def test_the_api_shows_a_release_in_flight_without_its_queue_ids(
+    client: TestClient, auth: Auth, engine: Engine, worker: Worker
+) -> None:
+    override_id = approved(client, auth, "example.org")
+    await worker.tick()
+    noted = {"status": "releasing", "asking": ["4Bx1kQ2fZ3z"], "calls": 0, "deferred": {"messages": 1}}
+    set_columns(engine, override_id, queue_release=noted)  # as a worker killed after deliver left it
+    body = client.get(f"/v1/overrides/{override_id}", headers=auth(*ROOT_ADMIN)).json()
+    assert body["queue_release"] == {"status": "releasing", "calls": 0, "deferred": {"messages": 1}}
+
+
+@SQLITE_ONLY
 async def test_a_queue_mailcow_cannot_read_is_released_when_it_can(
     client: TestClient,
     auth: Auth,
