@@ -132,7 +132,10 @@ def to_read(session: Session, override: Override, loaded_votes: list[Vote] | Non
         drift=override.drift,
         last_error=override.last_error,
         findings=[FindingRead.model_validate(f) for f in override.findings or []],
-        queue_release=override.queue_release,
+        # The queue ids a release in flight notes for a takeover are the worker's bookkeeping, not evidence.
+        queue_release={k: v for k, v in override.queue_release.items() if k != "asking"}
+        if override.queue_release
+        else None,
         still_stuck=bool((override.queue_release or {}).get("still_stuck")),
         version=override.version,
         links={"self": f"/v1/overrides/{override.id}", "events": f"/v1/overrides/{override.id}/events"},

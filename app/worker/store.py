@@ -1,9 +1,9 @@
 """The worker's database side: claim due overrides, record outcomes, release and back off. The worker
 writes its bookkeeping on an override row — the lease, attempts, the add in flight, the next attempt,
 the remediation watch's count, the queue pass's release record (`queue_release`, its status checked
-against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time — here and nowhere else (the API only makes
-waiting jobs due when an admin resumes a target); the state only ever changes through
-`app.overrides.lifecycle`.
+against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time, the refreshed queue evidence — here and
+nowhere else (the API only makes waiting jobs due when an admin resumes a target); the state only ever
+changes through `app.overrides.lifecycle`.
 
 A claim is a short committed transaction that leases rows to one worker (`lease_owner`,
 `lease_until`); on PostgreSQL the due rows are read with `FOR UPDATE SKIP LOCKED`, so two workers
@@ -377,6 +377,18 @@ def renew_queue(engine: Engine, override_ids: list[int], owner: str, lease_secon
         return _leased(session, override_ids, owner, lease_until=lease_until, queue_due_at=lease_until)
 
 
+def note_queue_release(engine: Engine, job: QueueJob, owner: str, value: dict[str, Any]) -> bool:
+    """Write the release's record while keeping the lease (what is about to be handed to `deliver`, so that a
+    worker taking over after a kill audits it too); its status is checked against its table. False (nothing
+    written) if the lease is not this worker's any more."""
+    with transaction(engine) as session:
+        override = session.exec(select(Override).where(Override.id == job.id).with_for_update()).first()
+        if override is None or override.lease_owner != owner:
+            return False  # (a revoke meanwhile keeps our lease: the release goes on, its removal waits for it)
+        lifecycle.check_queue_release_move(override.queue_release_status, QueueReleaseStatus(value["status"]))
+        return _leased(session, [job.id], owner, queue_release=value) == 1
+
+
 @dataclass(frozen=True)
 class QueueAudit:
     action: str
@@ -425,6 +437,24 @@ def move_queue_release(
 def queue_later(engine: Engine, job: QueueJob, owner: str, delay: float) -> None:
     """The queue pass failed (mailcow could not say or do it): let go, due again after `delay` seconds."""
     move_queue_release(engine, job, owner, None, utcnow() + timedelta(seconds=delay))
+
+
+def record_queue_evidence(
+    engine: Engine, evidence: dict[int, dict[str, Any]], watched: tuple[OverrideState, ...]
+) -> int:
+    """The refresh's queue evidence on each override still in a `watched` state; how many were written. No
+    lease is taken (reading the queue decides nothing), and the version stays: no reviewer's If-Match fails."""
+    written = 0
+    with transaction(engine) as session:
+        for override_id, queue in evidence.items():
+            result = session.execute(
+                update(Override)
+                .where(col(Override.id) == override_id, col(Override.state).in_(watched))
+                .values(queue=queue)
+                .execution_options(synchronize_session=False)
+            )
+            written += int(result.rowcount)  # type: ignore[attr-defined]
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------------------
