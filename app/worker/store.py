@@ -83,6 +83,37 @@ def backoff(settings: Settings, attempts: int) -> float:
     return float(base * random.uniform(0.8, 1.2))  # noqa: S311 (jitter, not crypto)
 
 
+def _lease_due(
+    session: Session,
+    due: Any,
+    which: Any,
+    owner: str,
+    lease_seconds: float,
+    limit: int,
+    exclude_targets: set[str] | frozenset[str],
+) -> list[Override]:
+    """Lease the rows `which` selects whose `due` time has come and whose lease is free, oldest due first:
+    the lease and the due time both move to the lease's end, so a worker killed mid-job leaves the job
+    due again when its lease runs out. The rows are locked (PostgreSQL, skipping those another worker
+    holds) or the database is (SQLite), and the update repeats the conditions: one statement leases all."""
+    now = utcnow()
+    lease_until = now + timedelta(seconds=lease_seconds)
+    free = or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now)
+    query = select(Override).where(which, due.is_not(None), due <= now, free)
+    if exclude_targets:
+        query = query.where(col(Override.target).not_in(sorted(exclude_targets)))
+    query = query.order_by(due, col(Override.id)).limit(limit)
+    rows = list(session.exec(query.with_for_update(skip_locked=True)).all())
+    if rows:
+        session.execute(
+            update(Override)
+            .where(col(Override.id).in_([row.id for row in rows]), which, free)
+            .values({"lease_owner": owner, "lease_until": lease_until, due.key: lease_until})
+            .execution_options(synchronize_session=False)
+        )
+    return rows
+
+
 def claim(
     engine: Engine,
     state: OverrideState,
@@ -94,27 +125,14 @@ def claim(
 ) -> list[Job]:
     """Lease up to `limit` due overrides in `state` (approved → apply, removing → remove)."""
     with transaction(engine) as session:
-        now = utcnow()
-        lease_until = now + timedelta(seconds=lease_seconds)
-        query = (
-            select(Override)
-            .where(col(Override.state) == state)
-            .where(col(Override.next_attempt_at).is_not(None), col(Override.next_attempt_at) <= now)
-            .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
-        )
-        if exclude_targets:
-            query = query.where(col(Override.target).not_in(sorted(exclude_targets)))
-        query = query.order_by(col(Override.next_attempt_at), col(Override.id)).limit(limit)
-        rows = session.exec(query.with_for_update(skip_locked=True)).all()
-        if not rows:
-            return []
-        values: dict[str, Any] = {"lease_owner": owner, "lease_until": lease_until, "next_attempt_at": lease_until}
-        # The rows are locked (PostgreSQL) or the database is (SQLite): one statement leases them all.
-        session.execute(
-            update(Override)
-            .where(col(Override.id).in_([row.id for row in rows]), col(Override.state) == state)
-            .values(**values)
-            .execution_options(synchronize_session=False)
+        rows = _lease_due(
+            session,
+            col(Override.next_attempt_at),
+            col(Override.state) == state,
+            owner,
+            lease_seconds,
+            limit,
+            exclude_targets,
         )
         return [
             Job(
@@ -332,26 +350,14 @@ def claim_queue(
 ) -> list[QueueJob]:
     """Lease up to `limit` overrides whose queue pass is due (active ones, and ended ones being watched)."""
     with transaction(engine) as session:
-        now = utcnow()
-        lease_until = now + timedelta(seconds=lease_seconds)
-        query = (
-            select(Override)
-            .where(col(Override.state).in_(QUEUE_STATES))
-            .where(col(Override.queue_due_at).is_not(None), col(Override.queue_due_at) <= now)
-            .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
-        )
-        if exclude_targets:
-            query = query.where(col(Override.target).not_in(sorted(exclude_targets)))
-        query = query.order_by(col(Override.queue_due_at), col(Override.id)).limit(limit)
-        rows = session.exec(query.with_for_update(skip_locked=True)).all()
-        if not rows:
-            return []
-        # A worker killed mid-pass leaves the pass due again when its lease runs out.
-        session.execute(
-            update(Override)
-            .where(col(Override.id).in_([row.id for row in rows]))
-            .values(lease_owner=owner, lease_until=lease_until, queue_due_at=lease_until)
-            .execution_options(synchronize_session=False)
+        rows = _lease_due(
+            session,
+            col(Override.queue_due_at),
+            col(Override.state).in_(QUEUE_STATES),
+            owner,
+            lease_seconds,
+            limit,
+            exclude_targets,
         )
         return [
             QueueJob(
