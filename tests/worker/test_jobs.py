@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -40,7 +40,6 @@ from tests.worker.helpers import (
     ROOT_ADMIN,
     SwitchableTransport,
     approved,
-    assert_chain_valid,
     audit_actions,
     audit_after,
     expire_lease,
@@ -59,10 +58,8 @@ Auth = Callable[..., dict[str, str]]
 SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"])
 
 
-@pytest.fixture(autouse=True)
-def chain_stays_valid(engine: Engine) -> Iterator[None]:
-    yield
-    assert_chain_valid(engine)
+# Whatever a test does, the audit chain it leaves verifies (tests/worker/conftest.py).
+pytestmark = pytest.mark.usefixtures("chain_stays_valid")
 
 
 # ---------------------------------------------------------------------------------------------------------------

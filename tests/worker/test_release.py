@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,7 +37,6 @@ from tests.worker.helpers import (
     ROOT_ADMIN,
     SwitchableTransport,
     approved,
-    assert_chain_valid,
     audit_actions,
     audit_after,
     expire_now,
@@ -58,10 +57,8 @@ def settings() -> Settings:
     return worker_settings(queue_check_seconds=0.0, queue_release_batch=3)
 
 
-@pytest.fixture(autouse=True)
-def chain_stays_valid(engine: Engine) -> Iterator[None]:
-    yield
-    assert_chain_valid(engine)
+# Whatever a test does, the audit chain it leaves verifies (tests/worker/conftest.py).
+pytestmark = pytest.mark.usefixtures("chain_stays_valid")
 
 
 def deliver_calls(standin: MailcowStandin) -> list[list[str]]:
