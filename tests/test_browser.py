@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -210,6 +211,16 @@ def browser_context(
         context.close()
 
 
+@contextmanager
+def _dev_mode(engine: Engine) -> Iterator[str]:
+    """The API in dev mode (its own identity provider under /dev) on a free loopback port: its base URL."""
+    port = free_port()
+    base = f"http://{LOOPBACK}:{port}"
+    idp = DevIdentityProvider(f"{base}/dev")
+    with LiveServer(create_app(make_settings(oidc_issuer=idp.issuer), engine=engine, dev_idp=idp), port=port):
+        yield base
+
+
 def _create(base: str, token: str, **fields: Any) -> dict[str, Any]:
     answer = httpx.post(
         f"{base}/v1/overrides", json={**VALID_REQUEST, **fields}, headers={"Authorization": f"Bearer {token}"}
@@ -291,11 +302,7 @@ def test_dev_mode_authorize_opens_the_dev_login_page_and_its_token_works(
     engine: Engine, browser_context: tuple[Any, Path]
 ) -> None:
     context, shots = browser_context
-    port = free_port()
-    base = f"http://{LOOPBACK}:{port}"
-    idp = DevIdentityProvider(f"{base}/dev")
-    settings = make_settings(oidc_issuer=idp.issuer)
-    with LiveServer(create_app(settings, engine=engine, dev_idp=idp), port=port):
+    with _dev_mode(engine) as base:
         alice = httpx.post(f"{base}/dev/token", json={"sub": "alice", "roles": ["requester"]}).json()
         override = _create(base, alice["access_token"], destination="stale-tlsa.example")
         watch = Watch(context)
@@ -321,10 +328,7 @@ def test_the_watch_sees_a_request_beyond_loopback_and_a_csp_violation(
 ) -> None:
     """The two guards of the tests above can fail: a blocked fetch and a navigation away are both caught."""
     context, _ = browser_context
-    port = free_port()
-    base = f"http://{LOOPBACK}:{port}"
-    idp = DevIdentityProvider(f"{base}/dev")
-    with LiveServer(create_app(make_settings(oidc_issuer=idp.issuer), engine=engine, dev_idp=idp), port=port):
+    with _dev_mode(engine) as base:
         watch = Watch(context)
         page = context.new_page()
         page.goto(f"{base}/docs")

@@ -105,3 +105,25 @@ def test_the_product_imports_no_test_double() -> None:
         for module, names in IMPORTS.items()
     }
     assert {module: names for module, names in doubles.items() if names} == {}
+
+
+# Who may write an override row with a bare `update(Override)`: the state machine (every state change), the
+# worker's store (its bookkeeping: leases, attempts, the queue pass, the refreshed queue evidence), and the
+# resume of a paused target (the API makes waiting jobs due, documented in app/worker/store.py).
+OVERRIDE_WRITERS = {"app.overrides.lifecycle", "app.worker.store", "app.targets.service"}
+
+
+def _writes_override(path: Path) -> bool:
+    return any(
+        isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "update"
+        and any(isinstance(arg, ast.Name) and arg.id == "Override" for arg in node.args)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    )
+
+
+def test_the_override_row_has_one_owner_for_worker_writes() -> None:
+    """Issue 8: the worker's writes to an override go through app/worker/store.py, never a module's own update."""
+    writers = {module for module, path in MODULES.items() if _writes_override(path)}
+    assert writers - OVERRIDE_WRITERS == set()
+    assert "app.worker.store" in writers  # the reader sees them

@@ -176,8 +176,9 @@ class WebhookEvent(_Model):
     type: str = Field(
         description="The audit action: `override.created`, `override.approved`, `audit.checkpoint`, … About the "
         "queue: `override.queue_released` (the destination's deferred mail handed to mailcow's deliver, "
-        "`details.released`), `override.still_stuck` (its mail still deferred for TLS a minute later: the override "
-        "does not help), `override.queue_clear`; after the end `recipient.still_failing` (mail defers for TLS "
+        "`details.released`; none when nothing was deferred), `override.still_stuck` (its mail deferred for TLS a "
+        "minute later, or again later while active: the override does not help; once per episode), "
+        "`override.queue_clear` (that mail is gone); after the end `recipient.still_failing` (mail defers for TLS "
         "again) and `recipient.regressed` (the diagnosis turned `blocked` again), with `links.request_again`."
     )
     timestamp: datetime = Field(description="When it happened (the audit row's time).")

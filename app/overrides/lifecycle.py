@@ -76,15 +76,19 @@ CONFLICT_TRANSITIONS: dict[ConflictStatus | None, frozenset[ConflictStatus]] = {
 # The release of an override's deferred mail (`Override.queue_release`, its status), written by the worker's
 # queue pass only (`app.worker.store.move_queue_release`), which checks this table under the row's lock.
 QUEUE_RELEASE_TRANSITIONS: dict[QueueReleaseStatus | None, frozenset[QueueReleaseStatus]] = {
-    None: frozenset({QueueReleaseStatus.released, QueueReleaseStatus.watching}),
+    None: frozenset({QueueReleaseStatus.releasing, QueueReleaseStatus.released, QueueReleaseStatus.watching}),
     **{
         status: allowed
         for status, allowed in _table(
             QueueReleaseStatus,
             {
+                # Noted before each `deliver` round (and again by a worker that takes over after a kill).
+                "releasing": "releasing released watching",
                 "released": "clear still_stuck watching",
-                "clear": "watching",
-                "still_stuck": "watching",
+                # While the override is active the check is repeated with the queue refresh: the flag follows
+                # the queue both ways (a status kept in place is no event).
+                "clear": "clear still_stuck watching",
+                "still_stuck": "still_stuck clear watching",
                 # The watch keeps its status while it looks (its episode changes in place) until its window ends.
                 "watching": "watching watched",
             },

@@ -72,9 +72,10 @@ class QueueReleaseStatus(StrEnum):
     """Where the release of an override's deferred mail stands (`Override.queue_release["status"]`); it moves
     through `app.overrides.lifecycle.QUEUE_RELEASE_TRANSITIONS` only."""
 
+    releasing = "releasing"  # its queue ids are about to be handed to `deliver` (a worker killed now redoes it)
     released = "released"  # the destination's deferred messages were handed to `deliver`: the check is due
-    clear = "clear"  # the check found none of its mail deferred for TLS any more: the override works
-    still_stuck = "still_stuck"  # the check found its mail still deferred for TLS: the override does not help
+    clear = "clear"  # the check found none of its mail deferred for TLS: the override works
+    still_stuck = "still_stuck"  # the check found its mail deferred for TLS: the override does not help
     watching = "watching"  # the override ended: new TLS deferrals for the destination are watched for
     watched = "watched"  # the watch window is over
 

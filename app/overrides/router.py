@@ -146,7 +146,10 @@ def to_read(session: Session, override: Override, loaded_votes: list[Vote] | Non
     votes = _vote_reads(service.votes_of(session, override.id or 0) if loaded_votes is None else loaded_votes)
     return OverrideRead(
         **_brief_fields(override, votes),
-        queue_release=override.queue_release,
+        # The queue ids a release in flight notes for a takeover are the worker's bookkeeping, not evidence.
+        queue_release={k: v for k, v in override.queue_release.items() if k != "asking"}
+        if override.queue_release
+        else None,
         votes=votes,
         queue=override.queue,
         diagnosis=override.diagnosis,

@@ -213,9 +213,10 @@ class OverrideRead(OverrideBrief):
         description="The mail queue for the destination: read on create, refreshed while pending or active."
     )
     queue_release: dict[str, Any] | None = Field(
-        description="The destination's deferred mail once the override is active: `status` `released` (mailcow was "
-        "asked to deliver `released` messages now), `clear` or `still_stuck` (the check "
-        "`TLSO_QUEUE_CHECK_SECONDS` later), `watching`/`watched` (after the end, for `TLSO_QUEUE_WATCH_SECONDS`: "
+        description="The destination's deferred mail once the override is active: `status` `releasing` (being "
+        "handed to mailcow), `released` (mailcow was asked to deliver `released` messages now), `clear` or "
+        "`still_stuck` (the check `TLSO_QUEUE_CHECK_SECONDS` later, repeated every `TLSO_QUEUE_REFRESH_SECONDS` "
+        "while active), `watching`/`watched` (after the end, for `TLSO_QUEUE_WATCH_SECONDS`: "
         "`failing` while mail for it defers for TLS again); counts, delay reasons and times only."
     )
     diagnosis: dict[str, Any] | None = Field(

@@ -18,11 +18,11 @@ from datetime import datetime
 from typing import Any
 
 import anyio.from_thread
-from sqlalchemy import Engine
-from sqlmodel import Session, col, select, update
+from sqlalchemy import Engine, and_, not_
+from sqlmodel import Session, col, select
 
 from app.core.config import Settings
-from app.core.db import reading, transaction, utcnow
+from app.core.db import reading, utcnow
 from app.core.errors import InvalidInput, NotFound, ServiceUnavailable
 from app.mailcow.errors import MailcowAuthError, MailcowError
 from app.mailcow.queue import QueueMessage, capped
@@ -154,18 +154,20 @@ def per_domain(messages: Sequence[QueueMessage], now: datetime) -> list[QueueEvi
 def watched(engine: Engine, target: str, older_than: datetime) -> list[tuple[int, str]]:
     """(id, destination) of the target's watched overrides whose queue evidence is older than `older_than`
     (or missing); an empty list means the queue need not be read for this target now."""
+    # An active override whose queue pass is scheduled gets its evidence from that pass's check, together
+    # with its `still_stuck` flag (app/worker/release.py), so that the two never disagree.
+    checked_by_its_pass = and_(col(Override.state) == OverrideState.active, col(Override.queue_due_at).is_not(None))
     with Session(engine) as session:
         rows = session.exec(
-            select(Override.id, Override.destination, Override.queue).where(
-                Override.target == target, col(Override.state).in_(WATCHED_STATES)
-            )
+            select(Override.id, Override.destination, Override.queue)
+            .where(Override.target == target, col(Override.state).in_(WATCHED_STATES))
+            .where(not_(checked_by_its_pass))
         ).all()
-    stale = [
+    return [
         (row_id, destination)
         for row_id, destination, queue in rows
         if row_id is not None and not _checked_since(queue, older_than)
     ]
-    return stale
 
 
 def _checked_since(queue: Any, moment: datetime) -> bool:
@@ -173,19 +175,3 @@ def _checked_since(queue: Any, moment: datetime) -> bool:
         return bool(queue) and datetime.fromisoformat(str(queue["checked_at"])) > moment
     except (KeyError, TypeError, ValueError):
         return False
-
-
-def store_evidence(engine: Engine, evidence: dict[int, dict[str, Any]]) -> int:
-    """Write each override's new queue evidence (only while it is still watched); how many were written.
-    The version is not changed: reading the queue is no decision, and must not make a reviewer's If-Match fail."""
-    written = 0
-    with transaction(engine) as session:
-        for override_id, queue in evidence.items():
-            result = session.execute(
-                update(Override)
-                .where(col(Override.id) == override_id, col(Override.state).in_(WATCHED_STATES))
-                .values(queue=queue)
-                .execution_options(synchronize_session=False)
-            )
-            written += int(result.rowcount)  # type: ignore[attr-defined]
-    return written

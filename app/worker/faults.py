@@ -24,6 +24,7 @@ POINTS = frozenset(
         "before_record_removal",  # deletion verified; the end state not committed
         "after_restore",  # the conflict's original row re-added; not recorded
         "after_reapply",  # reconcile re-added/edited our row; not recorded
+        "after_deliver",  # mailcow asked to deliver an override's deferred mail; the release not recorded
     }
 )
 

@@ -16,7 +16,8 @@ from app.mailcow.client import MailcowClient
 from app.mailcow.errors import MailcowError
 from app.mailcow.targets import TargetNotConfigured
 from app.overrides.stuck import queue_error, queue_evidence
-from app.targets.queue import describe_failure, store_evidence, watched
+from app.targets.queue import WATCHED_STATES, describe_failure, watched
+from app.worker import store
 from app.worker.context import JobContext
 from app.worker.failures import pause_if_refused
 
@@ -44,5 +45,5 @@ async def refresh_queues(ctx: JobContext, client_of: Callable[[str], MailcowClie
         else:
             now = utcnow()
             evidence = {override_id: queue_evidence(messages, dest, now).as_json() for override_id, dest in stale}
-        written += await ctx.db(store_evidence, ctx.engine, evidence)
+        written += await ctx.db(store.record_queue_evidence, ctx.engine, evidence, WATCHED_STATES)
     return written

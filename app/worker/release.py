@@ -1,12 +1,16 @@
-"""The queue pass: an active override's deferred mail is released at once, checked a minute later, and
-its destination watched after the override ends.
+"""The queue pass: an active override's deferred mail is released at once, checked a minute later and
+with every queue refresh while it lasts, and its destination watched after the override ends.
 
 * release: once an override is active, its destination's deferred messages are handed to mailcow's
   `deliver` (`postqueue -i`, by queue id, in batches of `TLSO_QUEUE_RELEASE_BATCH`; never `flush`, never a
-  delete), so mail waiting for Postfix's next retry (up to 30 minutes) flows now: `override.queue_released`.
-* check, `TLSO_QUEUE_CHECK_SECONDS` later: mail for the destination still deferred with a TLS reason means
-  the override does not help: flagged `still_stuck` (`override.still_stuck`, the
-  `tlso_overrides_still_stuck` gauge), else `override.queue_clear`.
+  delete), so mail waiting for Postfix's next retry (up to 30 minutes) flows now: `override.queue_released`
+  (none when nothing was deferred). The ids are noted (`releasing`) before each `deliver`, so that a worker
+  taking over after a kill asks again and audits the release once.
+* check, `TLSO_QUEUE_CHECK_SECONDS` later, then every `TLSO_QUEUE_REFRESH_SECONDS` while active (it is the
+  active override's queue refresh): mail for the destination deferred with a TLS reason means the override
+  does not help: flagged `still_stuck` (`override.still_stuck`, once per episode, the
+  `tlso_overrides_still_stuck` gauge); the flag clears when the mail is gone (`override.queue_clear`). Only a
+  change is an event, and the first check's `override.queue_clear` only follows a release that asked for mail.
 * watch, for `TLSO_QUEUE_WATCH_SECONDS` after an expired, revoked or remediated end: mail for the
   destination deferred with a TLS reason again raises `recipient.still_failing`, once per episode (an
   episode ends when none is deferred any more). The diagnosis side (`recipient.regressed`) is the
@@ -37,11 +41,14 @@ from app.overrides.stuck import attributable, classify_reason, deferred_for, mat
 from app.worker import store
 from app.worker.context import JobContext
 from app.worker.failures import queue_later
+from app.worker.faults import crash_point
 from app.worker.store import QueueAudit, QueueJob
 
 log = logging.getLogger("app.worker.release")
 
 S = QueueReleaseStatus
+# The statuses of an active override's release whose check is due (the first, and each refresh's after it).
+CHECKED = (S.released, S.clear, S.still_stuck)
 
 
 async def queue_pass(ctx: JobContext, client: MailcowClient, jobs: list[QueueJob]) -> None:
@@ -52,9 +59,9 @@ async def queue_pass(ctx: JobContext, client: MailcowClient, jobs: list[QueueJob
         await queue_later(ctx, jobs, "reading the mail queue", exc)
         return
     for job in jobs:
-        if job.state == OverrideState.active and job.status is None:
+        if job.state == OverrideState.active and job.status in (None, S.releasing):
             await _release(ctx, client, job, queue)
-        elif job.state == OverrideState.active and job.status == S.released:
+        elif job.state == OverrideState.active and job.status in CHECKED:
             await _check(ctx, job, queue)
         elif job.state in lifecycle.WATCHED_ENDS and job.status != S.watched:
             await _watch(ctx, job, queue)
@@ -69,17 +76,26 @@ RELEASE_ROUNDS = 20
 
 async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, queue: QueueView) -> None:
     size = ctx.settings.queue_release_batch
+    # A worker killed after `deliver` and before its record left what it asked for: asking again is harmless
+    # (a delivered id is gone, a vanished one answered with success), and the one audit entry counts both.
+    before = dict(job.queue_release or {}) if job.status == S.releasing else {}
+    asked: list[str] = list(before.get("asking", []))
+    calls = int(before.get("calls", 0))
     mine: list[QueueMessage] = []
     seen: set[str] = set()
-    calls = 0
     try:
         for _ in range(RELEASE_ROUNDS):
             new = [m for m in queue.deferred_for(job.destination) if m.queue_id not in seen]
             if new:
+                seen.update(m.queue_id for m in new)
+                asked = list(dict.fromkeys([*asked, *(m.queue_id for m in new)]))
+                intent = {**before, "status": S.releasing.value, "asking": asked, "calls": calls}
+                intent["deferred"] = evidence_of([*mine, *new], job.destination) if not before else before["deferred"]
+                if not await ctx.db(store.note_queue_release, ctx.engine, job, ctx.owner, intent):
+                    return  # not ours any more (a revoke, a lease run out): the next pass sees to it
                 await client.deliver([m.queue_id for m in new], batch_size=size)
                 calls += -(-len(new) // size)
                 mine += new
-                seen.update(m.queue_id for m in new)
             if not new or not queue.capped:
                 break
             queue = QueueView(await client.get_mailq())
@@ -87,13 +103,15 @@ async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, queue:
         # Messages of earlier batches may have gone out: delivering them again is harmless.
         await queue_later(ctx, [job], f"releasing the deferred mail of override {job.id}", exc)
         return
-    ids = [message.queue_id for message in mine]
+    if mine:
+        crash_point("after_deliver")
     now = utcnow()
-    evidence = evidence_of(mine, job.destination)
+    # After a takeover, what this pass still found is only part of it: the reasons asked for before count.
+    evidence = before["deferred"] if before and not mine else evidence_of(mine, job.destination)
     value = {
         "status": S.released.value,
         "released_at": now.isoformat(),
-        "released": len(ids),
+        "released": len(asked),
         "calls": calls,
         "deferred": evidence,
         "still_stuck": False,
@@ -101,48 +119,65 @@ async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, queue:
         "queue_capped": queue.capped,
     }
     check_at = now + timedelta(seconds=ctx.settings.queue_check_seconds)
-    comment = (
-        f"asked mailcow to deliver the {len(ids)} deferred message(s) for {job.destination} now "
-        f"({calls} call(s)); checking at {check_at.isoformat(timespec='seconds')}"
-        if ids
-        else f"no mail for {job.destination} was deferred; checking at {check_at.isoformat(timespec='seconds')}"
-    )
-    audit = QueueAudit("override.queue_released", comment, {"released": len(ids), "calls": calls, **evidence})
+    audit = None
+    if asked:  # nothing deferred, nothing asked: no event (the check still flags mail that defers later)
+        comment = (
+            f"asked mailcow to deliver the {len(asked)} deferred message(s) for {job.destination} now "
+            f"({calls} call(s)); checking at {check_at.isoformat(timespec='seconds')}"
+        )
+        after = {"released": len(asked), "calls": calls, **evidence}
+        if before:
+            after["resumed"] = True  # a worker killed mid-release: this one asked again and records it once
+        audit = QueueAudit("override.queue_released", comment, after)
     if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, check_at, audit):
         WORKER_JOBS.labels("release", "released").inc()
-        log.info("override %s: released %d deferred message(s) for %s", job.id, len(ids), job.destination)
+        log.info("override %s: released %d deferred message(s) for %s", job.id, len(asked), job.destination)
 
 
 async def _check(ctx: JobContext, job: QueueJob, queue: QueueView) -> None:
+    """Whether the destination's mail still defers for TLS: once after the release, then with every queue
+    refresh while the override is active. Only a change is an event: flagged when TLS deferrals appear
+    (`override.still_stuck`, once per episode), cleared when they are gone (`override.queue_clear`); the
+    release's own check also reports the outcome of a release that asked for something."""
     stuck = tls_deferred(queue.deferred_for(job.destination), job.destination)
     now = utcnow()
     evidence = evidence_of(stuck, job.destination)
-    value = {**(job.queue_release or {}), "checked_at": now.isoformat(), "still_deferred": evidence}
+    record = dict(job.queue_release or {})
+    value = {**record, "checked_at": now.isoformat(), "still_deferred": evidence}
+    audit = None
     if stuck:
         value.update(status=S.still_stuck.value, still_stuck=True)
-        audit = QueueAudit(
-            "override.still_stuck",
-            f"{describe(evidence)} after the release: the override does not let the mail through "
-            f"(policy {job.policy}); check the policy against the diagnosis, or revoke it",
-            evidence,
-        )
+        if job.status != S.still_stuck:
+            value["stuck_since"] = now.isoformat()
+            audit = QueueAudit(
+                "override.still_stuck",
+                f"{describe(evidence)} {'after the release' if job.status == S.released else 'again'}: the "
+                f"override does not let the mail through (policy {job.policy}); check the policy against the "
+                "diagnosis, or revoke it",
+                evidence,
+            )
     else:
-        value.update(status=S.clear.value, still_stuck=False)
-        audit = QueueAudit(
-            "override.queue_clear", f"no mail for {job.destination} is deferred for TLS any more", evidence
-        )
-    # The override's queue evidence (what reviewers see) is brought up to date with the same read.
+        value.update(status=S.clear.value, still_stuck=False, stuck_since=None)
+        if job.status == S.still_stuck or (job.status == S.released and record.get("released")):
+            audit = QueueAudit(
+                "override.queue_clear", f"no mail for {job.destination} is deferred for TLS any more", evidence
+            )
+    # The override's queue evidence (what reviewers see) is brought up to date with the same read: for an
+    # active override this check is its queue refresh (app/worker/queue_refresh.py leaves it out).
     fresh = replace(queue_evidence(queue.deferred_for(job.destination), job.destination, now), capped=queue.capped)
-    fresh_json = fresh.as_json()
-    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, None, audit, fresh_json):
-        WORKER_JOBS.labels("release", "still_stuck" if stuck else "clear").inc()
-        if stuck:
+    refresh = ctx.settings.queue_refresh_seconds
+    due = now + timedelta(seconds=refresh) if refresh > 0 else None
+    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, due, audit, fresh.as_json()):
+        if audit is not None:
+            WORKER_JOBS.labels("release", "still_stuck" if stuck else "clear").inc()
+        if audit is not None and stuck:
             log.warning("override %s: %s after the release", job.id, describe(evidence))
 
 
 async def _watch(ctx: JobContext, job: QueueJob, queue: QueueView) -> None:
     now = utcnow()
     value: dict[str, Any] = dict(job.queue_release or {})
+    value.pop("asking", None)  # a release the end interrupted: its ids are no evidence
     if job.status != S.watching:
         until = (job.ended_at or now) + timedelta(seconds=ctx.settings.queue_watch_seconds)
         value.update(status=S.watching.value, watch_until=until.isoformat(), failing=False, episodes=0)

@@ -1,9 +1,9 @@
 """The worker's database side: claim due overrides, record outcomes, release and back off. The worker
 writes its bookkeeping on an override row — the lease, attempts, the add in flight, the next attempt,
 the remediation watch's count, the queue pass's release record (`queue_release`, its status checked
-against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time — here and nowhere else (the API only makes
-waiting jobs due when an admin resumes a target); the state only ever changes through
-`app.overrides.lifecycle`.
+against `lifecycle.QUEUE_RELEASE_TRANSITIONS`) and due time, the refreshed queue evidence — here and
+nowhere else (the API only makes waiting jobs due when an admin resumes a target); the state only ever
+changes through `app.overrides.lifecycle`.
 
 A claim is a short committed transaction that leases rows to one worker (`lease_owner`,
 `lease_until`); on PostgreSQL the due rows are read with `FOR UPDATE SKIP LOCKED`, so two workers
@@ -83,6 +83,37 @@ def backoff(settings: Settings, attempts: int) -> float:
     return float(base * random.uniform(0.8, 1.2))  # noqa: S311 (jitter, not crypto)
 
 
+def _lease_due(
+    session: Session,
+    due: Any,
+    which: Any,
+    owner: str,
+    lease_seconds: float,
+    limit: int,
+    exclude_targets: set[str] | frozenset[str],
+) -> list[Override]:
+    """Lease the rows `which` selects whose `due` time has come and whose lease is free, oldest due first:
+    the lease and the due time both move to the lease's end, so a worker killed mid-job leaves the job
+    due again when its lease runs out. The rows are locked (PostgreSQL, skipping those another worker
+    holds) or the database is (SQLite), and the update repeats the conditions: one statement leases all."""
+    now = utcnow()
+    lease_until = now + timedelta(seconds=lease_seconds)
+    free = or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now)
+    query = select(Override).where(which, due.is_not(None), due <= now, free)
+    if exclude_targets:
+        query = query.where(col(Override.target).not_in(sorted(exclude_targets)))
+    query = query.order_by(due, col(Override.id)).limit(limit)
+    rows = list(session.exec(query.with_for_update(skip_locked=True)).all())
+    if rows:
+        session.execute(
+            update(Override)
+            .where(col(Override.id).in_([row.id for row in rows]), which, free)
+            .values({"lease_owner": owner, "lease_until": lease_until, due.key: lease_until})
+            .execution_options(synchronize_session=False)
+        )
+    return rows
+
+
 def claim(
     engine: Engine,
     state: OverrideState,
@@ -94,27 +125,14 @@ def claim(
 ) -> list[Job]:
     """Lease up to `limit` due overrides in `state` (approved → apply, removing → remove)."""
     with transaction(engine) as session:
-        now = utcnow()
-        lease_until = now + timedelta(seconds=lease_seconds)
-        query = (
-            select(Override)
-            .where(col(Override.state) == state)
-            .where(col(Override.next_attempt_at).is_not(None), col(Override.next_attempt_at) <= now)
-            .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
-        )
-        if exclude_targets:
-            query = query.where(col(Override.target).not_in(sorted(exclude_targets)))
-        query = query.order_by(col(Override.next_attempt_at), col(Override.id)).limit(limit)
-        rows = session.exec(query.with_for_update(skip_locked=True)).all()
-        if not rows:
-            return []
-        values: dict[str, Any] = {"lease_owner": owner, "lease_until": lease_until, "next_attempt_at": lease_until}
-        # The rows are locked (PostgreSQL) or the database is (SQLite): one statement leases them all.
-        session.execute(
-            update(Override)
-            .where(col(Override.id).in_([row.id for row in rows]), col(Override.state) == state)
-            .values(**values)
-            .execution_options(synchronize_session=False)
+        rows = _lease_due(
+            session,
+            col(Override.next_attempt_at),
+            col(Override.state) == state,
+            owner,
+            lease_seconds,
+            limit,
+            exclude_targets,
         )
         return [
             Job(
@@ -332,26 +350,14 @@ def claim_queue(
 ) -> list[QueueJob]:
     """Lease up to `limit` overrides whose queue pass is due (active ones, and ended ones being watched)."""
     with transaction(engine) as session:
-        now = utcnow()
-        lease_until = now + timedelta(seconds=lease_seconds)
-        query = (
-            select(Override)
-            .where(col(Override.state).in_(QUEUE_STATES))
-            .where(col(Override.queue_due_at).is_not(None), col(Override.queue_due_at) <= now)
-            .where(or_(col(Override.lease_until).is_(None), col(Override.lease_until) < now))
-        )
-        if exclude_targets:
-            query = query.where(col(Override.target).not_in(sorted(exclude_targets)))
-        query = query.order_by(col(Override.queue_due_at), col(Override.id)).limit(limit)
-        rows = session.exec(query.with_for_update(skip_locked=True)).all()
-        if not rows:
-            return []
-        # A worker killed mid-pass leaves the pass due again when its lease runs out.
-        session.execute(
-            update(Override)
-            .where(col(Override.id).in_([row.id for row in rows]))
-            .values(lease_owner=owner, lease_until=lease_until, queue_due_at=lease_until)
-            .execution_options(synchronize_session=False)
+        rows = _lease_due(
+            session,
+            col(Override.queue_due_at),
+            col(Override.state).in_(QUEUE_STATES),
+            owner,
+            lease_seconds,
+            limit,
+            exclude_targets,
         )
         return [
             QueueJob(
@@ -375,6 +381,18 @@ def renew_queue(engine: Engine, override_ids: list[int], owner: str, lease_secon
     with transaction(engine) as session:
         lease_until = utcnow() + timedelta(seconds=lease_seconds)
         return _leased(session, override_ids, owner, lease_until=lease_until, queue_due_at=lease_until)
+
+
+def note_queue_release(engine: Engine, job: QueueJob, owner: str, value: dict[str, Any]) -> bool:
+    """Write the release's record while keeping the lease (what is about to be handed to `deliver`, so that a
+    worker taking over after a kill audits it too); its status is checked against its table. False (nothing
+    written) if the lease is not this worker's any more."""
+    with transaction(engine) as session:
+        override = session.exec(select(Override).where(Override.id == job.id).with_for_update()).first()
+        if override is None or override.lease_owner != owner:
+            return False  # (a revoke meanwhile keeps our lease: the release goes on, its removal waits for it)
+        lifecycle.check_queue_release_move(override.queue_release_status, QueueReleaseStatus(value["status"]))
+        return _leased(session, [job.id], owner, queue_release=value) == 1
 
 
 @dataclass(frozen=True)
@@ -425,6 +443,24 @@ def move_queue_release(
 def queue_later(engine: Engine, job: QueueJob, owner: str, delay: float) -> None:
     """The queue pass failed (mailcow could not say or do it): let go, due again after `delay` seconds."""
     move_queue_release(engine, job, owner, None, utcnow() + timedelta(seconds=delay))
+
+
+def record_queue_evidence(
+    engine: Engine, evidence: dict[int, dict[str, Any]], watched: tuple[OverrideState, ...]
+) -> int:
+    """The refresh's queue evidence on each override still in a `watched` state; how many were written. No
+    lease is taken (reading the queue decides nothing), and the version stays: no reviewer's If-Match fails."""
+    written = 0
+    with transaction(engine) as session:
+        for override_id, queue in evidence.items():
+            result = session.execute(
+                update(Override)
+                .where(col(Override.id) == override_id, col(Override.state).in_(watched))
+                .values(queue=queue)
+                .execution_options(synchronize_session=False)
+            )
+            written += int(result.rowcount)  # type: ignore[attr-defined]
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------------------

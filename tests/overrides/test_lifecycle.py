@@ -15,7 +15,14 @@ from app.core.config import Settings
 from app.core.db import transaction, utcnow
 from app.core.errors import Conflict, InvalidTransition
 from app.overrides import lifecycle
-from app.overrides.models import TERMINAL_STATES, ConflictStatus, EndReason, Override, OverrideState
+from app.overrides.models import (
+    TERMINAL_STATES,
+    ConflictStatus,
+    EndReason,
+    Override,
+    OverrideState,
+    QueueReleaseStatus,
+)
 from tests.helpers import act, apply_now, assert_problem, audit_rows, events, load, worker_step
 
 S = OverrideState
@@ -457,3 +464,26 @@ def test_a_conflict_move_is_compare_and_set_and_audited(engine: Engine) -> None:
         for event in _audit(engine, override_id)
     ]
     assert moves == [("override.conflict", None, "open"), ("override.conflict_resolved", "open", "replace")]
+
+
+# The release of an override's deferred mail (`queue_release.status`): what the queue pass may do to it.
+Q = QueueReleaseStatus
+QUEUE_MOVES = {
+    None: {Q.releasing, Q.released, Q.watching},
+    Q.releasing: {Q.releasing, Q.released, Q.watching},  # noted before each deliver; a takeover notes again
+    Q.released: {Q.clear, Q.still_stuck, Q.watching},  # the first check
+    Q.clear: {Q.clear, Q.still_stuck, Q.watching},  # later checks, while active: TLS deferrals come back
+    Q.still_stuck: {Q.still_stuck, Q.clear, Q.watching},  # ... or the mail is gone
+    Q.watching: {Q.watching, Q.watched},
+    Q.watched: set(),
+}
+
+
+@pytest.mark.parametrize("old", list(QUEUE_MOVES))
+def test_every_queue_release_move_is_allowed_or_refused_by_its_table(old: QueueReleaseStatus | None) -> None:
+    for new in QueueReleaseStatus:
+        if new in QUEUE_MOVES[old]:
+            lifecycle.check_queue_release_move(old, new)
+        else:
+            with pytest.raises(InvalidTransition):
+                lifecycle.check_queue_release_move(old, new)

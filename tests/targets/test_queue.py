@@ -22,12 +22,13 @@ from app.core.config import Settings
 from app.notify.events import WebhookEvent
 from app.notify.slack_blocks import notification_message
 from app.overrides.models import Override
+from app.targets.queue import watched
 from app.worker.loop import Worker
 from devtools.mailcow_standin import MailcowStandin
-from tests.helpers import COMMENT, assert_problem
+from tests.helpers import COMMENT, assert_problem, load
 from tests.notify.test_service import BASE, SECRET, Receiver
 from tests.standin import served
-from tests.worker.helpers import BOB, worker_settings
+from tests.worker.helpers import BOB, approved, worker_settings
 
 Auth = Callable[..., dict[str, str]]
 SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"])
@@ -273,3 +274,17 @@ async def test_a_failed_refresh_is_recorded_and_not_retried_at_once(
     standin.queue.dockerapi = "up"
     await worker.tick()
     assert client.get(f"/v1/overrides/{created['id']}", headers=auth(*BOB)).json()["queue"]["messages"] == 14
+
+
+async def test_an_active_override_s_evidence_comes_from_its_still_stuck_check_not_the_refresh(
+    client: TestClient, auth: Auth, standin: MailcowStandin, engine: Engine, worker: Worker
+) -> None:
+    """The refresh leaves an active override whose queue pass is scheduled to that pass: its check writes the
+    evidence and the `still_stuck` flag from one read, so that they never disagree. A next hop, which has no
+    queue pass (its queue is not attributable), is refreshed as before."""
+    released = approved(client, auth, "example.org")
+    next_hop = approved(client, auth, "[mx.example.org]:25")
+    await worker.tick()  # both active; the first's release done, its check scheduled
+    assert load(engine, released).queue_due_at is not None and load(engine, next_hop).queue_due_at is None
+    stale = [override_id for override_id, _ in watched(engine, "default", datetime.now(UTC) + timedelta(days=1))]
+    assert stale == [next_hop]

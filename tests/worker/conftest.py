@@ -12,12 +12,19 @@ from starlette.applications import Starlette
 
 from app.core.config import Settings
 from app.worker.loop import Worker
-from tests.worker.helpers import SwitchableTransport, WorkerProcess, worker_settings
+from tests.worker.helpers import SwitchableTransport, WorkerProcess, assert_chain_valid, worker_settings
 
 
 @pytest.fixture
 def settings() -> Settings:
     return worker_settings()
+
+
+@pytest.fixture
+def chain_stays_valid(engine: Engine) -> Iterator[None]:
+    """The audit chain a test leaves behind verifies (modules opt in with `usefixtures`)."""
+    yield
+    assert_chain_valid(engine)
 
 
 @pytest.fixture

@@ -120,6 +120,39 @@ def test_killed_at_every_dangerous_point_nothing_lost_nothing_doubled(
     assert_chain_valid(engine)
 
 
+def test_killed_after_deliver_the_release_is_asked_again_and_audited_once(
+    client: TestClient, auth: Auth, engine: Engine, standin: MailcowStandin, workers: Workers
+) -> None:
+    """The queue pass's dangerous point: mailcow was asked to deliver an override's deferred mail, and the
+    worker died before recording it. The next one asks again (harmless: a delivered id is gone from the queue)
+    and audits `override.queue_released` once, counting what the dead worker asked for too."""
+    tlsa = "TLSA lookup error for mx.example.org:25"
+    flowing = standin.queue.fill("example.org", messages=3, reason=tlsa)  # the encrypt row lets these through
+    staying = standin.queue.fill("example.org", messages=2, reason=tlsa, deliverable_under={"none"})
+    override_id = approved(client, auth, "example.org")
+    workers.killed_at("after_deliver")
+    assert load(engine, override_id).state == S.active
+    assert (load(engine, override_id).queue_release or {})["status"] == "releasing"
+    assert "override.queue_released" not in audit_actions(engine, override_id)
+    assert [m.queue_id for m in standin.queue.deferred("example.org")] == staying  # the others went out
+
+    survivor = workers.start()
+    wait_for(
+        lambda: (load(engine, override_id).queue_release or {}).get("status") not in (None, "releasing"),
+        20,
+        "the release recorded",
+        survivor,
+    )
+    survivor.stop()
+    delivered = [qid for c in standin.queue.commands if c.action == "deliver" for qid in c.items]
+    assert sorted(delivered) == sorted(flowing + staying + staying)  # asked again: only what was still there
+    [released] = audit_after(engine, override_id, "override.queue_released")  # once: none lost, none doubled
+    assert released["released"] == 5 and released["resumed"] is True
+    record = load(engine, override_id).queue_release or {}
+    assert record["released"] == 5 and "asking" not in record  # the ids were bookkeeping, not evidence
+    assert_chain_valid(engine)
+
+
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_mailcow_500s_empty_bodies_and_an_outage_are_waited_out(
     client: TestClient,

@@ -7,12 +7,14 @@ release once. The stand-in fails every test that sends `flush`, `super_delete` o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
@@ -35,7 +37,6 @@ from tests.worker.helpers import (
     ROOT_ADMIN,
     SwitchableTransport,
     approved,
-    assert_chain_valid,
     audit_actions,
     audit_after,
     expire_now,
@@ -56,10 +57,8 @@ def settings() -> Settings:
     return worker_settings(queue_check_seconds=0.0, queue_release_batch=3)
 
 
-@pytest.fixture(autouse=True)
-def chain_stays_valid(engine: Engine) -> Iterator[None]:
-    yield
-    assert_chain_valid(engine)
+# Whatever a test does, the audit chain it leaves verifies (tests/worker/conftest.py).
+pytestmark = pytest.mark.usefixtures("chain_stays_valid")
 
 
 def deliver_calls(standin: MailcowStandin) -> list[list[str]]:
@@ -144,6 +143,99 @@ async def test_a_working_override_is_not_flagged_when_other_mail_is_deferred_for
     assert 'tlso_overrides_still_stuck{target="default"}' not in scrape(client, auth)
 
 
+@pytest.fixture
+async def refreshing(engine: Engine, transport: SwitchableTransport) -> AsyncIterator[Worker]:
+    """A worker with the queue refresh on (the tests' default is off), every 300 s."""
+    settings = worker_settings(queue_check_seconds=0.0, queue_release_batch=3, queue_refresh_seconds=300.0)
+    worker = Worker(engine, settings, owner="w1", transports={"default": transport})
+    yield worker
+    await worker.aclose()
+
+
+def _recheck_now(engine: Engine, override_id: int) -> None:
+    """As if `TLSO_QUEUE_REFRESH_SECONDS` had passed: the check of an active override is due again."""
+    due = load(engine, override_id).queue_due_at
+    assert due is not None and due > utcnow() + timedelta(seconds=200)  # scheduled with the refresh (300 s)
+    set_columns(engine, override_id, queue_due_at=utcnow())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_still_stuck_flag_follows_the_queue_while_the_override_is_active(
+    client: TestClient, auth: Auth, engine: Engine, refreshing: Worker, standin: MailcowStandin
+) -> None:
+    reason = "TLS is required, but was not offered"
+    standin.queue.fill("example.org", messages=2, reason=reason, deliverable_under={"none"})
+    override_id = approved(client, auth, "example.org")
+    await refreshing.tick()  # released
+    await refreshing.tick()  # checked: flagged
+    assert release_of(engine, override_id)["still_stuck"] is True
+
+    _recheck_now(engine, override_id)
+    await refreshing.tick()  # the same mail, the same episode: no second event
+    assert len(audit_after(engine, override_id, "override.still_stuck")) == 1
+
+    assert len(deliver_calls(standin)) == 1  # released once
+    standin.queue.clear()  # the mail went (the recipient fixed its TLS, or an admin dealt with it)
+    _recheck_now(engine, override_id)
+    await refreshing.tick()
+    record = release_of(engine, override_id)
+    assert record["status"] == "clear" and record["still_stuck"] is False
+    assert (load(engine, override_id).queue or {})["messages"] == 0  # the evidence reviewers read agrees
+    assert audit_actions(engine, override_id)[-1] == "override.queue_clear"
+    assert 'tlso_overrides_still_stuck{target="default"}' not in scrape(client, auth)
+
+    _recheck_now(engine, override_id)
+    await refreshing.tick()  # still clear: no event
+    assert audit_actions(engine, override_id).count("override.queue_clear") == 1
+
+    standin.queue.fill("example.org", messages=1, reason=TLSA, deliverable_under={"none"})  # it comes back
+    _recheck_now(engine, override_id)
+    await refreshing.tick()
+    _recheck_now(engine, override_id)
+    await refreshing.tick()
+    flags = audit_after(engine, override_id, "override.still_stuck")
+    assert len(flags) == 2 and flags[-1]["messages"] == 1  # flagged again, once for the new episode
+    assert release_of(engine, override_id)["still_stuck"] is True
+    assert (load(engine, override_id).queue or {})["messages"] == 1
+    assert 'tlso_overrides_still_stuck{target="default"} 1.0' in scrape(client, auth)
+    assert deliver_calls(standin) == []  # since the queue was emptied: the checks only look
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_an_override_with_nothing_deferred_writes_no_queue_event_until_mail_defers(
+    client: TestClient, auth: Auth, engine: Engine, refreshing: Worker, standin: MailcowStandin
+) -> None:
+    standin.queue.fill("other.example", messages=2, reason=TLSA)  # another destination's: not ours
+    override_id = approved(client, auth, "example.org")
+    await refreshing.tick()  # applied; nothing deferred for it: nothing asked of mailcow
+    await refreshing.tick()  # the check finds what was expected
+    assert audit_actions(engine, override_id)[-1] == "override.applied"
+    assert deliver_calls(standin) == []
+    record = release_of(engine, override_id)
+    assert record["status"] == "clear" and record["released"] == 0
+
+    # New mail defers for TLS after activation: the override does not help it.
+    standin.queue.fill("example.org", messages=3, reason=TLSA, deliverable_under={"none"})
+    _recheck_now(engine, override_id)
+    await refreshing.tick()
+    assert audit_actions(engine, override_id)[-1] == "override.still_stuck"
+    [flag] = audit_after(engine, override_id, "override.still_stuck")
+    assert flag["messages"] == 3
+    assert "override.queue_released" not in audit_actions(engine, override_id)
+
+
+@SQLITE_ONLY
+async def test_the_api_shows_a_release_in_flight_without_its_queue_ids(
+    client: TestClient, auth: Auth, engine: Engine, worker: Worker
+) -> None:
+    override_id = approved(client, auth, "example.org")
+    await worker.tick()
+    noted = {"status": "releasing", "asking": ["4Bx1kQ2fZ3z"], "calls": 0, "deferred": {"messages": 1}}
+    set_columns(engine, override_id, queue_release=noted)  # as a worker killed after deliver left it
+    body = client.get(f"/v1/overrides/{override_id}", headers=auth(*ROOT_ADMIN)).json()
+    assert body["queue_release"] == {"status": "releasing", "calls": 0, "deferred": {"messages": 1}}
+
+
 @SQLITE_ONLY
 async def test_a_queue_mailcow_cannot_read_is_released_when_it_can(
     client: TestClient,
@@ -195,30 +287,53 @@ async def test_a_next_hop_override_releases_nothing(
     assert deliver_calls(standin) == [] and load(engine, override_id).queue_release is None
 
 
+class DeliverGate(SwitchableTransport):
+    """Holds the first `deliver` until a second one arrives (or `hold` seconds pass), so that a second worker
+    has every chance to enter the same release while the first is inside it: `most_inside` says how many were."""
+
+    def __init__(self, app: Any, hold: float = 3.0) -> None:
+        super().__init__(app)
+        self.hold, self.inside, self.most_inside = hold, 0, 0
+        self.second = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST" or b'"deliver"' not in request.content:
+            return await super().handle_async_request(request)
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        try:
+            if self.inside == 1:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.second.wait(), self.hold)
+            else:
+                self.second.set()
+            return await super().handle_async_request(request)
+        finally:
+            self.inside -= 1
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_two_workers_racing_release_once(
-    client: TestClient,
-    auth: Auth,
-    engine: Engine,
-    settings: Settings,
-    transport: SwitchableTransport,
-    standin: MailcowStandin,
+    client: TestClient, auth: Auth, engine: Engine, settings: Settings, standin_app: Any, standin: MailcowStandin
 ) -> None:
     stuck = standin.queue.fill("example.org", messages=5, reason=TLSA)
     override_id = approved(client, auth, "example.org")
-    first = Worker(engine, settings, owner="w1", transports={"default": transport})
+    gate = DeliverGate(standin_app, hold=0.0)
+    first = Worker(engine, settings, owner="w1", transports={"default": gate})
     await first.tick()  # applied and released
     set_columns(engine, override_id, queue_release=None, queue_due_at=utcnow())  # due again, for both at once
     standin.queue.fill("example.org", messages=1, reason=TLSA)
     standin.queue.commands.clear()
 
-    workers = [Worker(engine, settings, owner=f"r{n}", transports={"default": transport}) for n in range(2)]
+    gate.hold = 3.0  # the first worker inside the release waits there for a second one (none may come)
+    workers = [Worker(engine, settings, owner=f"r{n}", transports={"default": gate}) for n in range(2)]
     try:
         for _ in range(3):
             await asyncio.gather(*(worker.tick() for worker in workers))
     finally:
         for worker in [first, *workers]:
             await worker.aclose()
+    assert gate.most_inside == 1  # while one worker was inside the release, the other could not claim it
     assert len(deliver_calls(standin)) == 1  # one worker released it; the other found it leased or done
     released = audit_after(engine, override_id, "override.queue_released")
     assert len(released) == 2 and released[-1]["released"] == 1
