@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -13,6 +13,7 @@ from sqlalchemy import DateTime, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, create_engine
+from starlette.concurrency import run_in_threadpool
 
 
 def utcnow() -> datetime:
@@ -113,32 +114,87 @@ def transaction(engine: Engine) -> Iterator[Session]:
             raise
 
 
-def _request_session(request: Request) -> Iterator[Session]:
+def _end(session: Session, *, commit: bool) -> None:
+    """Commit (or roll back) and close: the end of a request's session, in one hop to the thread pool."""
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+# The request dependencies are `async` generators: opening a Session does no I/O, so it happens on the event
+# loop instead of in a hop to the thread pool and back; only the end that talks to the database (COMMIT,
+# ROLLBACK) goes to a worker thread, in one call.
+
+
+async def _request_session(request: Request) -> AsyncIterator[Session]:
     # The single commit point of the API. scope="function" (below) makes FastAPI run the code after
     # `yield` before the response is sent, so a client never sees an answer whose change was lost.
-    with transaction(request.app.state.engine) as session:
+    session = Session(request.app.state.engine, expire_on_commit=False)
+    try:
         yield session
+    except BaseException:
+        await run_in_threadpool(_end, session, commit=False)
+        raise
+    await run_in_threadpool(_end, session, commit=True)
 
 
 SessionDep = Annotated[Session, Depends(_request_session, scope="function")]
 
 
-def _request_reader(request: Request) -> Iterator[Session]:
-    with reading(request.app.state.engine) as session:
+def _app_engine(request: Request, name: str, **options: Any) -> Engine:
+    """The app's engine with `options`, made once (an OptionEngine per request is not free) and made again
+    only if the app's engine was replaced."""
+    state = request.app.state
+    engine: Engine = state.engine
+    made: tuple[Engine, Engine] | None = getattr(state, name, None)
+    if made is None or made[0] is not engine:
+        made = (engine, engine.execution_options(**options))
+        setattr(state, name, made)
+    return made[1]
+
+
+async def _request_reader(request: Request) -> AsyncIterator[Session]:
+    # As `reading`: one snapshot, ended by a rollback (a round trip, so in the thread pool) if it began.
+    session = Session(_app_engine(request, "tlso_read_engine", **{_READ_ONLY: True}))
+    try:
         yield session
+    finally:
+        await _end_reading(session)
+
+
+async def _end_reading(session: Session) -> None:
+    if session.in_transaction():
+        await run_in_threadpool(_end, session, commit=False)
+    else:
+        session.close()
 
 
 ReadSessionDep = Annotated[Session, Depends(_request_reader, scope="function")]
 
 
-def _request_statement(request: Request) -> Iterator[Session]:
+async def _request_statement(request: Request) -> AsyncIterator[Session]:
     engine: Engine = request.app.state.engine
     if is_sqlite(engine):
-        yield from _request_reader(request)
+        session = Session(_app_engine(request, "tlso_read_engine", **{_READ_ONLY: True}))
+        try:
+            yield session
+        finally:
+            await _end_reading(session)
         return
-    # On PostgreSQL a lone statement is its own snapshot: no BEGIN and no ROLLBACK round trip around it.
-    with Session(engine.execution_options(isolation_level="AUTOCOMMIT")) as session:
+    # On PostgreSQL a lone statement is its own snapshot: no BEGIN and no ROLLBACK round trip around it, and
+    # closing the session (the connection back to the pool, idle in autocommit) does no I/O either.
+    session = Session(_app_engine(request, "tlso_statement_engine", isolation_level="AUTOCOMMIT"))
+    try:
         yield session
+    finally:
+        session.close()
 
 
 StatementSessionDep = Annotated[Session, Depends(_request_statement, scope="function")]

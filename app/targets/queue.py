@@ -77,14 +77,16 @@ def queue_on_create(
         budget = min(budget, time_limit)
     if budget <= 0:
         return None
-    with reading(ctx.engine) as peek:
-        if (ctx.idempotency is not None and ctx.idempotency.answered(peek)) or find_live(peek, target, destination):
-            return None
     now = utcnow()
     config = configured_targets(settings).get(target)
     if config is None:
+        # No mailcow to spare a call: no look at the database first (a replay or a 409 drops this anyway).
         return queue_error(destination, now, f"target {target} has no mailcow URL or API key configured").as_json()
-    if _paused(ctx.engine, config):
+    with reading(ctx.engine) as peek:  # one snapshot for the three looks: one BEGIN, one ROLLBACK
+        if (ctx.idempotency is not None and ctx.idempotency.answered(peek)) or find_live(peek, target, destination):
+            return None
+        paused = is_paused(peek.get(MailcowTarget, config.name), config)
+    if paused:
         return queue_error(destination, now, "calls to the target are paused: mailcow refused our API key").as_json()
     try:
         messages = anyio.from_thread.run(read_queue, config, settings, budget)
