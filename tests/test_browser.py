@@ -156,9 +156,13 @@ class SwaggerUI:
         op = self.page.locator(f"#operations-overrides-{operation_id}")
         if not op.locator(".opblock-body").is_visible():
             op.locator(".opblock-summary").first.click()
-        try_out = op.get_by_role("button", name="Try it out")
-        if try_out.count():
-            try_out.click()
+        # Swagger UI renders the body after the click: wait for its toggle rather than count what is there yet
+        # (a count taken too early found no "Try it out", skipped it, and left the inputs disabled).
+        toggle = op.locator("button.try-out__btn").first  # "Try it out", or "Cancel" (then "Reset")
+        toggle.wait_for()
+        if "cancel" not in toggle.inner_text().lower():
+            toggle.click()
+        expect(toggle).to_have_text(re.compile("Cancel", re.IGNORECASE))
         for param, value in (params or {}).items():
             row = op.locator(f'tr[data-param-name="{param}"]')
             if row.locator("select").count():
