@@ -224,7 +224,10 @@ class WorkerProcess:
         )
 
     def output(self) -> str:
-        self.log.flush()
+        # The child writes to the file itself; after stop() the handle is closed and the file still readable
+        # (a crash test that found the worker alive stops it first, then reports its output).
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_killed(self, timeout: float = 20.0) -> None:
