@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from sqlalchemy import func
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -17,13 +19,15 @@ from app.core.db import utcnow
 from app.core.errors import Conflict, FieldError, InvalidInput
 from app.core.person import person_key
 from app.core.text import decode_cursor, encode_cursor
+from app.overrides import reads
 from app.overrides.decisions import approvals_needed
 from app.overrides.evidence import Evidence
 from app.overrides.lifecycle import find_live, snapshot
 from app.overrides.models import Override, OverrideState, Vote
 from app.overrides.permissions import ActionContext, refuse, visible_to
 from app.overrides.postfix import PolicyInputError, normalise_destination
-from app.overrides.schemas import OverrideCreate
+from app.overrides.reads import ANSWER_COLUMNS, Answered, page_votes
+from app.overrides.schemas import OverrideCreate, VoteRead
 from app.overrides.validation import validate_request
 
 
@@ -134,30 +138,31 @@ def _normalised_or_raw(destination: str) -> str:
 
 def list_overrides(
     session: Session, principal: Principal, filters: OverrideFilter, cursor: str | None, limit: int
-) -> tuple[list[Override], str | None]:
-    """Newest first, stable under inserts: keyset pagination on the id."""
-    query = select(Override)
+) -> tuple[list[Answered], str | None]:
+    """Newest first, stable under inserts: keyset pagination on the id. The rows are Core rows of the
+    columns an answer reads (`reads.ANSWER_COLUMNS`), not ORM instances."""
+    query = sa_select(*ANSWER_COLUMNS)
     visible = visible_to(principal)
     if visible is not None:
         query = query.where(visible)
     if filters.state:
         query = query.where(col(Override.state).in_(list(filters.state)))
     if filters.destination:
-        query = query.where(Override.destination == _normalised_or_raw(filters.destination))
+        query = query.where(col(Override.destination) == _normalised_or_raw(filters.destination))
     if filters.requester:
-        query = query.where(Override.requested_by_key == person_key(filters.requester))
+        query = query.where(col(Override.requested_by_key) == person_key(filters.requester))
     if filters.ticket:
         # Case-insensitive (an integration's `mail-4711` finds `MAIL-4711`), served by the index on lower(ticket).
         query = query.where(func.lower(Override.ticket) == filters.ticket.lower())
     if filters.target:
-        query = query.where(Override.target == filters.target)
+        query = query.where(col(Override.target) == filters.target)
     if filters.overdue is not None:
         overdue = (col(Override.state) == OverrideState.removing) & (col(Override.removal_deadline) < utcnow())
         query = query.where(overdue if filters.overdue else ~overdue)
     after = decode_cursor("o", cursor)
     if after is not None:
         query = query.where(col(Override.id) < after)
-    rows = list(session.exec(query.order_by(col(Override.id).desc()).limit(limit + 1)).all())
+    rows = cast(list[Answered], session.execute(query.order_by(col(Override.id).desc()).limit(limit + 1)).all())
     next_cursor = encode_cursor("o", rows[limit - 1].id or 0) if len(rows) > limit else None
     return rows[:limit], next_cursor
 
@@ -166,11 +171,7 @@ def votes_of(session: Session, override_id: int) -> list[Vote]:
     return list(session.exec(select(Vote).where(Vote.override_id == override_id).order_by(col(Vote.id))).all())
 
 
-def votes_by_override(session: Session, override_ids: Sequence[int]) -> dict[int, list[Vote]]:
+def votes_by_override(session: Session, override_ids: Sequence[int]) -> dict[int, list[VoteRead]]:
     """The votes of several overrides in one query (a page's: no query per item), each list in vote order."""
-    found: dict[int, list[Vote]] = {override_id: [] for override_id in override_ids}
-    if override_ids:
-        query = select(Vote).where(col(Vote.override_id).in_(list(override_ids))).order_by(col(Vote.id))
-        for vote in session.exec(query):
-            found[vote.override_id].append(vote)
-    return found
+    rows = session.execute(page_votes(override_ids)) if override_ids else ()
+    return reads.votes_by_override(override_ids, rows)
