@@ -221,6 +221,7 @@ async def close_async_reads(state: Any) -> None:
 @dataclass(frozen=True)
 class _Compiled:
     sql: str
+    parameters: Callable[[dict[str, Any]], dict[str, Any]]  # every parameter's value, as SQLAlchemy binds it
     row: type[tuple[Any, ...]]  # a named tuple class: the statement's column names
     processors: tuple[Callable[[Any], Any] | None, ...]  # SQLAlchemy's own result processor of each column
 
@@ -230,9 +231,10 @@ class AsyncReads:
     (each statement its own snapshot), at most `size` at a time, the others waiting on the loop.
 
     A statement is compiled once by SQLAlchemy for this engine's dialect, and each column's value goes
-    through the column type's own result processor (UTC datetimes, enums): the rows hold what SQLAlchemy's
-    rows would, without its execution machinery (which costs several times the round trip here). The
-    parameters are passed to psycopg as they are: plain values (ints, strings), no type processing.
+    through the column type's own result processor (UTC datetimes, enums), each parameter through its bind
+    processor: the rows hold what SQLAlchemy's rows would, without its execution machinery (which costs
+    several times the round trip here). Statements are kept compiled by identity: give it statements made
+    once (module constants, or cached per shape as `app.overrides.service.page_query` does).
     Like the engine's pool, a connection error drops every idle connection (they are as dead as the one
     that failed), and a connection is replaced after `recycle` seconds."""
 
@@ -250,8 +252,20 @@ class AsyncReads:
         if compiled is None:
             dialect = self.engine.dialect
             columns = list(statement.selected_columns)
+            done = statement.compile(dialect=dialect)
+            binders = {
+                name: binder
+                for name, bind in done.binds.items()
+                if (binder := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+            }
+
+            def parameters(given: dict[str, Any]) -> dict[str, Any]:
+                values = done.construct_params(given)
+                return {k: binders[k](v) if k in binders else v for k, v in values.items()}
+
             compiled = _Compiled(
-                sql=str(statement.compile(dialect=dialect)),
+                sql=str(done),
+                parameters=parameters,
                 row=namedtuple("Row", statement.selected_columns.keys()),
                 processors=tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns),
             )
@@ -260,6 +274,7 @@ class AsyncReads:
 
     async def rows(self, statement: Select[Any], parameters: dict[str, Any]) -> list[Any]:
         compiled = self._compile(statement)
+        parameters = compiled.parameters(parameters)
         async with self._slots:
             conn, born = await self._checkout(compiled, parameters)
             try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Engine, or_
+from sqlalchemy import ColumnElement, Engine, bindparam, or_
 from sqlmodel import Session, col
 
 from app.audit.refusals import record_refusal
@@ -63,14 +63,18 @@ def can_see(principal: Principal, override: Answered) -> bool:
     return principal.follows is not None and override.requested_via == principal.follows
 
 
-def visible_to(principal: Principal) -> ColumnElement[bool] | None:
-    """`can_see` as a query condition (None: everything)."""
+def visible_to(principal: Principal) -> tuple[ColumnElement[bool] | None, dict[str, str]]:
+    """`can_see` as a query condition (None: everything) and its parameters: the condition names the
+    caller's values as required parameters (`me`, `via`), so one statement serves every caller alike."""
     if principal.sees_all:
-        return None
-    mine = col(Override.requested_by_key) == principal.key
+        return None, {}
+    mine = col(Override.requested_by_key) == bindparam("me", required=True)
     if principal.follows is None:
-        return mine
-    return or_(mine, col(Override.requested_via) == principal.follows)
+        return mine, {"me": principal.key}
+    return or_(mine, col(Override.requested_via) == bindparam("via", required=True)), {
+        "me": principal.key,
+        "via": principal.follows,
+    }
 
 
 def asked_for_it(principal: Principal, override: Override) -> bool:

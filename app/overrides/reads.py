@@ -10,9 +10,9 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Select, bindparam, select
-from sqlalchemy.engine import Row
+from sqlalchemy import CTE, Select, bindparam, select
 
+from app.core.text import encode_cursor
 from app.overrides.lifecycle import is_overdue
 from app.overrides.models import Override, OverrideState, Vote
 from app.overrides.schemas import (
@@ -96,16 +96,17 @@ ONE_WITH_VOTES: Select[Any] = (
 )
 
 
-def page_votes(override_ids: Sequence[int]) -> Select[Any]:
-    """The votes of a page's overrides, in vote order, in one statement."""
+def with_votes(page: CTE) -> Select[Any]:
+    """A page of overrides (a CTE of `ANSWER_COLUMNS`, in the page's order) with their votes joined: the
+    page's order, then each override's votes in vote order (`page_of` reads it)."""
     return (
-        select(_VOTE.c.override_id, *_VOTE_COLUMNS)
-        .where(_VOTE.c.override_id.in_(list(override_ids)))
-        .order_by(_VOTE.c.id)
+        select(page, *_VOTE_COLUMNS)
+        .select_from(page.outerjoin(_VOTE, _VOTE.c.override_id == page.c.id))
+        .order_by(page.c.id.desc(), _VOTE.c.id)
     )
 
 
-def _vote_of_row(row: Row[Any]) -> VoteRead:
+def _vote_of_row(row: Any) -> VoteRead:
     return VoteRead(
         reviewer=row.vote_reviewer,
         reviewer_name=row.vote_reviewer_name,
@@ -117,7 +118,7 @@ def _vote_of_row(row: Row[Any]) -> VoteRead:
     )
 
 
-def one_with_votes(rows: Sequence[Row[Any]]) -> tuple[Answered, list[VoteRead]] | None:
+def one_with_votes(rows: Sequence[Any]) -> tuple[Answered, list[VoteRead]] | None:
     """The override and its votes from the rows of `ONE_WITH_VOTES` (None: no such override)."""
     if not rows:
         return None
@@ -125,12 +126,19 @@ def one_with_votes(rows: Sequence[Row[Any]]) -> tuple[Answered, list[VoteRead]] 
     return cast(Answered, rows[0]), votes
 
 
-def votes_by_override(override_ids: Sequence[int], rows: Iterable[Row[Any]]) -> dict[int, list[VoteRead]]:
-    """The rows of `page_votes`, by override (each list in vote order)."""
-    found: dict[int, list[VoteRead]] = {override_id: [] for override_id in override_ids}
+def page_of(rows: Sequence[Any], limit: int) -> tuple[list[tuple[Answered, list[VoteRead]]], str | None]:
+    """The overrides of a `with_votes` page (at most `limit`, each with its votes) and the cursor of the
+    next page (None: this is the last), from its rows (one per vote, or one for an override without)."""
+    page: list[tuple[Answered, list[VoteRead]]] = []
+    last = None
     for row in rows:
-        found[row.override_id].append(_vote_of_row(row))
-    return found
+        if row.id != last:
+            last = row.id
+            page.append((cast(Answered, row), []))
+        if row.vote_id is not None:
+            page[-1][1].append(_vote_of_row(row))
+    next_cursor = encode_cursor("o", page[limit - 1][0].id or 0) if len(page) > limit else None
+    return page[:limit], next_cursor
 
 
 def vote_reads(votes: Iterable[Vote]) -> list[VoteRead]:

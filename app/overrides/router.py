@@ -12,7 +12,7 @@ from sqlmodel import Session
 from app.audit.schemas import EventRead
 from app.audit.service import as_dict, iter_events
 from app.core.auth import CurrentPrincipal, Principal
-from app.core.db import ReadSessionDep, SessionDep, read_rows
+from app.core.db import SessionDep, read_rows
 from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
@@ -20,7 +20,7 @@ from app.overrides import decisions, service
 from app.overrides.evidence import Evidence
 from app.overrides.models import Override, OverrideState
 from app.overrides.permissions import ActionContext, can_see, load_visible
-from app.overrides.reads import ONE_WITH_VOTES, one_with_votes, to_brief, to_read, vote_reads
+from app.overrides.reads import ONE_WITH_VOTES, one_with_votes, page_of, to_brief, to_read, vote_reads
 from app.overrides.schemas import (
     ActionBody,
     ExtendBody,
@@ -156,9 +156,9 @@ def create_override(
 
 
 @router.get("", response_model=OverridePage, summary="List overrides", responses=problem_responses(401, 422))
-def list_overrides(
+async def list_overrides(
+    request: Request,
     response: Response,
-    session: ReadSessionDep,
     principal: CurrentPrincipal,
     state: Annotated[list[OverrideState] | None, Query(description="Repeat to match several states.")] = None,
     destination: Filter = None,
@@ -179,8 +179,8 @@ def list_overrides(
 ) -> Response:
     """Newest first. Requesters see their own; reviewers, admins and auditors see all; an integration sees
     the ones submitted through it (`requested_via` = its client id) and those of the user it acts for."""
-    rows, next_cursor = service.list_overrides(
-        session,
+    # `async`: the page and its votes are one statement, on the event loop on PostgreSQL (`read_rows`).
+    statement, params = service.page_query(
         principal,
         service.OverrideFilter(
             state=state,
@@ -193,9 +193,9 @@ def list_overrides(
         cursor,
         limit,
     )
-    votes = service.votes_by_override(session, [row.id or 0 for row in rows])
+    page, next_cursor = page_of(await read_rows(request, statement, params), limit)
     items: list[OverrideRead | OverrideBrief] = [
-        to_read(row, votes[row.id or 0]) if view == "full" else to_brief(row, votes[row.id or 0]) for row in rows
+        to_read(override, votes) if view == "full" else to_brief(override, votes) for override, votes in page
     ]
     return _json(_PAGE_JSON, OverridePage(items=items, next_cursor=next_cursor), response)
 
