@@ -30,6 +30,16 @@ class JsonFormatter(logging.Formatter):
 
 
 ACCESS_LOGGER = "uvicorn.access"
+
+
+class _AccessLines(QueueHandler):
+    """Queues an access line as it is: formatted by the writer thread, not by the request's. (QueueHandler
+    formats and copies each record first, for records whose arguments might change later; uvicorn's access
+    lines carry only strings and numbers.)"""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
 _access: QueueListener | None = None
 
 
@@ -59,7 +69,7 @@ def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
     _access = QueueListener(lines, handler)
     _access.start()
     access = logging.getLogger(ACCESS_LOGGER)
-    access.handlers[:] = [QueueHandler(lines)]
+    access.handlers[:] = [_AccessLines(lines)]
     access.propagate = False
     root.setLevel(level.upper())
     # httpx logs full URLs at INFO; keep it quiet (never leak anything from a request line).
