@@ -40,6 +40,7 @@ class _AccessLines(QueueHandler):
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         return record
 
+
 _access: QueueListener | None = None
 
 
