@@ -218,12 +218,21 @@ async def close_async_reads(state: Any) -> None:
         await reads.close()
 
 
+def _keeps_none(processor: Callable[[Any], Any]) -> bool:
+    try:
+        return processor(None) is None
+    except Exception:  # a processor that cannot take None is given every value
+        return False
+
+
 @dataclass(frozen=True)
 class _Compiled:
     sql: str
     parameters: Callable[[dict[str, Any]], dict[str, Any]]  # every parameter's value, as SQLAlchemy binds it
     row: type[tuple[Any, ...]]  # a named tuple class: the statement's column names
-    processors: tuple[Callable[[Any], Any] | None, ...]  # SQLAlchemy's own result processor of each column
+    # SQLAlchemy's own result processor of the columns that have one, by position, and whether it leaves
+    # None as None (then a NULL need not go through it)
+    processors: tuple[tuple[int, Callable[[Any], Any], bool], ...]
 
 
 class AsyncReads:
@@ -267,7 +276,11 @@ class AsyncReads:
                 sql=str(done),
                 parameters=parameters,
                 row=namedtuple("Row", statement.selected_columns.keys()),
-                processors=tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns),
+                processors=tuple(
+                    (i, processor, _keeps_none(processor))
+                    for i, c in enumerate(columns)
+                    if (processor := c.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
+                ),
             )
             self._compiled[statement] = compiled
         return compiled
@@ -291,7 +304,17 @@ class AsyncReads:
                 raise self._error(exc, compiled, parameters, invalidated=invalidated) from exc
             self._idle.append((conn, born))
         make, processors = compiled.row, compiled.processors
-        return [make(*[v if p is None else p(v) for p, v in zip(processors, raw, strict=True)]) for raw in fetched]
+        if not processors:
+            return [make(*raw) for raw in fetched]
+        rows = []
+        for raw in fetched:
+            values = list(raw)
+            for i, processor, keeps_none in processors:
+                value = values[i]
+                if value is not None or not keeps_none:
+                    values[i] = processor(value)
+            rows.append(make(*values))
+        return rows
 
     async def _checkout(
         self, compiled: _Compiled, parameters: dict[str, Any]
