@@ -218,6 +218,9 @@ async def close_async_reads(state: Any) -> None:
         await reads.close()
 
 
+_MAX_COMPILED = 4096
+
+
 def _keeps_none(processor: Callable[[Any], Any]) -> bool:
     try:
         return processor(None) is None
@@ -282,6 +285,8 @@ class AsyncReads:
                     if (processor := c.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
                 ),
             )
+            if len(self._compiled) >= _MAX_COMPILED:  # a caller making statements anew would grow it forever
+                self._compiled.clear()
             self._compiled[statement] = compiled
         return compiled
 
@@ -302,6 +307,9 @@ class AsyncReads:
                 else:
                     self._idle.append((conn, born))
                 raise self._error(exc, compiled, parameters, invalidated=invalidated) from exc
+            except BaseException:  # cancelled mid-statement: the connection's state is unknown, not reused
+                await conn.close()
+                raise
             self._idle.append((conn, born))
         make, processors = compiled.row, compiled.processors
         if not processors:
