@@ -24,7 +24,7 @@ from app.audit.router import router as audit_router
 from app.audit.signing import trusted_keys
 from app.core.auth import TokenValidator, oauth2_scheme
 from app.core.config import Settings
-from app.core.db import make_engine
+from app.core.db import close_async_reads, make_engine
 from app.core.devidp import LOGIN_PAGE_POLICY, DevIdentityProvider
 from app.core.errors import (
     ServiceUnavailable,
@@ -98,6 +98,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await app.state.oidc_http.aclose()
+        await close_async_reads(app.state)
 
     app = Api(
         title="tlsoverride",

@@ -28,7 +28,8 @@ py-spy (`pip install py-spy`, any venv) and records that row's API process.
     .venv/bin/python bench/bench_api.py --only requests --rows list-pending --profile list-pending
     .venv/bin/python bench/bench_api.py --only pages,audit --sizes 1000000 --keep 1000000   # seed 1 M once
 
-Each size gets its own database (`tlso_bench_api_<size>`), dropped at the end unless `--keep` names it;
+Each size gets its own database (`tlso_bench_api_<size>`; `TLSO_BENCH_DB_PREFIX` replaces `tlso_bench_api`, so that
+two runs on one server do not drop each other's), dropped at the end unless `--keep` names it;
 a kept database is reused by the next run with `--keep` (upgraded by the migrations, not reseeded).
 """
 
@@ -60,6 +61,7 @@ import psycopg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("TLSO_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+DB_PREFIX = os.environ.get("TLSO_BENCH_DB_PREFIX", "tlso_bench_api")
 AUDIENCE = "tlsoverride-bench"
 GENESIS_HASH = "0" * 64
 TARGETS = (("default", 0.80), ("mx2", 0.15), ("mx3", 0.05))
@@ -875,7 +877,7 @@ def main() -> int:
             bare = start_bare(work) if "requests" in only else None
             for size in sizes:
                 print(f"seeding {size:,} overrides and audit rows", file=sys.stderr)
-                name = f"tlso_bench_api_{size}"
+                name = f"{DB_PREFIX}_{size}"
                 keep = size in args.keep
                 reuse = keep and seeded_rows(name) == size
                 with bench_database(name, keep) as url:

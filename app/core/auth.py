@@ -154,6 +154,23 @@ class TokenValidator:
         self._jwks_uri: str | None = None
         self._cache = _JwksCache()
         self.validated = ValidatedTokens(settings.oidc_token_cache_size)
+        # The caller each validated token names without X-On-Behalf-Of: a function of the token's claims alone
+        # (and the settings), so it is looked up by the token, after the token passed `validate` again.
+        self._principals: OrderedDict[str, Principal] = OrderedDict()
+
+    def principal(self, token: str, claims: dict[str, Any]) -> Principal:
+        """`principal_from_claims(claims, ...)` without delegation headers, for the token `claims` came from
+        (just validated), made once per token while it is among the most recently used."""
+        found = self._principals.get(token)
+        if found is None:
+            found = principal_from_claims(claims, self.settings, [], [])
+            if self.validated.size > 0:
+                self._principals[token] = found
+                while len(self._principals) > self.validated.size:
+                    self._principals.popitem(last=False)
+        else:
+            self._principals.move_to_end(token)
+        return found
 
     async def _discover(self) -> str:
         if self._jwks_uri is None:
@@ -372,6 +389,10 @@ async def current_principal(
         raise Unauthenticated("A bearer token is required.")
     validator: TokenValidator = request.app.state.token_validator
     claims = await validator.validate(credentials.credentials)
+    if on_behalf_of is None and on_behalf_of_name is None:
+        principal = validator.principal(credentials.credentials, claims)
+        request.state.principal = principal
+        return principal
     try:
         principal = principal_from_claims(
             claims,

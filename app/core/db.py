@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections import namedtuple
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import Depends, Request
-from sqlalchemy import DateTime, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import DateTime, Select, event
+from sqlalchemy.engine import Engine, Row, make_url
+from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, create_engine
 from starlette.concurrency import run_in_threadpool
@@ -179,23 +186,165 @@ async def _end_reading(session: Session) -> None:
 ReadSessionDep = Annotated[Session, Depends(_request_reader, scope="function")]
 
 
-async def _request_statement(request: Request) -> AsyncIterator[Session]:
-    engine: Engine = request.app.state.engine
+def _read_all(engine: Engine, statement: Executable, parameters: dict[str, Any]) -> Sequence[Row[Any]]:
+    with engine.connect() as conn:
+        return conn.execute(statement, parameters).all()
+
+
+async def read_rows(request: Request, statement: Select[Any], parameters: dict[str, Any]) -> Sequence[Any]:
+    """The rows of one read-only statement, consistent on its own: tuples whose fields are named as the
+    statement's columns (`row.id`, `row.vote_at`), with the values SQLAlchemy's Core rows would hold.
+
+    On PostgreSQL it runs on the event loop (`AsyncReads`): no hop to the thread pool and back, no BEGIN and
+    no ROLLBACK around it, one round trip. On SQLite (no async driver here) it runs in the thread pool in a
+    read-only snapshot, as `reading` does. A lost database is SQLAlchemy's `OperationalError` either way
+    (the 503 of app/core/errors.py)."""
+    state = request.app.state
+    engine: Engine = state.engine
     if is_sqlite(engine):
-        session = Session(_app_engine(request, "tlso_read_engine", **{_READ_ONLY: True}))
-        try:
-            yield session
-        finally:
-            await _end_reading(session)
-        return
-    # On PostgreSQL a lone statement is its own snapshot: no BEGIN and no ROLLBACK round trip around it, and
-    # closing the session (the connection back to the pool, idle in autocommit) does no I/O either.
-    session = Session(_app_engine(request, "tlso_statement_engine", isolation_level="AUTOCOMMIT"))
+        reader = _app_engine(request, "tlso_read_engine", **{_READ_ONLY: True})
+        return await run_in_threadpool(_read_all, reader, statement, parameters)
+    reads: AsyncReads | None = getattr(state, "tlso_async_reads", None)
+    if reads is None or reads.engine is not engine or reads.loop is not asyncio.get_running_loop():
+        reads = state.tlso_async_reads = AsyncReads(engine)
+    return await reads.rows(statement, parameters)
+
+
+async def close_async_reads(state: Any) -> None:
+    """Close the connections of the app's `AsyncReads`, if it has one (at the app's shutdown)."""
+    reads: AsyncReads | None = getattr(state, "tlso_async_reads", None)
+    state.tlso_async_reads = None
+    if reads is not None:
+        await reads.close()
+
+
+_MAX_COMPILED = 4096
+
+
+def _keeps_none(processor: Callable[[Any], Any]) -> bool:
     try:
-        yield session
-    finally:
-        session.close()
+        return processor(None) is None
+    except Exception:  # a processor that cannot take None is given every value
+        return False
 
 
-StatementSessionDep = Annotated[Session, Depends(_request_statement, scope="function")]
-"""For a read that is one statement (one override and its votes): consistent without a transaction."""
+@dataclass(frozen=True)
+class _Compiled:
+    sql: str
+    parameters: Callable[[dict[str, Any]], dict[str, Any]]  # every parameter's value, as SQLAlchemy binds it
+    row: type[tuple[Any, ...]]  # a named tuple class: the statement's column names
+    # SQLAlchemy's own result processor of the columns that have one, by position, and whether it leaves
+    # None as None (then a NULL need not go through it)
+    processors: tuple[tuple[int, Callable[[Any], Any], bool], ...]
+
+
+class AsyncReads:
+    """Single-statement reads on PostgreSQL on the event loop: psycopg's `AsyncConnection`s in autocommit
+    (each statement its own snapshot), at most `size` at a time, the others waiting on the loop.
+
+    A statement is compiled once by SQLAlchemy for this engine's dialect, and each column's value goes
+    through the column type's own result processor (UTC datetimes, enums), each parameter through its bind
+    processor: the rows hold what SQLAlchemy's rows would, without its execution machinery (which costs
+    several times the round trip here). Statements are kept compiled by identity: give it statements made
+    once (module constants, or cached per shape as `app.overrides.service.page_query` does).
+    Like the engine's pool, a connection error drops every idle connection (they are as dead as the one
+    that failed), and a connection is replaced after `recycle` seconds."""
+
+    def __init__(self, engine: Engine, size: int = 10, recycle: float = 300.0) -> None:
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[tuple[psycopg.AsyncConnection[Any], float]] = []
+        self._recycle = recycle
+        self._compiled: dict[Select[Any], _Compiled] = {}
+
+    def _compile(self, statement: Select[Any]) -> _Compiled:
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            dialect = self.engine.dialect
+            columns = list(statement.selected_columns)
+            done = statement.compile(dialect=dialect)
+            binders = {
+                name: binder
+                for name, bind in done.binds.items()
+                if (binder := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+            }
+
+            def parameters(given: dict[str, Any]) -> dict[str, Any]:
+                values = done.construct_params(given)
+                return {k: binders[k](v) if k in binders else v for k, v in values.items()}
+
+            compiled = _Compiled(
+                sql=str(done),
+                parameters=parameters,
+                row=namedtuple("Row", statement.selected_columns.keys()),
+                processors=tuple(
+                    (i, processor, _keeps_none(processor))
+                    for i, c in enumerate(columns)
+                    if (processor := c.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
+                ),
+            )
+            if len(self._compiled) >= _MAX_COMPILED:  # a caller making statements anew would grow it forever
+                self._compiled.clear()
+            self._compiled[statement] = compiled
+        return compiled
+
+    async def rows(self, statement: Select[Any], parameters: dict[str, Any]) -> list[Any]:
+        compiled = self._compile(statement)
+        parameters = compiled.parameters(parameters)
+        async with self._slots:
+            conn, born = await self._checkout(compiled, parameters)
+            try:
+                cursor = await conn.execute(compiled.sql, parameters)
+                fetched = await cursor.fetchall()
+            except psycopg.Error as exc:
+                # A lost connection: like the engine's pool, drop every idle one too (they are as dead).
+                invalidated = conn.broken or isinstance(exc, psycopg.OperationalError)
+                if invalidated:
+                    await conn.close()
+                    await self.close()
+                else:
+                    self._idle.append((conn, born))
+                raise self._error(exc, compiled, parameters, invalidated=invalidated) from exc
+            except BaseException:  # cancelled mid-statement: the connection's state is unknown, not reused
+                await conn.close()
+                raise
+            self._idle.append((conn, born))
+        make, processors = compiled.row, compiled.processors
+        if not processors:
+            return [make(*raw) for raw in fetched]
+        rows = []
+        for raw in fetched:
+            values = list(raw)
+            for i, processor, keeps_none in processors:
+                value = values[i]
+                if value is not None or not keeps_none:
+                    values[i] = processor(value)
+            rows.append(make(*values))
+        return rows
+
+    async def _checkout(
+        self, compiled: _Compiled, parameters: dict[str, Any]
+    ) -> tuple[psycopg.AsyncConnection[Any], float]:
+        while self._idle:
+            conn, born = self._idle.pop()
+            if not conn.closed and time.monotonic() - born < self._recycle:
+                return conn, born
+            await conn.close()
+        try:
+            return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True), time.monotonic()
+        except psycopg.Error as exc:
+            raise self._error(exc, compiled, parameters, invalidated=False) from exc
+
+    @staticmethod
+    def _error(
+        exc: psycopg.Error, compiled: _Compiled, parameters: dict[str, Any], *, invalidated: bool
+    ) -> StatementError:
+        """The exception SQLAlchemy raises for `exc` (OperationalError, ProgrammingError, ...)."""
+        return DBAPIError.instance(compiled.sql, parameters, exc, psycopg.Error, connection_invalidated=invalidated)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            await conn.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
@@ -26,7 +26,6 @@ from app.overrides.models import (
     Override,
     OverrideState,
     QueueReleaseStatus,
-    Vote,
     conflict_status_of,
 )
 
@@ -267,19 +266,6 @@ def load(session: Session, override_id: int, *, for_update: bool = False) -> Ove
     return override
 
 
-def load_with_votes(session: Session, override_id: int) -> tuple[Override, list[Vote]]:
-    """The override and its votes (in vote order) in one query: a read needs both."""
-    rows = session.exec(
-        select(Override, Vote)
-        .outerjoin(Vote, col(Vote.override_id) == Override.id)
-        .where(Override.id == override_id)
-        .order_by(col(Vote.id))
-    ).all()
-    if not rows:
-        raise NotFound(f"Override {override_id} does not exist.")
-    return rows[0][0], [vote for _, vote in rows if vote is not None]
-
-
 def find_live(session: Session, target: str, destination: str) -> Override | None:
     return session.exec(
         select(Override).where(
@@ -288,7 +274,12 @@ def find_live(session: Session, target: str, destination: str) -> Override | Non
     ).first()
 
 
-def is_overdue(override: Override, now: datetime | None = None) -> bool:
+class _Removal(Protocol):
+    state: OverrideState
+    removal_deadline: datetime | None
+
+
+def is_overdue(override: _Removal, now: datetime | None = None) -> bool:
     return (
         override.state == OverrideState.removing
         and override.removal_deadline is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Engine, or_
+from sqlalchemy import ColumnElement, Engine, bindparam, or_
 from sqlmodel import Session, col
 
 from app.audit.refusals import record_refusal
@@ -13,8 +13,9 @@ from app.core.auth import Principal
 from app.core.config import Role, Settings
 from app.core.errors import Forbidden, NotFound, PreconditionFailed, PreconditionRequired
 from app.core.idempotency import Idempotency
-from app.overrides.lifecycle import load, load_with_votes
-from app.overrides.models import Override, Vote
+from app.overrides.lifecycle import load
+from app.overrides.models import Override
+from app.overrides.reads import Answered
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def refuse(ctx: ActionContext, override_id: int | None, action: str, reason: str
     return Forbidden(reason)
 
 
-def can_see(principal: Principal, override: Override) -> bool:
+def can_see(principal: Principal, override: Answered) -> bool:
     """Reviewers, admins and auditors see every override; anyone else the ones they asked for, and an
     integration (acting for a user or as itself) also the ones submitted through it."""
     if principal.sees_all or override.requested_by_key == principal.key:
@@ -62,14 +63,18 @@ def can_see(principal: Principal, override: Override) -> bool:
     return principal.follows is not None and override.requested_via == principal.follows
 
 
-def visible_to(principal: Principal) -> ColumnElement[bool] | None:
-    """`can_see` as a query condition (None: everything)."""
+def visible_to(principal: Principal) -> tuple[ColumnElement[bool] | None, dict[str, str]]:
+    """`can_see` as a query condition (None: everything) and its parameters: the condition names the
+    caller's values as required parameters (`me`, `via`), so one statement serves every caller alike."""
     if principal.sees_all:
-        return None
-    mine = col(Override.requested_by_key) == principal.key
+        return None, {}
+    mine = col(Override.requested_by_key) == bindparam("me", required=True)
     if principal.follows is None:
-        return mine
-    return or_(mine, col(Override.requested_via) == principal.follows)
+        return mine, {"me": principal.key}
+    return or_(mine, col(Override.requested_via) == bindparam("via", required=True)), {
+        "me": principal.key,
+        "via": principal.follows,
+    }
 
 
 def asked_for_it(principal: Principal, override: Override) -> bool:
@@ -120,14 +125,6 @@ def load_visible(session: Session, principal: Principal, override_id: int) -> Ov
     if not can_see(principal, override):
         raise NotFound(f"Override {override_id} does not exist.")
     return override
-
-
-def read_visible(session: Session, principal: Principal, override_id: int) -> tuple[Override, list[Vote]]:
-    """`load_visible` with the override's votes, in one query."""
-    override, votes = load_with_votes(session, override_id)
-    if not can_see(principal, override):
-        raise NotFound(f"Override {override_id} does not exist.")
-    return override, votes
 
 
 def load_for_action(

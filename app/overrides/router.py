@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -13,31 +12,25 @@ from sqlmodel import Session
 from app.audit.schemas import EventRead
 from app.audit.service import as_dict, iter_events
 from app.core.auth import CurrentPrincipal, Principal
-from app.core.db import ReadSessionDep, SessionDep, StatementSessionDep
-from app.core.errors import problem_responses
+from app.core.db import SessionDep, read_rows
+from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
 from app.overrides import decisions, service
 from app.overrides.evidence import Evidence
-from app.overrides.lifecycle import is_overdue
-from app.overrides.models import Override, OverrideState, Vote
-from app.overrides.permissions import ActionContext, load_visible, read_visible
+from app.overrides.models import Override, OverrideState
+from app.overrides.permissions import ActionContext, can_see, load_visible
+from app.overrides.reads import ONE_WITH_VOTES, one_with_votes, page_of, to_brief, to_read, vote_reads
 from app.overrides.schemas import (
     ActionBody,
     ExtendBody,
-    FindingRead,
     OverrideBrief,
     OverrideCreate,
     OverridePage,
     OverrideRead,
     OverrideView,
-    PendingExtension,
     ResolveConflictBody,
-    SummaryRead,
-    VoteRead,
 )
-from app.overrides.stuck import queue_line
-from app.overrides.summary import summarize
 
 router = APIRouter(prefix="/v1/overrides", tags=["overrides"])
 
@@ -71,97 +64,6 @@ ACTION_LINKS = {
 }
 
 
-def _brief_fields(override: Override, votes: list[VoteRead]) -> dict[str, Any]:
-    """The fields an override's brief and full answers share."""
-    pending = None
-    if override.extension_seconds:
-        pending = PendingExtension(
-            duration=timedelta(seconds=override.extension_seconds),
-            requested_by=override.extension_requested_by or "",
-            approvals=[v for v in votes if v.round == override.extension_round and v.decision == "approve"],
-        )
-    review = summarize(override.policy, override.parameters, override.diagnosis)
-    return {
-        "summary": SummaryRead(
-            line=review.line,
-            loses=list(review.loses),
-            verdict=review.verdict,
-            recommended=review.recommended,
-            weaker_than_recommended=review.weaker_than_recommended,
-            stuck_mail=queue_line(override.queue) if override.ended_at is None else None,
-        ),
-        "id": override.id or 0,
-        "target": override.target,
-        "destination": override.destination,
-        "policy": override.policy,
-        "parameters": override.parameters,
-        "justification": override.justification,
-        "ticket": override.ticket,
-        "ticket_url": override.ticket_url,
-        "duration": timedelta(seconds=override.duration_seconds),
-        "state": override.state,
-        "requested_by": override.requested_by,
-        "requested_by_name": override.requested_by_name,
-        "requested_via": override.requested_via,
-        "approvals": [v for v in votes if v.round == 0 and v.decision == "approve"],
-        "approvals_required": override.approvals_required,
-        "created_at": override.created_at,
-        "updated_at": override.updated_at,
-        "review_deadline": override.review_deadline,
-        "applied_at": override.applied_at,
-        "expires_at": override.expires_at,
-        "ended_at": override.ended_at,
-        "end_reason": override.end_reason,
-        "removal_deadline": override.removal_deadline,
-        "overdue": is_overdue(override),
-        "pending_extension": pending,
-        "mailcow_id": override.mailcow_id,
-        "conflict": override.conflict,
-        "drift": override.drift,
-        "last_error": override.last_error,
-        "findings": [FindingRead.model_validate(f) for f in override.findings or []],
-        "still_stuck": bool((override.queue_release or {}).get("still_stuck")),
-        "version": override.version,
-        "links": {"self": f"/v1/overrides/{override.id}", "events": f"/v1/overrides/{override.id}/events"},
-    }
-
-
-def _vote_reads(votes: list[Vote]) -> list[VoteRead]:
-    return [
-        VoteRead(
-            reviewer=v.reviewer,
-            reviewer_name=v.reviewer_name,
-            via=v.via,
-            decision=v.decision,
-            comment=v.comment,
-            round=v.round,
-            at=v.created_at,
-        )
-        for v in votes
-    ]
-
-
-def to_read(session: Session, override: Override, loaded_votes: list[Vote] | None = None) -> OverrideRead:
-    """The override as answered; `loaded_votes` are its votes when the caller loaded a page's at once."""
-    votes = _vote_reads(service.votes_of(session, override.id or 0) if loaded_votes is None else loaded_votes)
-    return OverrideRead(
-        **_brief_fields(override, votes),
-        # The queue ids a release in flight notes for a takeover are the worker's bookkeeping, not evidence.
-        queue_release={k: v for k, v in override.queue_release.items() if k != "asking"}
-        if override.queue_release
-        else None,
-        votes=votes,
-        queue=override.queue,
-        diagnosis=override.diagnosis,
-    )
-
-
-def to_brief(override: Override, votes: list[Vote]) -> OverrideBrief:
-    """The list view of an override: its full answer without the vote history and the diagnosis (built
-    directly, not by cutting down a full answer)."""
-    return OverrideBrief(**_brief_fields(override, _vote_reads(votes)))
-
-
 # Routes that answer a model serialise it once, here, exactly as FastAPI's own fast path for their
 # `response_model` would (the same TypeAdapter.dump_json): a route that returns a model from a plain `def`
 # has it validated again in one more hop to the thread pool and back, and these are the hot routes.
@@ -192,7 +94,8 @@ def _answer(
         if status == 201:
             headers["Location"] = f"/v1/overrides/{override.id}"
         # A request just created has no votes yet: no query to find none.
-        return to_read(session, override, [] if status == 201 else None), headers
+        votes = [] if status == 201 else vote_reads(service.votes_of(session, override.id or 0))
+        return to_read(override, votes), headers
 
     return _json(_OVERRIDE_JSON, answer_once(ctx.idempotency, response, status, OverrideRead, changed), response)
 
@@ -253,9 +156,9 @@ def create_override(
 
 
 @router.get("", response_model=OverridePage, summary="List overrides", responses=problem_responses(401, 422))
-def list_overrides(
+async def list_overrides(
+    request: Request,
     response: Response,
-    session: ReadSessionDep,
     principal: CurrentPrincipal,
     state: Annotated[list[OverrideState] | None, Query(description="Repeat to match several states.")] = None,
     destination: Filter = None,
@@ -276,8 +179,8 @@ def list_overrides(
 ) -> Response:
     """Newest first. Requesters see their own; reviewers, admins and auditors see all; an integration sees
     the ones submitted through it (`requested_via` = its client id) and those of the user it acts for."""
-    rows, next_cursor = service.list_overrides(
-        session,
+    # `async`: the page and its votes are one statement, on the event loop on PostgreSQL (`read_rows`).
+    statement, params = service.page_query(
         principal,
         service.OverrideFilter(
             state=state,
@@ -290,10 +193,9 @@ def list_overrides(
         cursor,
         limit,
     )
-    votes = service.votes_by_override(session, [row.id or 0 for row in rows])
+    page, next_cursor = page_of(await read_rows(request, statement, params), limit)
     items: list[OverrideRead | OverrideBrief] = [
-        to_read(session, row, votes[row.id or 0]) if view == "full" else to_brief(row, votes[row.id or 0])
-        for row in rows
+        to_read(override, votes) if view == "full" else to_brief(override, votes) for override, votes in page
     ]
     return _json(_PAGE_JSON, OverridePage(items=items, next_cursor=next_cursor), response)
 
@@ -304,12 +206,16 @@ def list_overrides(
     summary="Get one override",
     responses={200: {"headers": ETAG_HEADER, "links": ACTION_LINKS}, **problem_responses(401, 404, 422)},
 )
-def get_override(
-    override_id: OverrideId, session: StatementSessionDep, principal: CurrentPrincipal, response: Response
+async def get_override(
+    request: Request, override_id: OverrideId, principal: CurrentPrincipal, response: Response
 ) -> Response:
-    override, votes = read_visible(session, principal, override_id)
+    # `async`: the read is one statement on the event loop on PostgreSQL (app/core/db.py, `read_rows`).
+    found = one_with_votes(await read_rows(request, ONE_WITH_VOTES, {"override_id": override_id}))
+    if found is None or not can_see(principal, found[0]):
+        raise NotFound(f"Override {override_id} does not exist.")
+    override, votes = found
     response.headers["ETag"] = f'"{override.version}"'
-    return _json(_OVERRIDE_JSON, to_read(session, override, votes), response)
+    return _json(_OVERRIDE_JSON, to_read(override, votes), response)
 
 
 @router.get(

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import ColumnElement, Integer, Select, bindparam, func
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -16,13 +18,15 @@ from app.core.auth import Principal
 from app.core.db import utcnow
 from app.core.errors import Conflict, FieldError, InvalidInput
 from app.core.person import person_key
-from app.core.text import decode_cursor, encode_cursor
+from app.core.text import decode_cursor
+from app.overrides import reads
 from app.overrides.decisions import approvals_needed
 from app.overrides.evidence import Evidence
 from app.overrides.lifecycle import find_live, snapshot
 from app.overrides.models import Override, OverrideState, Vote
 from app.overrides.permissions import ActionContext, refuse, visible_to
 from app.overrides.postfix import PolicyInputError, normalise_destination
+from app.overrides.reads import ANSWER_COLUMNS, Answered
 from app.overrides.schemas import OverrideCreate
 from app.overrides.validation import validate_request
 
@@ -132,45 +136,82 @@ def _normalised_or_raw(destination: str) -> str:
         return destination.strip().lower()
 
 
-def list_overrides(
-    session: Session, principal: Principal, filters: OverrideFilter, cursor: str | None, limit: int
-) -> tuple[list[Override], str | None]:
-    """Newest first, stable under inserts: keyset pagination on the id."""
-    query = select(Override)
-    visible = visible_to(principal)
-    if visible is not None:
-        query = query.where(visible)
-    if filters.state:
-        query = query.where(col(Override.state).in_(list(filters.state)))
+# A page's statement for each shape of request (which filters are set, how many states, who may see what):
+# made once, the values are its parameters. The shapes are few (at most a few thousand combinations).
+_PAGES: dict[tuple[Any, ...], Select[Any]] = {}
+
+
+def page_query(
+    principal: Principal, filters: OverrideFilter, cursor: str | None, limit: int
+) -> tuple[Select[Any], dict[str, Any]]:
+    """A list page, newest first, stable under inserts (keyset pagination on the id): one statement that
+    selects `limit + 1` overrides (to tell whether a next page exists) with their votes joined
+    (`reads.with_votes`; `reads.page_of` makes the page of its rows), so the page and its votes are one
+    snapshot and one round trip. Returns the statement and its parameters."""
+    visible, caller = visible_to(principal)
+    params: dict[str, Any] = dict(caller)
+    states = sorted({OverrideState(s).value for s in filters.state or ()})
+    params |= {f"state_{i}": state for i, state in enumerate(states)}
     if filters.destination:
-        query = query.where(Override.destination == _normalised_or_raw(filters.destination))
+        params["destination"] = _normalised_or_raw(filters.destination)
     if filters.requester:
-        query = query.where(Override.requested_by_key == person_key(filters.requester))
+        params["requester"] = person_key(filters.requester)
     if filters.ticket:
-        # Case-insensitive (an integration's `mail-4711` finds `MAIL-4711`), served by the index on lower(ticket).
-        query = query.where(func.lower(Override.ticket) == filters.ticket.lower())
+        params["ticket"] = filters.ticket.lower()
     if filters.target:
-        query = query.where(Override.target == filters.target)
+        params["target"] = filters.target
     if filters.overdue is not None:
-        overdue = (col(Override.state) == OverrideState.removing) & (col(Override.removal_deadline) < utcnow())
-        query = query.where(overdue if filters.overdue else ~overdue)
+        params |= {"removing": OverrideState.removing.value, "now": utcnow()}
     after = decode_cursor("o", cursor)
     if after is not None:
-        query = query.where(col(Override.id) < after)
-    rows = list(session.exec(query.order_by(col(Override.id).desc()).limit(limit + 1)).all())
-    next_cursor = encode_cursor("o", rows[limit - 1].id or 0) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+        params["after"] = after
+    params["limit"] = limit + 1
+    shape = (filters.overdue, *sorted(params))  # the names say which conditions there are (and how many states)
+    statement = _PAGES.get(shape)
+    if statement is None:
+        statement = _PAGES[shape] = _page_statement(visible, len(states), params, filters.overdue)
+    return statement, params
+
+
+def _page_statement(
+    visible: ColumnElement[bool] | None, states: int, params: dict[str, Any], overdue: bool | None
+) -> Select[Any]:
+    conditions: list[ColumnElement[bool]] = [] if visible is None else [visible]
+    if states:
+        conditions.append(col(Override.state).in_([bindparam(f"state_{i}") for i in range(states)]))
+    if "destination" in params:
+        conditions.append(col(Override.destination) == bindparam("destination"))
+    if "requester" in params:
+        conditions.append(col(Override.requested_by_key) == bindparam("requester"))
+    if "ticket" in params:
+        # Case-insensitive (an integration's `mail-4711` finds `MAIL-4711`), served by the index on lower(ticket).
+        conditions.append(func.lower(Override.ticket) == bindparam("ticket"))
+    if "target" in params:
+        conditions.append(col(Override.target) == bindparam("target"))
+    if overdue is not None:
+        late = (col(Override.state) == bindparam("removing")) & (col(Override.removal_deadline) < bindparam("now"))
+        conditions.append(late if overdue else ~late)
+    if "after" in params:
+        conditions.append(col(Override.id) < bindparam("after"))
+    page = (
+        sa_select(*ANSWER_COLUMNS)
+        .where(*conditions)
+        .order_by(col(Override.id).desc())
+        .limit(bindparam("limit", type_=Integer))
+        .cte("page")
+    )
+    return reads.with_votes(page)
+
+
+def list_overrides(
+    session: Session, principal: Principal, filters: OverrideFilter, cursor: str | None, limit: int
+) -> tuple[list[Answered], str | None]:
+    """`page_query`'s page in `session`: the overrides (Core rows of `reads.ANSWER_COLUMNS`), and the cursor
+    of the next page."""
+    statement, params = page_query(principal, filters, cursor, limit)
+    page, next_cursor = reads.page_of(session.execute(statement, params).all(), limit)
+    return [override for override, _ in page], next_cursor
 
 
 def votes_of(session: Session, override_id: int) -> list[Vote]:
     return list(session.exec(select(Vote).where(Vote.override_id == override_id).order_by(col(Vote.id))).all())
-
-
-def votes_by_override(session: Session, override_ids: Sequence[int]) -> dict[int, list[Vote]]:
-    """The votes of several overrides in one query (a page's: no query per item), each list in vote order."""
-    found: dict[int, list[Vote]] = {override_id: [] for override_id in override_ids}
-    if override_ids:
-        query = select(Vote).where(col(Vote.override_id).in_(list(override_ids))).order_by(col(Vote.id))
-        for vote in session.exec(query):
-            found[vote.override_id].append(vote)
-    return found

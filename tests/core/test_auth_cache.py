@@ -151,3 +151,17 @@ async def test_the_cache_is_bounded_and_can_be_turned_off(
     await off.validate(token)
     await off.validate(token)
     assert len(off.validated) == 0 and checks.count(token) == 2
+
+
+async def test_the_caller_of_a_token_is_made_once_while_it_is_recently_used(
+    setup: tuple[Provider, TokenValidator],
+) -> None:
+    provider, validator = setup
+    tokens = [provider.token(sub=f"user{n}", name=f"User {n}") for n in range(5)]
+    first = validator.principal(tokens[0], await validator.validate(tokens[0]))
+    assert first.actor == "user0" and first.name == "User 0" and first.roles == frozenset({"requester"})
+    assert validator.principal(tokens[0], await validator.validate(tokens[0])) is first
+    for token in tokens[1:]:  # bounded like the token cache (3 here): the least recently used goes first
+        validator.principal(token, await validator.validate(token))
+    again = validator.principal(tokens[0], await validator.validate(tokens[0]))
+    assert again == first and again is not first
