@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from sqlalchemy import DateTime, Select, event
 from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, create_engine
@@ -250,11 +251,18 @@ class AsyncReads:
     Like the engine's pool, a connection error drops every idle connection (they are as dead as the one
     that failed), and a connection is replaced after `recycle` seconds."""
 
-    def __init__(self, engine: Engine, size: int = 10, recycle: float = 300.0) -> None:
+    def __init__(
+        self, engine: Engine, size: int = 10, recycle: float = 300.0, wait: float = 30.0, connect_timeout: int = 10
+    ) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._size = size
         self._slots = asyncio.Semaphore(size)
+        # As the engine's pool: a read waits at most `wait` seconds for a connection (then the pool's
+        # TimeoutError, a 503), and a new connection at most `connect_timeout` for the server.
+        self._wait = wait
+        self._connect_timeout = connect_timeout
         self._idle: list[tuple[psycopg.AsyncConnection[Any], float]] = []
         self._recycle = recycle
         self._compiled: dict[Select[Any], _Compiled] = {}
@@ -293,7 +301,12 @@ class AsyncReads:
     async def rows(self, statement: Select[Any], parameters: dict[str, Any]) -> list[Any]:
         compiled = self._compile(statement)
         parameters = compiled.parameters(parameters)
-        async with self._slots:
+        try:
+            async with asyncio.timeout(self._wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise PoolTimeout(f"no database connection free after {self._wait:g} s ({self._size} in use)") from None
+        try:
             conn, born = await self._checkout(compiled, parameters)
             try:
                 cursor = await conn.execute(compiled.sql, parameters)
@@ -311,6 +324,8 @@ class AsyncReads:
                 await conn.close()
                 raise
             self._idle.append((conn, born))
+        finally:
+            self._slots.release()
         make, processors = compiled.row, compiled.processors
         if not processors:
             return [make(*raw) for raw in fetched]
@@ -333,7 +348,10 @@ class AsyncReads:
                 return conn, born
             await conn.close()
         try:
-            return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True), time.monotonic()
+            conn = await psycopg.AsyncConnection.connect(
+                self._conninfo, autocommit=True, connect_timeout=self._connect_timeout
+            )
+            return conn, time.monotonic()
         except psycopg.Error as exc:
             raise self._error(exc, compiled, parameters, invalidated=False) from exc
 

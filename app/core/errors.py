@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
@@ -256,6 +257,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if not database_unreachable(exc):
             raise exc  # a failed statement is a bug: the handler for unexpected errors answers 500
         log.warning("database unreachable on %s %s: %s", request.method, request.url.path, exc.orig or exc)
+        error = DatabaseUnavailable()
+        return problem_response(error.problem(request.url.path), error.headers)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(request: Request, exc: PoolTimeout) -> JSONResponse:
+        # Every connection busy for the pool's whole wait: the database is too slow to answer, not the request.
+        log.warning("no database connection on %s %s: %s", request.method, request.url.path, exc)
         error = DatabaseUnavailable()
         return problem_response(error.problem(request.url.path), error.headers)
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.core.errors import install_error_handlers
 from tests.helpers import assert_problem, counts
@@ -113,8 +114,9 @@ def _pg_error(cls: type[psycopg.Error], sqlstate: str | None) -> psycopg.Error:
         OperationalError("SELECT 1", {}, _pg_error(psycopg.errors.AdminShutdown, "57P01")),
         OperationalError("SELECT 1", {}, _pg_error(psycopg.errors.ConnectionFailure, "08006")),
         InterfaceError("SELECT 1", {}, psycopg.InterfaceError("the connection is closed")),
+        PoolTimeout("QueuePool limit of size 10 overflow 10 reached, server said no"),  # every connection busy
     ],
-    ids=["refused", "admin-shutdown", "connection-failure", "closed"],
+    ids=["refused", "admin-shutdown", "connection-failure", "closed", "pool-exhausted"],
 )
 def test_an_unreachable_database_is_a_503(error: Exception) -> None:
     response = _failing_app(error).get("/boom")
