@@ -98,31 +98,46 @@ def as_dict(event: AuditEvent) -> dict[str, Any]:
     }
 
 
+_EVENTS = AuditEvent.__table__  # type: ignore[attr-defined]
+_HEAD = AuditHead.__table__  # type: ignore[attr-defined]
+_LOCK_HEAD = sa.select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+
+
 @event.listens_for(Session, "before_commit")
 def _write_pending(session: Session) -> None:
     pending: list[Entry] = session.info.pop(_PENDING, [])
     if not pending:
         return
-    head = session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
-    for entry in pending:
-        event_row = AuditEvent(
-            seq=head.seq + 1,
-            at=utcnow(),
-            actor=entry.actor,
-            via=entry.via,
-            action=entry.action,
-            override_id=entry.override_id,
-            before=entry.before,
-            after=entry.after,
-            comment=entry.comment,
-            prev_hash=head.hash,
-            hash="",
-        )
-        event_row.hash = chain_hash(head.hash, as_dict(event_row))
-        session.add(event_row)
-        head.seq, head.hash = event_row.seq, event_row.hash
-    session.add(head)
+    # The transaction's other writes first: the chain's lock is the last thing taken before COMMIT, so
+    # concurrent writers wait on each other for as short a time as possible.
     session.flush()
+    connection = session.connection()
+    seq, prev_hash = connection.execute(_LOCK_HEAD).one()
+    rows = []
+    for entry in pending:
+        seq += 1
+        row = {
+            "seq": seq,
+            "at": utcnow(),
+            "actor": entry.actor,
+            "via": entry.via,
+            "action": entry.action,
+            "override_id": entry.override_id,
+            "before": entry.before,
+            "after": entry.after,
+            "comment": entry.comment,
+            "prev_hash": prev_hash,
+        }
+        # Hashed as `as_dict` gives a stored row: the time in ISO form.
+        prev_hash = row["hash"] = chain_hash(prev_hash, row | {"at": row["at"].isoformat()})
+        rows.append(row)
+    move_head = sa.update(_HEAD).where(_HEAD.c.id == 1).values(seq=seq, hash=prev_hash)
+    if connection.dialect.name == "postgresql":
+        # One round trip for the rows and the head (a data-modifying CTE), under the lock just taken.
+        connection.execute(move_head.add_cte(sa.insert(_EVENTS).values(rows).cte("appended")))
+    else:
+        connection.execute(sa.insert(_EVENTS), rows)
+        connection.execute(move_head)
 
 
 @event.listens_for(Session, "after_rollback")
