@@ -101,6 +101,23 @@ def as_dict(event: AuditEvent) -> dict[str, Any]:
 _EVENTS = AuditEvent.__table__  # type: ignore[attr-defined]
 _HEAD = AuditHead.__table__  # type: ignore[attr-defined]
 _LOCK_HEAD = sa.select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+_MOVE_HEAD = (
+    sa.update(_HEAD).where(_HEAD.c.id == 1).values(seq=sa.bindparam("head_seq"), hash=sa.bindparam("head_hash"))
+)
+_COLUMNS = ("seq", "at", "actor", "via", "action", "override_id", "before", "after", "comment", "prev_hash", "hash")
+_APPENDS: dict[int, sa.Update] = {}
+
+
+def _append_statement(count: int) -> sa.Update:
+    """PostgreSQL: `count` rows and the head moved in one statement (a data-modifying CTE), made once per
+    count with bound parameters so that SQLAlchemy compiles it once (literal values would not be cached)."""
+    statement = _APPENDS.get(count)
+    if statement is None:
+        rows = [
+            {name: sa.bindparam(f"{name}_{i}", type_=_EVENTS.c[name].type) for name in _COLUMNS} for i in range(count)
+        ]
+        statement = _APPENDS[count] = _MOVE_HEAD.add_cte(sa.insert(_EVENTS).values(rows).cte("appended"))
+    return statement
 
 
 @event.listens_for(Session, "before_commit")
@@ -113,7 +130,7 @@ def _write_pending(session: Session) -> None:
     session.flush()
     connection = session.connection()
     seq, prev_hash = connection.execute(_LOCK_HEAD).one()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for entry in pending:
         seq += 1
         row = {
@@ -131,13 +148,14 @@ def _write_pending(session: Session) -> None:
         # Hashed as `as_dict` gives a stored row: the time in ISO form.
         prev_hash = row["hash"] = chain_hash(prev_hash, row | {"at": row["at"].isoformat()})
         rows.append(row)
-    move_head = sa.update(_HEAD).where(_HEAD.c.id == 1).values(seq=seq, hash=prev_hash)
+    head = {"head_seq": seq, "head_hash": prev_hash}
     if connection.dialect.name == "postgresql":
-        # One round trip for the rows and the head (a data-modifying CTE), under the lock just taken.
-        connection.execute(move_head.add_cte(sa.insert(_EVENTS).values(rows).cte("appended")))
+        # One round trip for the rows and the head, under the lock just taken.
+        params = {f"{name}_{i}": value for i, row in enumerate(rows) for name, value in row.items()}
+        connection.execute(_append_statement(len(rows)), params | head)
     else:
         connection.execute(sa.insert(_EVENTS), rows)
-        connection.execute(move_head)
+        connection.execute(_MOVE_HEAD, head)
 
 
 @event.listens_for(Session, "after_rollback")

@@ -191,8 +191,10 @@ def _answer(
         headers = {"ETag": f'"{override.version}"'}
         if status == 201:
             headers["Location"] = f"/v1/overrides/{override.id}"
-        # A request just created has no votes yet: no query to find none.
-        return to_read(session, override, [] if status == 201 else None), headers
+        # A request just created has no votes yet, and a vote leaves the override's votes as it read them:
+        # no query for them then.
+        votes = [] if status == 201 else ctx.votes.get(override.id or 0)
+        return to_read(session, override, votes), headers
 
     return _json(_OVERRIDE_JSON, answer_once(ctx.idempotency, response, status, OverrideRead, changed), response)
 
