@@ -109,14 +109,17 @@ _APPENDS: dict[int, sa.Update] = {}
 
 
 def _append_statement(count: int) -> sa.Update:
-    """PostgreSQL: `count` rows and the head moved in one statement (a data-modifying CTE), made once per
-    count with bound parameters so that SQLAlchemy compiles it once (literal values would not be cached)."""
+    """PostgreSQL: `count` rows and the head moved in one statement (data-modifying CTEs, one per row: a
+    multi-row VALUES is never in SQLAlchemy's compiled cache), made once per count with bound parameters."""
     statement = _APPENDS.get(count)
     if statement is None:
-        rows = [
-            {name: sa.bindparam(f"{name}_{i}", type_=_EVENTS.c[name].type) for name in _COLUMNS} for i in range(count)
+        inserts = [
+            sa.insert(_EVENTS)
+            .values({name: sa.bindparam(f"{name}_{i}", type_=_EVENTS.c[name].type) for name in _COLUMNS})
+            .cte(f"appended_{i}")
+            for i in range(count)
         ]
-        statement = _APPENDS[count] = _MOVE_HEAD.add_cte(sa.insert(_EVENTS).values(rows).cte("appended"))
+        statement = _APPENDS[count] = _MOVE_HEAD.add_cte(*inserts)
     return statement
 
 

@@ -280,9 +280,10 @@ def load_with_votes(session: Session, override_id: int) -> tuple[Override, list[
     return rows[0][0], [vote for _, vote in rows if vote is not None]
 
 
-def find_live(session: Session, target: str, destination: str) -> Override | None:
+def find_live(session: Session, target: str, destination: str) -> tuple[int | None, str] | None:
+    """The live override for the destination as its id and state (all a 409 names), or None."""
     return session.exec(
-        select(Override).where(
+        select(Override.id, Override.state).where(
             Override.target == target, Override.destination == destination, col(Override.live).is_(True)
         )
     ).first()
