@@ -116,7 +116,10 @@ def _write_pending(session: Session) -> None:
     session.flush()
     connection = session.connection()
     if connection.dialect.name == "postgresql":
-        _append_in_one_statement(connection, pending)
+        # A job that records many rows at once appends them a few per statement: the statements (one per
+        # row count) stay few and small.
+        for first in range(0, len(pending), _ROWS_PER_STATEMENT):
+            _append_in_one_statement(connection, pending[first : first + _ROWS_PER_STATEMENT])
         return
     seq, prev_hash = connection.execute(_LOCK_HEAD).one()
     rows: list[dict[str, Any]] = []
@@ -180,6 +183,7 @@ _APPEND = (
     "{results} ORDER BY seq"
 )
 _APPENDS: dict[int, sa.TextClause] = {}
+_ROWS_PER_STATEMENT = 16
 
 
 def _append_statement(count: int) -> sa.TextClause:
