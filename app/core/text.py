@@ -65,9 +65,16 @@ _NEEDED_INVISIBLE = frozenset(
 )
 
 
+_IGNORABLE_CLASS = "".join(f"{chr(low)}-{chr(high)}" for low, high in _DEFAULT_IGNORABLE)
+_IGNORABLE = re.compile(f"[{_IGNORABLE_CLASS}]")
+# Every character `text_problem` may object to (the needed invisible ones too): text without any of them,
+# which is nearly all text, is accepted by one regex search instead of a look at each character.
+_SUSPECT_TEXT = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff{_IGNORABLE_CLASS}]")
+_SUSPECT_LINE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff{_IGNORABLE_CLASS}]")
+
+
 def is_default_ignorable(ch: str) -> bool:
-    cp = ord(ch)
-    return any(low <= cp <= high for low, high in _DEFAULT_IGNORABLE)
+    return _IGNORABLE.match(ch) is not None
 
 
 def _describe(ch: str) -> str:
@@ -77,6 +84,8 @@ def _describe(ch: str) -> str:
 def text_problem(value: str, *, one_line: bool) -> str | None:
     """Why `value` is not acceptable text (or None): control characters, lone surrogates, invisible
     characters other than those written language needs, and for one line also line separators."""
+    if (_SUSPECT_LINE if one_line else _SUSPECT_TEXT).search(value) is None:
+        return None
     for ch in value:
         if ch in _CONTROL and (one_line or ch not in _LINE_BREAKS_AND_TABS):
             if one_line:
@@ -93,7 +102,10 @@ def text_problem(value: str, *, one_line: bool) -> str | None:
 
 def visible_length(value: str) -> int:
     """Characters that show: surrounding whitespace and invisible characters do not count."""
-    return sum(1 for ch in value.strip() if not is_default_ignorable(ch))
+    shown = value.strip()
+    if _IGNORABLE.search(shown) is None:
+        return len(shown)
+    return sum(1 for ch in shown if not is_default_ignorable(ch))
 
 
 def _text(value: str) -> str:

@@ -7,9 +7,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app.audit.service import record
 from app.core.config import Settings
@@ -49,15 +48,10 @@ def approve(session: Session, ctx: ActionContext, override_id: int, comment: str
     elif not (override.state in {OverrideState.active, OverrideState.approved} and override.extension_seconds):
         raise InvalidTransition(f"There is nothing to approve on an override in state '{override.state}'.")
     _vote(session, ctx, override, "approve", comment)
-    approvals = session.exec(
-        select(func.count())
-        .select_from(Vote)
-        .where(
-            Vote.override_id == override.id,
-            Vote.round == override.extension_round,
-            Vote.decision == "approve",
-        )
-    ).one()
+    # Counted from the votes read under the override's lock, this one included: no vote can come between.
+    approvals = sum(
+        1 for v in ctx.votes[override.id or 0] if v.round == override.extension_round and v.decision == "approve"
+    )
     actor, via = ctx.principal.actor, ctx.principal.via
     if approvals < override.approvals_required:
         return update_in_place(
@@ -136,7 +130,10 @@ def _vote(session: Session, ctx: ActionContext, override: Override, decision: st
     round_ = override.extension_round
     if asked_for_it(principal, override):
         raise refuse(ctx, override.id, decision, "Nobody may decide on their own request.")
-    votes = session.exec(select(Vote).where(Vote.override_id == override.id, Vote.round == round_)).all()
+    # Every round's votes (the answer shows them all); this round's decide. The override is locked
+    # (`load_for_action`), so they stay as read until this transaction ends.
+    every_vote = list(session.exec(select(Vote).where(Vote.override_id == override.id).order_by(col(Vote.id))).all())
+    votes = [v for v in every_vote if v.round == round_]
     already = next((v for v in votes if v.reviewer_key == principal.key), None)
     if already is not None:
         raise Conflict(f"{principal.actor} already voted '{already.decision}' on this request.")
@@ -168,6 +165,7 @@ def _vote(session: Session, ctx: ActionContext, override: Override, decision: st
         session.flush()
     except IntegrityError as exc:
         raise Conflict(f"{principal.actor} already voted on this request.") from exc
+    ctx.votes[override.id or 0] = [*every_vote, vote]
     record(
         session,
         actor=principal.actor,

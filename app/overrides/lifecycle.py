@@ -211,18 +211,18 @@ def _compare_and_set(
     }
     if to in TERMINAL_STATES and override.ended_at is None:
         values.setdefault("ended_at", now)
-    result = session.execute(
+    # The row as the UPDATE left it comes back with it (RETURNING, into `override` itself): no second read.
+    changed = session.execute(
         update(Override)
         .where(col(Override.id) == override.id)
         .where(col(Override.state) == override.state)
         .where(col(Override.version) == override.version)
         .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+        .returning(Override)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).scalar_one_or_none()
+    if changed is None:
         raise Conflict("The override was changed concurrently; reload it and try again.")
-    session.expire(override)
-    session.refresh(override)
     after = snapshot(override)
     if moved is not None:
         after["conflict_status"] = moved[1]
@@ -266,9 +266,10 @@ def load(session: Session, override_id: int, *, for_update: bool = False) -> Ove
     return override
 
 
-def find_live(session: Session, target: str, destination: str) -> Override | None:
+def find_live(session: Session, target: str, destination: str) -> tuple[int | None, str] | None:
+    """The live override for the destination as its id and state (all a 409 names), or None."""
     return session.exec(
-        select(Override).where(
+        select(Override.id, Override.state).where(
             Override.target == target, Override.destination == destination, col(Override.live).is_(True)
         )
     ).first()

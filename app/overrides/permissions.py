@@ -3,7 +3,7 @@ and the refusals on record. Every action loads its override through `load_for_ac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import ColumnElement, Engine, bindparam, or_
 from sqlmodel import Session, col
@@ -14,7 +14,7 @@ from app.core.config import Role, Settings
 from app.core.errors import Forbidden, NotFound, PreconditionFailed, PreconditionRequired
 from app.core.idempotency import Idempotency
 from app.overrides.lifecycle import load
-from app.overrides.models import Override
+from app.overrides.models import Override, Vote
 from app.overrides.reads import Answered
 
 
@@ -29,6 +29,9 @@ class ActionContext:
     if_match: str | None = None
     session: Session | None = None  # the request's own, ended before a refusal is recorded
     idempotency: Idempotency | None = None
+    # An override's votes as this request left them, when it loaded them under the override's lock (a
+    # vote does): its answer needs no second look. Keyed by the override's id.
+    votes: dict[int, list[Vote]] = field(default_factory=dict)
 
     def claim(self, session: Session) -> None:
         """Claim the request's Idempotency-Key in the change's own transaction, right before the change

@@ -94,8 +94,10 @@ def _answer(
         headers = {"ETag": f'"{override.version}"'}
         if status == 201:
             headers["Location"] = f"/v1/overrides/{override.id}"
-        # A request just created has no votes yet: no query to find none.
-        votes = [] if status == 201 else vote_reads(service.votes_of(session, override.id or 0))
+        # A request just created has no votes yet, and a vote leaves the override's votes as it read them
+        # under the lock: no query for them then.
+        known = [] if status == 201 else ctx.votes.get(override.id or 0)
+        votes = vote_reads(service.votes_of(session, override.id or 0) if known is None else known)
         return to_read(override, votes), headers
 
     return _json(_OVERRIDE_JSON, answer_once(ctx.idempotency, response, status, OverrideRead, changed), response)

@@ -42,14 +42,9 @@ def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, 
     diagnosis, findings = evidence.gather(ctx, target, destination, body.policy, parameters)
     queue = evidence.queue(ctx, target, destination)
     ctx.claim(session)
-    existing = find_live(session, target, destination)
-    if existing is not None:
-        raise Conflict(
-            f"Override {existing.id} for {destination} on {target} is still {existing.state}.",
-            existing=f"/v1/overrides/{existing.id}",
-        )
     refused = [f for f in findings or [] if f.get("refused")]
     if refused:
+        _refuse_if_live(session, target, destination)  # a 409 comes before the 400
         raise InvalidInput(
             "; ".join(str(f["message"]) for f in refused),
             errors=[FieldError(field="body.policy", message=str(f["message"])) for f in refused],
@@ -84,13 +79,11 @@ def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, 
     try:
         session.flush()
     except IntegrityError as exc:
-        # Another request for the same destination won the race; the partial unique index said no.
+        # The destination has a live override: the partial unique index is the check (no look before the
+        # INSERT, one round trip less), also against a request that raced this one. Name the override.
         session.rollback()
-        existing = find_live(session, target, destination)
-        raise Conflict(
-            f"A live override for {destination} on {target} already exists.",
-            existing=f"/v1/overrides/{existing.id}" if existing else None,
-        ) from exc
+        _refuse_if_live(session, target, destination)
+        raise Conflict(f"A live override for {destination} on {target} already exists.") from exc
     record(
         session,
         actor=principal.actor,
@@ -115,6 +108,16 @@ def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, 
             comment=f"policy {body.policy} is stronger than the default",
         )
     return override
+
+
+def _refuse_if_live(session: Session, target: str, destination: str) -> None:
+    existing = find_live(session, target, destination)
+    if existing is not None:
+        existing_id, state = existing
+        raise Conflict(
+            f"Override {existing_id} for {destination} on {target} is still {state}.",
+            existing=f"/v1/overrides/{existing_id}",
+        )
 
 
 @dataclass(frozen=True)
