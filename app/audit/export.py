@@ -40,8 +40,27 @@ class ExportFormatError(ValueError):
         self.line = line
 
 
+_JSONL = json.JSONEncoder(sort_keys=True, ensure_ascii=False)  # as json.dumps(…, sort_keys=True, ensure_ascii=False)
+
+
 def to_jsonl(event_row: dict[str, Any]) -> str:
-    return json.dumps(event_row, sort_keys=True, ensure_ascii=False) + "\n"
+    return _JSONL.encode(event_row) + "\n"
+
+
+def in_chunks(parts: Iterable[str], most: int = 1024) -> Iterator[str]:
+    """`parts` joined into chunks: the first part alone (the download begins at once), then twice as many
+    each time, up to `most`. A streamed response sends each item on its own, and a sync iterator takes a
+    trip to the thread pool for each: one per row would cost more than the row."""
+    chunk: list[str] = []
+    size = 1
+    for part in parts:
+        chunk.append(part)
+        if len(chunk) == size:
+            yield "".join(chunk)
+            chunk.clear()
+            size = min(2 * size, most)
+    if chunk:
+        yield "".join(chunk)
 
 
 def neutralise(cell: str) -> str:

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
 
-from app.audit.export import to_csv_rows, to_jsonl
+from app.audit.export import in_chunks, to_csv_rows, to_jsonl
 from app.audit.models import AuditEvent
 from app.audit.schemas import AuditKey, AuditKeys, EventPage, EventRead, PublishedCheckpoints
-from app.audit.service import VerifyResult, as_dict, iter_events, verify_chain
+from app.audit.service import VerifyResult, as_dict, exported_rows, verify_chain
 from app.audit.signing import PublicKey
 from app.core.auth import Principal, require
 from app.core.db import ReadSessionDep, reading
@@ -96,17 +96,16 @@ def export(request: Request, _: Reader, format: Literal["jsonl", "csv"] = "jsonl
 
     def events() -> Iterator[dict[str, object]]:
         with reading(engine) as session:
-            for event_row in iter_events(session):
-                yield as_dict(event_row)
+            yield from exported_rows(session)
 
     if format == "csv":
         return StreamingResponse(
-            to_csv_rows(events()),
+            in_chunks(to_csv_rows(events())),
             media_type="text/csv",
             headers={"Content-Disposition": 'attachment; filename="audit.csv"'},
         )
     return StreamingResponse(
-        (to_jsonl(e) for e in events()),
+        in_chunks(to_jsonl(e) for e in events()),
         media_type="application/x-ndjson",
         headers={"Content-Disposition": 'attachment; filename="audit.jsonl"'},
     )

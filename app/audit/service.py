@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
+from psycopg import pq
+from psycopg.types.string import TextLoader
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import event
 from sqlmodel import Session, col, select
@@ -368,20 +371,48 @@ def iter_events(session: Session, batch: int = 1000, **filters: Any) -> Iterator
         last = rows[-1].seq
 
 
+def exported_rows(session: Session, batch: int = 5000) -> Iterator[dict[str, Any]]:
+    """The whole trail in sequence order, each row as `as_dict` gives it (on PostgreSQL in one streamed
+    statement: no ORM object per row)."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        for event_row in iter_events(session, batch):
+            yield as_dict(event_row)
+        return
+    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
+    size = batch if psycopg.capabilities.has_stream_chunked() else 1
+    stream = driver.cursor().stream(f"SELECT {_COLUMNS} FROM audit_event ORDER BY seq", size=size)  # noqa: S608
+    for seq, at, actor, via, action, override_id, before, after, comment, prev_hash, stored in stream:
+        yield {
+            "seq": seq,
+            "at": _naive_utc_text(at),
+            "actor": actor,
+            "via": via,
+            "action": action,
+            "override_id": override_id,
+            "before": before,
+            "after": after,
+            "comment": comment,
+            "prev_hash": prev_hash,
+            "hash": stored,
+        }
+
+
 def verify_chain(session: Session, keys: Mapping[str, PublicKey], published: Sequence[Checkpoint] = ()) -> VerifyResult:
+    if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
+        # The head and the rows from one snapshot: with rows appended between the two reads, a sound
+        # trail would look longer than its head.
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     head = session.get(AuditHead, 1)
     return verify_events(_hashed_rows(session), keys, published, (head.seq, head.hash) if head else None)
 
 
 _DIGEST = "_digest"  # a row's hash as recomputed while it was read (see `_hashed_rows`)
-_TEXT = (
-    '{"action":%s,"actor":%s,"after":%s,"at":%s,"before":%s,"comment":%s,"override_id":%s,"prev_hash":%s,'
+_HASHED = (
+    '%s\n{"action":%s,"actor":%s,"after":%s,"at":%s,"before":%s,"comment":%s,"override_id":%s,"prev_hash":%s,'
     '"seq":%d,"via":%s}'
 )
-
-
-def _text(value: str | None) -> str:
-    return "null" if value is None else encode_basestring(value)
+_COLUMNS = "seq, at, actor, via, action, override_id, before, after, comment, prev_hash, hash"
 
 
 def _hashed_rows(session: Session, batch: int = 5000) -> Iterator[dict[str, Any]]:
@@ -392,53 +423,110 @@ def _hashed_rows(session: Session, batch: int = 5000) -> Iterator[dict[str, Any]
     as they are, without parsing and re-encoding. If that does not give the row's hash (a row written in
     another form, or one that was changed), the row is hashed the reference way (`chain_hash`), so the
     verdict is exactly the reference's; only the speed differs."""
-    table = AuditEvent.__table__  # type: ignore[attr-defined]
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        yield from _hash_rows(_batched_rows(connection, batch), _naive_utc_text, _naive_utc_text)
+        return
+    rows, reference_at = _streamed_rows(connection, batch)
+    try:
+        yield from _hash_rows(rows, _pg_timestamp_text, reference_at)
+    finally:
+        # Read to the end: a stream closed early cancels its statement, and with it the transaction.
+        for _ in rows:
+            pass
+
+
+def _hash_rows(
+    rows: Iterable[Sequence[Any]], at_text: Callable[[Any], str], at_value: Callable[[Any], str]
+) -> Iterator[dict[str, Any]]:
+    encode = encode_basestring
+    sha256 = hashlib.sha256
+    for seq, at, actor, via, action, override_id, before, after, comment, prev_hash, stored in rows:
+        digest = sha256(
+            (
+                _HASHED
+                % (
+                    prev_hash,
+                    encode(action),
+                    encode(actor),
+                    after or "null",
+                    encode(at_text(at)),
+                    before or "null",
+                    "null" if comment is None else encode(comment),
+                    "null" if override_id is None else override_id,
+                    encode(prev_hash),
+                    seq,
+                    "null" if via is None else encode(via),
+                )
+            ).encode()
+        ).hexdigest()
+        row: dict[str, Any] = {"seq": seq, "prev_hash": prev_hash, "hash": stored, "action": action}
+        if digest != stored or action == CHECKPOINT_ACTION:
+            row |= {
+                "at": at_value(at),
+                "actor": actor,
+                "via": via,
+                "override_id": override_id,
+                "before": None if before is None else json.loads(before),
+                "after": None if after is None else json.loads(after),
+                "comment": comment,
+            }
+            digest = chain_hash(prev_hash, row)
+        row[_DIGEST] = digest
+        yield row
+
+
+def _naive_utc_text(at: datetime) -> str:
+    return at.isoformat() + "+00:00"  # as an aware UTC time writes itself
+
+
+def _batched_rows(connection: sa.Connection, batch: int) -> Iterator[Sequence[Any]]:
     columns = [
-        table.c.seq,
-        sa.type_coerce(table.c.at, sa.DateTime()),  # naive UTC as stored: no conversion per row
-        table.c.actor,
-        table.c.via,
-        table.c.action,
-        table.c.override_id,
-        sa.cast(table.c.before, sa.Text()),
-        sa.cast(table.c.after, sa.Text()),
-        table.c.comment,
-        table.c.prev_hash,
-        table.c.hash,
+        _EVENTS.c.seq,
+        sa.type_coerce(_EVENTS.c.at, sa.DateTime()),  # naive UTC as stored: no conversion per row
+        _EVENTS.c.actor,
+        _EVENTS.c.via,
+        _EVENTS.c.action,
+        _EVENTS.c.override_id,
+        sa.cast(_EVENTS.c.before, sa.Text()),
+        sa.cast(_EVENTS.c.after, sa.Text()),
+        _EVENTS.c.comment,
+        _EVENTS.c.prev_hash,
+        _EVENTS.c.hash,
     ]
     last = 0
     while True:
-        query = sa.select(*columns).where(table.c.seq > last).order_by(table.c.seq).limit(batch)
-        rows = session.execute(query).all()
+        query = sa.select(*columns).where(_EVENTS.c.seq > last).order_by(_EVENTS.c.seq).limit(batch)
+        rows = connection.execute(query).all()
         if not rows:
             return
-        for seq, at, actor, via, action, override_id, before, after, comment, prev_hash, stored in rows:
-            when = at.isoformat() + "+00:00"
-            body = _TEXT % (
-                encode_basestring(action),
-                encode_basestring(actor),
-                after or "null",
-                encode_basestring(when),
-                before or "null",
-                _text(comment),
-                "null" if override_id is None else str(override_id),
-                encode_basestring(prev_hash),
-                seq,
-                _text(via),
-            )
-            digest = hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
-            row: dict[str, Any] = {"seq": seq, "prev_hash": prev_hash, "hash": stored, "action": action}
-            if digest != stored or action == CHECKPOINT_ACTION:
-                row |= {
-                    "at": when,
-                    "actor": actor,
-                    "via": via,
-                    "override_id": override_id,
-                    "before": None if before is None else json.loads(before),
-                    "after": None if after is None else json.loads(after),
-                    "comment": comment,
-                }
-                digest = chain_hash(prev_hash, row)
-            row[_DIGEST] = digest
-            yield row
+        yield from rows
         last = rows[-1][0]
+
+
+def _streamed_rows(connection: sa.Connection, batch: int) -> tuple[Iterator[Sequence[Any]], Callable[[str], str]]:
+    """PostgreSQL: the whole trail in one statement, streamed (the server reads ahead while the rows are
+    hashed), `at` and the JSON columns as the text the server sends. Returns the rows and the reference
+    reading of `at` (the driver's own datetime, as `isoformat()` writes it)."""
+    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
+    timestamp = driver.adapters.types["timestamp"].oid
+    parse = driver.adapters.get_loader(timestamp, pq.Format.TEXT)(timestamp, driver)  # type: ignore[misc]
+    cursor = driver.cursor()
+    cursor.adapters.register_loader("timestamp", TextLoader)
+    cursor.adapters.register_loader("json", TextLoader)
+    size = batch if psycopg.capabilities.has_stream_chunked() else 1
+    rows = cursor.stream(f"SELECT {_COLUMNS} FROM audit_event ORDER BY seq", size=size)  # noqa: S608
+
+    def reference(text: str) -> str:
+        return _naive_utc_text(parse.load(text.encode()))
+
+    return rows, reference
+
+
+def _pg_timestamp_text(text: str) -> str:
+    """`timestamp` as PostgreSQL writes it (DateStyle ISO: "2026-01-02 03:04:05.5", the fraction's trailing
+    zeros dropped) put as `datetime.isoformat()` writes that time in UTC. Any other text comes out
+    different from the hashed form, and the row is hashed the reference way."""
+    if 19 < len(text) < 26:
+        text = text.ljust(26, "0")
+    return text.replace(" ", "T", 1) + "+00:00"
