@@ -275,8 +275,8 @@ def test_a_page_through_the_api_is_the_models_page_byte_for_byte(
     worker_step(engine, expired, OverrideState.expired, "override.removed", ended_at=utcnow())
 
     with transaction(engine) as session:
-        ids = session.exec(select(Override.id).order_by(col(Override.id).desc())).all()
-        everything = [(lifecycle.load(session, i), vote_reads(service.votes_of(session, i or 0))) for i in ids]
+        ids = [i or 0 for i in session.exec(select(Override.id).order_by(col(Override.id).desc())).all()]
+        everything = [(lifecycle.load(session, i), vote_reads(service.votes_of(session, i))) for i in ids]
     assert {override.state for override, _ in everything} >= {
         OverrideState.pending,
         OverrideState.approved,
