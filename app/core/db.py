@@ -326,18 +326,15 @@ class AsyncReads:
             self._idle.append((conn, born))
         finally:
             self._slots.release()
-        make, processors = compiled.row, compiled.processors
-        if not processors:
+        make = compiled.row
+        if not compiled.processors or not fetched:
             return [make(*raw) for raw in fetched]
-        rows = []
-        for raw in fetched:
-            values = list(raw)
-            for i, processor, keeps_none in processors:
-                value = values[i]
-                if value is not None or not keeps_none:
-                    values[i] = processor(value)
-            rows.append(make(*values))
-        return rows
+        # Column by column (a page is tens of rows of tens of columns): each processor over its column in one
+        # comprehension, then the rows made from the columns in one pass.
+        columns: list[Sequence[Any]] = list(zip(*fetched, strict=True))
+        for i, processor, keeps_none in compiled.processors:
+            columns[i] = [value if value is None and keeps_none else processor(value) for value in columns[i]]
+        return list(map(make, *columns))
 
     async def _checkout(
         self, compiled: _Compiled, parameters: dict[str, Any]

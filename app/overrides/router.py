@@ -21,7 +21,7 @@ from app.overrides import decisions, service
 from app.overrides.evidence import Evidence
 from app.overrides.models import Override, OverrideState
 from app.overrides.permissions import ActionContext, can_see, load_visible
-from app.overrides.reads import ONE_WITH_VOTES, one_with_votes, page_of, to_brief, to_read, vote_reads
+from app.overrides.reads import ONE_WITH_VOTES, brief_page_json, one_with_votes, page_of, to_read, vote_reads
 from app.overrides.schemas import (
     ActionBody,
     ExtendBody,
@@ -74,11 +74,11 @@ _PAGE_JSON = TypeAdapter(OverridePage)
 
 def _json(adapter: TypeAdapter[Any], value: Any, response: Response, status: int = 200) -> Response:
     """`value` as JSON, with the status and headers set on `response` (FastAPI's per-request response)."""
-    answer = Response(
-        adapter.dump_json(value, by_alias=True),
-        status_code=response.status_code or status,
-        media_type="application/json",
-    )
+    return _encoded(adapter.dump_json(value, by_alias=True), response, status)
+
+
+def _encoded(body: bytes, response: Response, status: int = 200) -> Response:
+    answer = Response(body, status_code=response.status_code or status, media_type="application/json")
     answer.headers.raw.extend(response.headers.raw)
     return answer
 
@@ -199,9 +199,9 @@ async def list_overrides(
     page, next_cursor = page_of(await read_rows(request, statement, params), limit)
 
     def answer() -> Response:
-        items: list[OverrideRead | OverrideBrief] = [
-            to_read(override, votes) if view == "full" else to_brief(override, votes) for override, votes in page
-        ]
+        if view == "compact":
+            return _encoded(brief_page_json(page, next_cursor), response)
+        items: list[OverrideRead | OverrideBrief] = [to_read(override, votes) for override, votes in page]
         return _json(_PAGE_JSON, OverridePage(items=items, next_cursor=next_cursor), response)
 
     # A default page of briefs is built on the event loop (≈ 1 ms); full items carry whole diagnoses and a
