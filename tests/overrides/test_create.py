@@ -48,7 +48,8 @@ def orm_path() -> Iterator[Callable[[bool], None]]:
 
 
 def _post(client: TestClient, headers: dict[str, str], **fields: Any) -> httpx.Response:
-    return client.post("/v1/overrides", json={**VALID_REQUEST, **fields}, headers=headers)
+    response: httpx.Response = client.post("/v1/overrides", json={**VALID_REQUEST, **fields}, headers=headers)
+    return response
 
 
 def _audit(engine: Engine) -> list[dict[str, Any]]:
