@@ -316,18 +316,20 @@ class AsyncReads:
         self, statement: Select[Any] | TextualSelect, parameters: dict[str, Any], check: Callable[[list[Any]], None]
     ) -> list[Any]:
         """The rows of one statement that writes, in a transaction of its own that commits only if `check`
-        accepts its rows (else it raises, and nothing was written). BEGIN is sent with the statement
-        (psycopg's pipeline), so it costs two round trips: the statement, then COMMIT."""
+        accepts its rows (else it raises, and nothing was written): two round trips, BEGIN and the statement
+        in one message, then COMMIT. The statement's values are bound by psycopg on this side (a client-side
+        cursor: the only way to send BEGIN with it without psycopg's pipeline, which polls the socket on
+        the event loop until the answer comes)."""
         compiled = self._compile(statement)
 
         async def in_transaction(conn: psycopg.AsyncConnection[Any], sql: str, values: dict[str, Any]) -> list[Any]:
             try:
-                async with conn.pipeline():
-                    await conn.execute("BEGIN")
-                    cursor = await conn.execute(sql, values)
-                    rows = self._made(compiled, await cursor.fetchall())
-                    check(rows)
-                    await conn.execute("COMMIT")
+                cursor = psycopg.AsyncClientCursor(conn)
+                await cursor.execute("BEGIN; " + sql, values)
+                cursor.nextset()  # past BEGIN's result
+                rows = self._made(compiled, await cursor.fetchall())
+                check(rows)
+                await conn.execute("COMMIT")
             except Exception:
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE and not conn.broken:
                     await conn.execute("ROLLBACK")
