@@ -74,13 +74,20 @@ def test_the_answer_is_the_override_as_it_reads(
     client: TestClient, auth: Callable[..., dict[str, str]], frozen: None
 ) -> None:
     """The 201's body is `GET /v1/overrides/{id}`'s, byte for byte, and its ETag and Location are too."""
-    created = _post(client, auth("alice", "requester"), ticket_url="https://tickets.example/OPS-1")
+    # Values bound on the client side (app/core/db.py `AsyncReads.write`) arrive as they were sent.
+    justification = "It's 100 % broken: \\x00 ':id' %(x)s $1 ; -- \"Bücher\" ␀ " + "and stale."
+    created = _post(
+        client, auth("alice", "requester"), ticket_url="https://tickets.example/OPS-1", justification=justification
+    )
     assert created.status_code == 201, created.text
+    assert created.json()["justification"] == justification
     override_id = created.json()["id"]
     read = client.get(f"/v1/overrides/{override_id}", headers=auth("alice", "requester"))
     assert created.content == read.content
     assert created.headers["etag"] == read.headers["etag"] == '"1"'
     assert created.headers["location"] == f"/v1/overrides/{override_id}"
+    verified = client.get("/v1/audit/verify", headers=auth("erin", "auditor")).json()
+    assert verified["valid"] is True, verified
 
 
 @pytest.mark.parametrize(
