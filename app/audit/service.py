@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
 from typing import Any
@@ -54,9 +54,25 @@ def record(
     comment: str | None = None,
 ) -> None:
     """Queue an audit entry; it is written in the same transaction, when the session commits."""
-    # "" and None must not both exist: a CSV export could not tell them apart when re-hashed offline.
-    entry = Entry(actor, via or None, action, override_id, _jsonable(before), _jsonable(after), comment or None)
+    entry = new_entry(
+        actor=actor, via=via, action=action, override_id=override_id, before=before, after=after, comment=comment
+    )
     session.info.setdefault(_PENDING, []).append(entry)
+
+
+def new_entry(
+    *,
+    actor: str,
+    action: str,
+    via: str | None = None,
+    override_id: int | None = None,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    comment: str | None = None,
+) -> Entry:
+    """An audit entry as it will be stored (for `record`, and for `append_with`'s statement)."""
+    # "" and None must not both exist: a CSV export could not tell them apart when re-hashed offline.
+    return Entry(actor, via or None, action, override_id, _jsonable(before), _jsonable(after), comment or None)
 
 
 def _jsonable(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -166,75 +182,139 @@ _AT_TEXT = (
 )
 # Built from these constants and row numbers only (no value is ever formatted into the SQL: all are bound).
 _ROW_CTE = (
-    "r{i} AS (SELECT p.seq + 1 AS seq, p.hash AS prev_hash, t.ts AS at, encode(sha256("  # noqa: S608
-    "convert_to(p.hash, 'UTF8') || :a{i} || convert_to(t.at_text, 'UTF8') || :b{i} || convert_to(p.hash, 'UTF8')"
-    " || :c || convert_to((p.seq + 1)::text, 'UTF8') || :d{i}), 'hex') AS hash"
-    f" FROM {{prev}} AS p, (SELECT ts, {_AT_TEXT} AS at_text"
+    "r{i} AS (SELECT p.seq + 1 AS seq, p.hash AS prev_hash, t.ts AS at, {override_id} AS override_id,"  # noqa: S608
+    " encode(sha256(convert_to(p.hash, 'UTF8') || :a{i} || convert_to(t.at_text, 'UTF8') || {b}"
+    " || convert_to(p.hash, 'UTF8') || :c || convert_to((p.seq + 1)::text, 'UTF8') || :d{i}), 'hex') AS hash"
+    f" FROM {{prev}} AS p{{subject}}, (SELECT ts, {_AT_TEXT} AS at_text"
     " FROM (SELECT clock_timestamp() AT TIME ZONE 'UTC' AS ts) AS n) AS t)"
 )
 _ROW_INSERT = (
     "SELECT seq, at, CAST(:actor{i} AS VARCHAR), CAST(:via{i} AS VARCHAR), CAST(:action{i} AS VARCHAR),"
-    " CAST(:override_id{i} AS INTEGER), CAST(:before{i} AS JSON), CAST(:after{i} AS JSON),"
-    " CAST(:comment{i} AS VARCHAR), prev_hash, hash FROM r{i}"
+    " override_id, CAST(:before{i} AS JSON), CAST(:after{i} AS JSON), CAST(:comment{i} AS VARCHAR), prev_hash, hash"
+    " FROM r{i}"
 )
 _ROW_RESULT = "SELECT seq, at, prev_hash, hash FROM r{i}"
-_APPEND = (
-    "WITH head AS (SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE), {rows}, "
-    "appended AS (INSERT INTO audit_event (seq, at, actor, via, action, override_id, before, after, comment, "
-    "prev_hash, hash) {inserts}), "
-    "moved AS (UPDATE audit_head SET seq = {last}.seq, hash = {last}.hash FROM {last} WHERE audit_head.id = 1) "
-    "{results} ORDER BY seq"
+_HEAD = "head AS (SELECT seq, hash FROM audit_head WHERE id = 1{after} FOR UPDATE)"
+_CHAIN = (
+    "{rows}, appended AS (INSERT INTO audit_event (seq, at, actor, via, action, override_id, before, after, "
+    "comment, prev_hash, hash) {inserts}), "
+    "moved AS (UPDATE audit_head SET seq = {last}.seq, hash = {last}.hash FROM {last} WHERE audit_head.id = 1)"
 )
 _APPENDS: dict[int, sa.TextClause] = {}
 _ROWS_PER_STATEMENT = 16
 
 
+def _chain(count: int, *, about_subject: bool) -> str:
+    """The CTEs that lock the head, chain and insert `count` rows and move the head; with `about_subject`,
+    the rows are about the row a CTE named `subject` inserts (see `append_with`)."""
+    rows = range(count)
+    if about_subject:
+        override_id, b, subject = "o.id", ":b{i} || convert_to(o.id::text, 'UTF8') || :e{i}", ", subject AS o"
+    else:
+        override_id, b, subject = "CAST(:override_id{i} AS INTEGER)", ":b{i}", ""
+    ctes = [
+        _HEAD.format(after=" AND EXISTS (SELECT FROM subject)" if about_subject else ""),
+        *(
+            _ROW_CTE.format(
+                i=i,
+                override_id=override_id.format(i=i),
+                b=b.format(i=i),
+                prev="head" if i == 0 else f"r{i - 1}",
+                subject=subject,
+            )
+            for i in rows
+        ),
+    ]
+    return _CHAIN.format(
+        rows=", ".join(ctes), inserts=" UNION ALL ".join(_ROW_INSERT.format(i=i) for i in rows), last=f"r{count - 1}"
+    )
+
+
+def _results(count: int) -> str:
+    return " UNION ALL ".join(_ROW_RESULT.format(i=i) for i in range(count))
+
+
 def _append_statement(count: int) -> sa.TextClause:
     statement = _APPENDS.get(count)
     if statement is None:
-        rows = range(count)
-        sql = _APPEND.format(
-            rows=", ".join(_ROW_CTE.format(i=i, prev="head" if i == 0 else f"r{i - 1}") for i in rows),
-            inserts=" UNION ALL ".join(_ROW_INSERT.format(i=i) for i in rows),
-            last=f"r{count - 1}",
-            results=" UNION ALL ".join(_ROW_RESULT.format(i=i) for i in rows),
-        )
+        sql = f"WITH {_chain(count, about_subject=False)} {_results(count)} ORDER BY seq"
         statement = _APPENDS[count] = sa.text(sql)
     return statement
+
+
+def append_with(subject: str, count: int) -> str:
+    """PostgreSQL: one statement that inserts a row (`subject`, an INSERT … RETURNING that returns one row
+    with its `id`) and appends `count` audit entries about it (their `override_id` is the new row's id,
+    which only the INSERT decides: the hashed text is put together around it too). Its rows: the
+    subject's columns with `audit_seq`, `audit_at`, `audit_prev_hash`, `audit_hash`, one row per entry in
+    sequence order. Parameters: `append_parameters`; check the rows with `check_appended` before COMMIT.
+
+    The head is locked only once the row is inserted (`EXISTS (SELECT FROM subject)` is a one-time filter,
+    evaluated before the head is scanned), the order the ORM's path takes them in: a request that waits on
+    another's uniqueness check never holds the chain meanwhile, so two of them cannot deadlock."""
+    return (
+        f"WITH subject AS ({subject}), {_chain(count, about_subject=True)} "  # noqa: S608
+        "SELECT subject.*, audit.seq AS audit_seq, audit.at AS audit_at, audit.prev_hash AS audit_prev_hash, "
+        f"audit.hash AS audit_hash FROM subject, ({_results(count)}) AS audit ORDER BY audit.seq"
+    )
 
 
 def _json_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _append_in_one_statement(connection: sa.Connection, pending: list[Entry]) -> None:
+def append_parameters(pending: Sequence[Entry], *, about_subject: bool = False) -> dict[str, Any]:
+    """The parameters of `append_with`'s statement (`about_subject`) or of `_append_statement`'s."""
     params: dict[str, Any] = {"c": b'","seq":'}
     for i, entry in enumerate(pending):
-        # The canonical text in four pieces around `at`, `prev_hash` and `seq` (keys in sorted order).
+        # The canonical text in four pieces around `at`, `prev_hash` and `seq` (keys in sorted order), and
+        # about a subject in five: its id too (`override_id` is the last key before `prev_hash`).
         params[f"a{i}"] = (
             "\n" + _json_text({"action": entry.action, "actor": entry.actor, "after": entry.after})[:-1] + ',"at":"'
         ).encode()
-        params[f"b{i}"] = (
-            '",'
-            + _json_text({"before": entry.before, "comment": entry.comment, "override_id": entry.override_id})[1:-1]
-            + ',"prev_hash":"'
-        ).encode()
+        if about_subject:
+            before = _json_text({"before": entry.before, "comment": entry.comment})[1:-1]
+            params[f"b{i}"] = ('",' + before + ',"override_id":').encode()
+            params[f"e{i}"] = b',"prev_hash":"'
+        else:
+            params[f"b{i}"] = (
+                '",'
+                + _json_text({"before": entry.before, "comment": entry.comment, "override_id": entry.override_id})[1:-1]
+                + ',"prev_hash":"'
+            ).encode()
+            params[f"override_id{i}"] = entry.override_id
         params[f"d{i}"] = ("," + _json_text({"via": entry.via})[1:]).encode()
         params |= {
             f"actor{i}": entry.actor,
             f"via{i}": entry.via,
             f"action{i}": entry.action,
-            f"override_id{i}": entry.override_id,
             # As the engine writes JSON columns (app/core/db.py compact_json); None is JSON null, as before.
             f"before{i}": compact_json(entry.before),
             f"after{i}": compact_json(entry.after),
             f"comment{i}": entry.comment,
         }
-    written = connection.execute(_append_statement(len(pending)), params).all()
+    return params
+
+
+def _check_written(pending: Sequence[Entry], written: Iterable[tuple[int, datetime, str, str]]) -> None:
     for entry, (seq, at, prev_hash, digest) in zip(pending, written, strict=True):
         row = _row(entry, seq, at.replace(tzinfo=UTC), prev_hash)
         if chain_hash(prev_hash, row | {"at": row["at"].isoformat()}) != digest:
             raise RuntimeError(f"the audit row {seq} was hashed differently by the database; nothing was written")
+
+
+def check_appended(pending: Sequence[Entry], rows: Sequence[Any]) -> None:
+    """Raise unless each row of `append_with`'s statement holds the hash of its entry (about the subject
+    row the statement inserted), recomputed the reference way."""
+    _check_written(
+        [replace(entry, override_id=row.id) for entry, row in zip(pending, rows, strict=True)],
+        ((row.audit_seq, row.audit_at, row.audit_prev_hash, row.audit_hash) for row in rows),
+    )
+
+
+def _append_in_one_statement(connection: sa.Connection, pending: list[Entry]) -> None:
+    written = connection.execute(_append_statement(len(pending)), append_parameters(pending)).all()
+    _check_written(pending, written)
 
 
 @event.listens_for(Session, "after_rollback")

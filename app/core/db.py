@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.selectable import TextualSelect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, create_engine
 from starlette.concurrency import run_in_threadpool
@@ -200,15 +201,23 @@ async def read_rows(request: Request, statement: Select[Any], parameters: dict[s
     no ROLLBACK around it, one round trip. On SQLite (no async driver here) it runs in the thread pool in a
     read-only snapshot, as `reading` does. A lost database is SQLAlchemy's `OperationalError` either way
     (the 503 of app/core/errors.py)."""
+    reads = async_statements(request)
+    if reads is None:
+        reader = _app_engine(request, "tlso_read_engine", **{_READ_ONLY: True})
+        return await run_in_threadpool(_read_all, reader, statement, parameters)
+    return await reads.rows(statement, parameters)
+
+
+def async_statements(request: Request) -> AsyncReads | None:
+    """The app's `AsyncReads` (made on first use), for statements run on the event loop; None on SQLite."""
     state = request.app.state
     engine: Engine = state.engine
     if is_sqlite(engine):
-        reader = _app_engine(request, "tlso_read_engine", **{_READ_ONLY: True})
-        return await run_in_threadpool(_read_all, reader, statement, parameters)
+        return None
     reads: AsyncReads | None = getattr(state, "tlso_async_reads", None)
     if reads is None or reads.engine is not engine or reads.loop is not asyncio.get_running_loop():
         reads = state.tlso_async_reads = AsyncReads(engine)
-    return await reads.rows(statement, parameters)
+    return reads
 
 
 async def close_async_reads(state: Any) -> None:
@@ -240,8 +249,9 @@ class _Compiled:
 
 
 class AsyncReads:
-    """Single-statement reads on PostgreSQL on the event loop: psycopg's `AsyncConnection`s in autocommit
-    (each statement its own snapshot), at most `size` at a time, the others waiting on the loop.
+    """Single statements on PostgreSQL on the event loop: psycopg's `AsyncConnection`s in autocommit
+    (each read its own snapshot; a write, `write`, its own transaction), at most `size` at a time, the
+    others waiting on the loop.
 
     A statement is compiled once by SQLAlchemy for this engine's dialect, and each column's value goes
     through the column type's own result processor (UTC datetimes, enums), each parameter through its bind
@@ -265,9 +275,9 @@ class AsyncReads:
         self._connect_timeout = connect_timeout
         self._idle: list[tuple[psycopg.AsyncConnection[Any], float]] = []
         self._recycle = recycle
-        self._compiled: dict[Select[Any], _Compiled] = {}
+        self._compiled: dict[Select[Any] | TextualSelect, _Compiled] = {}
 
-    def _compile(self, statement: Select[Any]) -> _Compiled:
+    def _compile(self, statement: Select[Any] | TextualSelect) -> _Compiled:
         compiled = self._compiled.get(statement)
         if compiled is None:
             dialect = self.engine.dialect
@@ -300,7 +310,41 @@ class AsyncReads:
 
     async def rows(self, statement: Select[Any], parameters: dict[str, Any]) -> list[Any]:
         compiled = self._compile(statement)
-        parameters = compiled.parameters(parameters)
+        return self._made(compiled, await self._run(compiled, compiled.parameters(parameters)))
+
+    async def write(
+        self, statement: Select[Any] | TextualSelect, parameters: dict[str, Any], check: Callable[[list[Any]], None]
+    ) -> list[Any]:
+        """The rows of one statement that writes, in a transaction of its own that commits only if `check`
+        accepts its rows (else it raises, and nothing was written): two round trips, BEGIN and the statement
+        in one message, then COMMIT. The statement's values are bound by psycopg on this side (a client-side
+        cursor: the only way to send BEGIN with it without psycopg's pipeline, which polls the socket on
+        the event loop until the answer comes)."""
+        compiled = self._compile(statement)
+
+        async def in_transaction(conn: psycopg.AsyncConnection[Any], sql: str, values: dict[str, Any]) -> list[Any]:
+            try:
+                cursor = psycopg.AsyncClientCursor(conn)
+                await cursor.execute("BEGIN; " + sql, values)
+                cursor.nextset()  # past BEGIN's result
+                rows = self._made(compiled, await cursor.fetchall())
+                check(rows)
+                await conn.execute("COMMIT")
+            except Exception:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE and not conn.broken:
+                    await conn.execute("ROLLBACK")
+                raise
+            return rows
+
+        return await self._run(compiled, compiled.parameters(parameters), in_transaction)
+
+    async def _run(
+        self,
+        compiled: _Compiled,
+        parameters: dict[str, Any],
+        execute: Callable[[psycopg.AsyncConnection[Any], str, dict[str, Any]], Awaitable[list[Any]]] | None = None,
+    ) -> list[Any]:
+        """The statement's raw rows, on a connection of the pool (`execute`: how it is run, else on its own)."""
         try:
             async with asyncio.timeout(self._wait):
                 await self._slots.acquire()
@@ -309,8 +353,11 @@ class AsyncReads:
         try:
             conn, born = await self._checkout(compiled, parameters)
             try:
-                cursor = await conn.execute(compiled.sql, parameters)
-                fetched = await cursor.fetchall()
+                if execute is None:
+                    cursor = await conn.execute(compiled.sql, parameters)
+                    fetched = await cursor.fetchall()
+                else:
+                    fetched = await execute(conn, compiled.sql, parameters)
             except psycopg.Error as exc:
                 # A lost connection: like the engine's pool, drop every idle one too (they are as dead).
                 invalidated = conn.broken or isinstance(exc, psycopg.OperationalError)
@@ -320,19 +367,26 @@ class AsyncReads:
                 else:
                     self._idle.append((conn, born))
                 raise self._error(exc, compiled, parameters, invalidated=invalidated) from exc
+            except Exception:  # the check refused the rows: the transaction was rolled back
+                self._idle.append((conn, born))
+                raise
             except BaseException:  # cancelled mid-statement: the connection's state is unknown, not reused
                 await conn.close()
                 raise
             self._idle.append((conn, born))
         finally:
             self._slots.release()
-        make = compiled.row
-        if not compiled.processors or not fetched:
+        return fetched
+
+    @staticmethod
+    def _made(compiled: _Compiled, fetched: list[Any]) -> list[Any]:
+        make, processors = compiled.row, compiled.processors
+        if not processors or not fetched:
             return [make(*raw) for raw in fetched]
         # Column by column (a page is tens of rows of tens of columns): each processor over its column in one
         # comprehension, then the rows made from the columns in one pass.
         columns: list[Sequence[Any]] = list(zip(*fetched, strict=True))
-        for i, processor, keeps_none in compiled.processors:
+        for i, processor, keeps_none in processors:
             columns[i] = [value if value is None and keeps_none else processor(value) for value in columns[i]]
         return list(map(make, *columns))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -13,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.audit.schemas import EventRead
 from app.audit.service import as_dict, iter_events
 from app.core.auth import CurrentPrincipal, Principal
-from app.core.db import SessionDep, read_rows
+from app.core.db import SessionDep, async_statements, read_rows, transaction
 from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
@@ -21,7 +22,7 @@ from app.overrides import decisions, service
 from app.overrides.evidence import Evidence
 from app.overrides.models import Override, OverrideState
 from app.overrides.permissions import ActionContext, can_see, load_visible
-from app.overrides.reads import ONE_WITH_VOTES, brief_page_json, one_with_votes, page_of, to_read, vote_reads
+from app.overrides.reads import ONE_WITH_VOTES, Answered, brief_page_json, one_with_votes, page_of, to_read, vote_reads
 from app.overrides.schemas import (
     ActionBody,
     ExtendBody,
@@ -91,14 +92,12 @@ def _answer(
 
     def changed() -> tuple[OverrideRead, dict[str, str]]:
         override = change()
-        headers = {"ETag": f'"{override.version}"'}
         if status == 201:
-            headers["Location"] = f"/v1/overrides/{override.id}"
-        # A request just created has no votes yet, and a vote leaves the override's votes as it read them
-        # under the lock: no query for them then.
-        known = [] if status == 201 else ctx.votes.get(override.id or 0)
+            return _created(override)
+        # A vote leaves the override's votes as it read them under the lock: no query for them then.
+        known = ctx.votes.get(override.id or 0)
         votes = vote_reads(service.votes_of(session, override.id or 0) if known is None else known)
-        return to_read(override, votes), headers
+        return to_read(override, votes), {"ETag": f'"{override.version}"'}
 
     return _json(_OVERRIDE_JSON, answer_once(ctx.idempotency, response, status, OverrideRead, changed), response)
 
@@ -106,7 +105,7 @@ def _answer(
 def _context(
     request: Request,
     principal: Principal,
-    session: Session,
+    session: Session | None,
     body: BaseModel,
     idempotency_key: str | None,
     if_match: str | None = None,
@@ -143,19 +142,36 @@ def _context(
         **problem_responses(400, 401, 403, 409, 422),
     },
 )
-def create_override(
+async def create_override(
     request: Request,
     body: OverrideCreate,
-    session: SessionDep,
     principal: CurrentPrincipal,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Ask for a temporary TLS policy override. The domain is diagnosed and the evidence stored with it."""
-    ctx = _context(request, principal, session, body, idempotency_key)
+    ctx = _context(request, principal, None, body, idempotency_key)
     state = request.app.state
     evidence = Evidence(state.diagnosis_limiter, state.recent_diagnoses, queue_reader=state.queue_reader)
-    return _answer(session, ctx, response, lambda: service.create_override(session, ctx, body, evidence), 201)
+    db = async_statements(request)
+    if db is None or ctx.idempotency is not None:
+        # SQLite, or a key to claim first (app/core/idempotency.py): the ORM's path, in the thread pool.
+        return await run_in_threadpool(_create_in_session, ctx, body, evidence, response)
+    override = await service.create_override_at_once(db, ctx, body, evidence)
+    return _json(_OVERRIDE_JSON, answer_once(None, response, 201, OverrideRead, lambda: _created(override)), response)
+
+
+def _created(override: Answered) -> tuple[OverrideRead, dict[str, str]]:
+    """A new override's answer (it has no votes yet) and its headers."""
+    headers = {"ETag": f'"{override.version}"', "Location": f"/v1/overrides/{override.id}"}
+    return to_read(override, []), headers
+
+
+def _create_in_session(ctx: ActionContext, body: OverrideCreate, evidence: Evidence, response: Response) -> Response:
+    # The request's one transaction, committed here as `SessionDep` commits the others' (before the answer).
+    with transaction(ctx.engine) as session:
+        ctx = replace(ctx, session=session)
+        return _answer(session, ctx, response, lambda: service.create_override(session, ctx, body, evidence), 201)
 
 
 @router.get("", response_model=OverridePage, summary="List overrides", responses=problem_responses(401, 422))

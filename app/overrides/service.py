@@ -6,22 +6,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Integer, Select, bindparam, func
+import anyio.to_thread
+from sqlalchemy import ColumnElement, Integer, Select, String, bindparam, column, func, text
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.selectable import TextualSelect
 from sqlmodel import Session, col, select
 
-from app.audit.service import record
+from app.audit.service import append_parameters, append_with, check_appended, new_entry, record
 from app.core.auth import Principal
-from app.core.db import utcnow
+from app.core.db import AsyncReads, UTCDateTime, utcnow
 from app.core.errors import Conflict, FieldError, InvalidInput
 from app.core.person import person_key
 from app.core.text import decode_cursor
 from app.overrides import reads
 from app.overrides.decisions import approvals_needed
-from app.overrides.evidence import Evidence
+from app.overrides.evidence import Evidence, Found
 from app.overrides.lifecycle import find_live, snapshot
 from app.overrides.models import Override, OverrideState, Vote
 from app.overrides.permissions import ActionContext, refuse, visible_to
@@ -34,25 +38,95 @@ from app.overrides.validation import validate_request
 def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, evidence: Evidence) -> Override:
     """Take a new request: authorise, validate, gather its evidence, insert it (pending, or approved at once
     for auto-approved policies)."""
-    principal, settings = ctx.principal, ctx.settings
+    principal = ctx.principal
     if not principal.has("requester", "admin"):
         raise refuse(ctx, None, "create", principal.lacks("requester", "admin", to="request overrides"))
-    target, destination, parameters, duration = validate_request(body, settings)
+    request = validate_request(body, ctx.settings)
     # The probes run before `session` is first used: on SQLite its transaction holds the only write lock.
-    diagnosis, findings = evidence.gather(ctx, target, destination, body.policy, parameters)
-    queue = evidence.queue(ctx, target, destination)
+    found = evidence.gather(ctx, *request[:2], body.policy, request[2]), evidence.queue(ctx, *request[:2])
     ctx.claim(session)
-    refused = [f for f in findings or [] if f.get("refused")]
-    if refused:
-        _refuse_if_live(session, target, destination)  # a 409 comes before the 400
-        raise InvalidInput(
-            "; ".join(str(f["message"]) for f in refused),
-            errors=[FieldError(field="body.policy", message=str(f["message"])) for f in refused],
+    refused = _refused(found[0][1])
+    if refused is not None:
+        _refuse_if_live(session, *request[:2])  # a 409 comes before the 400
+        raise refused
+    override = _new_override(ctx, body, request, found)
+    session.add(override)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        # The destination has a live override: the partial unique index is the check (no look before the
+        # INSERT, one round trip less), also against a request that raced this one. Name the override.
+        session.rollback()
+        _refuse_if_live(session, *request[:2])
+        raise _live_conflict(override) from exc
+    for entry in _created_entries(ctx, body, request, override):
+        record(session, override_id=override.id, **entry)
+    return override
+
+
+async def create_override_at_once(
+    db: AsyncReads, ctx: ActionContext, body: OverrideCreate, evidence: Evidence
+) -> Answered:
+    """`create_override` on PostgreSQL without an Idempotency-Key, from the event loop: the override and
+    its audit entries are one statement (`append_with`) in a transaction of its own, two round trips
+    (the statement, COMMIT) and no thread; the evidence is gathered in a thread only if that means I/O.
+    The same checks in the same order, the same rows, the same answer (tests/overrides/test_create.py)."""
+    principal = ctx.principal
+    if not principal.has("requester", "admin"):
+        reason = principal.lacks("requester", "admin", to="request overrides")
+        raise await anyio.to_thread.run_sync(refuse, ctx, None, "create", reason)
+    request = validate_request(body, ctx.settings)
+    target, destination = request[:2]
+
+    def gather() -> tuple[Found, dict[str, Any] | None]:
+        return evidence.gather(ctx, target, destination, body.policy, request[2]), evidence.queue(
+            ctx, target, destination
         )
+
+    found = await anyio.to_thread.run_sync(gather) if evidence.blocks(ctx, target, destination) else gather()
+    refused = _refused(found[0][1])
+    if refused is not None:
+        await _refuse_if_live_at_once(db, target, destination)
+        raise refused
+    override = _new_override(ctx, body, request, found)
+    entries = [new_entry(**entry) for entry in _created_entries(ctx, body, request, override)]
+    params = {c.key: getattr(override, c.key) for c in _INSERTED}
+    try:
+        rows = await db.write(
+            _created_statement(len(entries)),
+            params | append_parameters(entries, about_subject=True),
+            lambda rows: check_appended(entries, rows),
+        )
+    except IntegrityError as exc:
+        await _refuse_if_live_at_once(db, target, destination)
+        raise _live_conflict(override) from exc
+    return cast(Answered, rows[0])
+
+
+Request = tuple[str, str, str, timedelta]  # target, destination, parameters, duration: `validate_request`'s
+
+
+def _refused(findings: list[dict[str, Any]] | None) -> InvalidInput | None:
+    """The 400 for findings that refuse the request (TLSO_REFUSE_RULES), or None."""
+    refused = [f for f in findings or [] if f.get("refused")]
+    if not refused:
+        return None
+    return InvalidInput(
+        "; ".join(str(f["message"]) for f in refused),
+        errors=[FieldError(field="body.policy", message=str(f["message"])) for f in refused],
+    )
+
+
+def _new_override(
+    ctx: ActionContext, body: OverrideCreate, request: Request, found: tuple[Found, dict[str, Any] | None]
+) -> Override:
+    principal, settings = ctx.principal, ctx.settings
+    target, destination, parameters, duration = request
+    (diagnosis, findings), queue = found
     now = utcnow()
     required = approvals_needed(body.policy, settings)
     auto = required == 0
-    override = Override(
+    return Override(
         target=target,
         destination=destination,
         policy=body.policy,
@@ -75,49 +149,101 @@ def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, 
         findings=findings or [],
         queue=queue,
     )
-    session.add(override)
-    try:
-        session.flush()
-    except IntegrityError as exc:
-        # The destination has a live override: the partial unique index is the check (no look before the
-        # INSERT, one round trip less), also against a request that raced this one. Name the override.
-        session.rollback()
-        _refuse_if_live(session, target, destination)
-        raise Conflict(f"A live override for {destination} on {target} already exists.") from exc
-    record(
-        session,
-        actor=principal.actor,
-        via=principal.via,
-        action="override.created",
-        override_id=override.id,
-        after=snapshot(override)
-        | {
-            "duration": body.duration or duration,
-            "justification": override.justification,
-            "ticket": override.ticket,
-        },
-        comment=override.justification,
-    )
-    if auto:
-        record(
-            session,
-            actor="system",
-            action="override.auto_approved",
-            override_id=override.id,
-            after=snapshot(override),
-            comment=f"policy {body.policy} is stronger than the default",
+
+
+def _created_entries(
+    ctx: ActionContext, body: OverrideCreate, request: Request, override: Override
+) -> list[dict[str, Any]]:
+    """The audit entries of a new override (`record`'s arguments but its id): created, and auto-approved."""
+    principal = ctx.principal
+    entries: list[dict[str, Any]] = [
+        {
+            "actor": principal.actor,
+            "via": principal.via,
+            "action": "override.created",
+            "after": snapshot(override)
+            | {
+                "duration": body.duration or request[3],
+                "justification": override.justification,
+                "ticket": override.ticket,
+            },
+            "comment": override.justification,
+        }
+    ]
+    if override.approvals_required == 0:
+        entries.append(
+            {
+                "actor": "system",
+                "action": "override.auto_approved",
+                "after": snapshot(override),
+                "comment": f"policy {body.policy} is stronger than the default",
+            }
         )
-    return override
+    return entries
+
+
+def _live_conflict(override: Override) -> Conflict:
+    return Conflict(f"A live override for {override.destination} on {override.target} already exists.")
 
 
 def _refuse_if_live(session: Session, target: str, destination: str) -> None:
-    existing = find_live(session, target, destination)
+    _refuse_live(find_live(session, target, destination), target, destination)
+
+
+async def _refuse_if_live_at_once(db: AsyncReads, target: str, destination: str) -> None:
+    rows = await db.rows(LIVE, {"target": target, "destination": destination})
+    _refuse_live(rows[0] if rows else None, target, destination)
+
+
+def _refuse_live(existing: tuple[int | None, str] | None, target: str, destination: str) -> None:
     if existing is not None:
         existing_id, state = existing
         raise Conflict(
             f"Override {existing_id} for {destination} on {target} is still {state}.",
             existing=f"/v1/overrides/{existing_id}",
         )
+
+
+_OVERRIDE = Override.__table__  # type: ignore[attr-defined]
+_INSERTED = tuple(c for c in _OVERRIDE.c if c.key != "id")
+_QUOTE = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
+_INSERT = (
+    f"INSERT INTO {_QUOTE(_OVERRIDE.name)} ({', '.join(_QUOTE(c.name) for c in _INSERTED)}) "  # noqa: S608
+    f"VALUES ({', '.join(f':{c.key}' for c in _INSERTED)}) "
+    f"RETURNING {', '.join(_QUOTE(c.name) for c in ANSWER_COLUMNS)}"
+)
+_CREATED: dict[int, TextualSelect] = {}
+
+
+def _created_statement(entries: int) -> TextualSelect:
+    """PostgreSQL: a new override and its `entries` audit entries in one statement, returning the override
+    as `ANSWER_COLUMNS` (made once per number of entries: 1, or 2 when auto-approved)."""
+    statement = _CREATED.get(entries)
+    if statement is None:
+        statement = _CREATED[entries] = (
+            text(append_with(_INSERT, entries))
+            .bindparams(*(bindparam(c.key, type_=c.type) for c in _INSERTED))
+            .columns(
+                *ANSWER_COLUMNS,
+                column("audit_seq", Integer),
+                column("audit_at", UTCDateTime()),
+                column("audit_prev_hash", String),
+                column("audit_hash", String),
+            )
+        )
+    return statement
+
+
+# The live override of a destination, its id and state (what a 409 names), as `find_live` reads it.
+LIVE: Select[Any] = (
+    sa_select(_OVERRIDE.c.id, _OVERRIDE.c.state)
+    .where(
+        _OVERRIDE.c.target == bindparam("target"),
+        _OVERRIDE.c.destination == bindparam("destination"),
+        _OVERRIDE.c.live.is_(True),
+    )
+    .limit(1)
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,221 @@
+"""`POST /v1/overrides` on PostgreSQL without an Idempotency-Key runs on the event loop, the override and its
+audit entries in one statement (app/overrides/service.py `create_override_at_once`); with a key, and on
+SQLite, it takes the ORM's path. Both give the same answer byte for byte, the same rows and the same
+problems; a statement whose audit rows do not check out writes nothing; and a request that waits on a
+racing request's uniqueness check does not hold the audit chain meanwhile."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+
+from app.core.db import AsyncReads
+from app.overrides import router, service
+from tests.helpers import VALID_REQUEST, LiveServer, counts, make_settings
+
+NOW = datetime(2026, 12, 7, 9, 30, 1, 250000, tzinfo=UTC)
+
+
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths take the same `now`, so their answers can be compared whole."""
+    monkeypatch.setattr(service, "utcnow", lambda: NOW)
+
+
+@pytest.fixture
+def orm_path() -> Iterator[Callable[[bool], None]]:
+    """`orm_path(True)`: creates take the ORM's path on PostgreSQL too (as they do with a key)."""
+    patch = pytest.MonkeyPatch()
+
+    def use(orm: bool) -> None:
+        if orm:
+            patch.setattr(router, "async_statements", lambda request: None)
+        else:
+            patch.undo()
+
+    yield use
+    patch.undo()
+
+
+def _post(client: TestClient, headers: dict[str, str], **fields: Any) -> httpx.Response:
+    response: httpx.Response = client.post("/v1/overrides", json={**VALID_REQUEST, **fields}, headers=headers)
+    return response
+
+
+def _audit(engine: Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT * FROM audit_event ORDER BY seq")).mappings().all()
+    return [dict(row) for row in rows]
+
+
+def _without(answer: str, override_id: int, destination: str) -> str:
+    """`answer` with the override's id and destination (all two paths' answers differ in) left out."""
+    for with_id in ('"id":{}', "/{}/", '/{}"', "Override {} "):
+        answer = answer.replace(with_id.format(override_id), with_id.format(0))
+    return answer.replace(destination, "DEST")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [make_settings(), make_settings(auto_approve_policies=["encrypt"])],
+    ids=["pending", "auto-approved"],
+)
+def test_the_answer_is_the_override_as_it_reads(
+    client: TestClient, auth: Callable[..., dict[str, str]], frozen: None
+) -> None:
+    """The 201's body is `GET /v1/overrides/{id}`'s, byte for byte, and its ETag and Location are too."""
+    # Values bound on the client side (app/core/db.py `AsyncReads.write`) arrive as they were sent.
+    justification = "It's 100 % broken: \\x00 ':id' %(x)s $1 ; -- \"Bücher\" ␀ " + "and stale."
+    created = _post(
+        client, auth("alice", "requester"), ticket_url="https://tickets.example/OPS-1", justification=justification
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["justification"] == justification
+    override_id = created.json()["id"]
+    read = client.get(f"/v1/overrides/{override_id}", headers=auth("alice", "requester"))
+    assert created.content == read.content
+    assert created.headers["etag"] == read.headers["etag"] == '"1"'
+    assert created.headers["location"] == f"/v1/overrides/{override_id}"
+    verified = client.get("/v1/audit/verify", headers=auth("erin", "auditor")).json()
+    assert verified["valid"] is True, verified
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [make_settings(), make_settings(auto_approve_policies=["encrypt"])],
+    ids=["pending", "auto-approved"],
+)
+def test_both_paths_answer_and_record_alike(
+    backend: str,
+    client: TestClient,
+    engine: Engine,
+    auth: Callable[..., dict[str, str]],
+    frozen: None,
+    orm_path: Callable[[bool], None],
+) -> None:
+    if backend != "postgres":
+        pytest.skip("SQLite has the ORM's path only")
+    answers, problems, trails = [], [], []
+    for orm, destination in ((False, "fast.example"), (True, "orm.example")):
+        orm_path(orm)
+        headers = auth("ticketing-sa", "integration", client_id="ticketing", on_behalf_of="carol")
+        created = _post(client, headers, destination=destination)
+        assert created.status_code == 201, created.text
+        override_id = created.json()["id"]
+        answers.append((_without(created.text, override_id, destination), created.headers["etag"]))
+        again = _post(client, auth("bea", "requester"), destination=destination, policy="may")
+        assert again.status_code == 409
+        problems.append((again.headers["content-type"], _without(again.text, override_id, destination)))
+        hidden = {"seq", "at", "hash", "prev_hash", "override_id"}
+        trails.append(
+            [
+                json.loads(
+                    _without(json.dumps({k: v for k, v in row.items() if k not in hidden}), override_id, destination)
+                )
+                for row in _audit(engine)
+                if row["override_id"] == override_id
+            ]
+        )
+    orm_path(False)
+    assert answers[0] == answers[1]
+    assert '"requested_via":"ticketing"' in answers[0][0]
+    assert problems[0] == problems[1]
+    assert trails[0] == trails[1] and trails[0]
+    verified = client.get("/v1/audit/verify", headers=auth("erin", "auditor")).json()
+    assert verified["valid"] is True, verified
+
+
+def test_a_statement_whose_audit_rows_do_not_check_out_writes_nothing(
+    backend: str, engine: Engine, monkeypatch: pytest.MonkeyPatch, client: TestClient, auth: Callable[..., Any]
+) -> None:
+    if backend != "postgres":
+        pytest.skip("the one-statement create is PostgreSQL's")
+    before = counts(engine)
+
+    def refuse(entries: Any, rows: Any) -> None:
+        raise RuntimeError("the audit row was hashed differently by the database")
+
+    monkeypatch.setattr(service, "check_appended", refuse)
+    assert _post(client, auth("alice", "requester")).status_code == 500
+    assert counts(engine) == before
+    monkeypatch.undo()
+    assert _post(client, auth("alice", "requester")).status_code == 201  # the head did not move: the chain goes on
+    verified = client.get("/v1/audit/verify", headers=auth("erin", "auditor")).json()
+    assert verified["valid"] is True and verified["checked"] == before["audit_event"] + 1, verified
+
+
+def test_a_create_waiting_on_a_racing_insert_does_not_hold_the_chain(
+    backend: str, engine: Engine, live_server: LiveServer, auth: Callable[..., dict[str, str]]
+) -> None:
+    """The override is inserted before the audit head is locked: while a create waits for another
+    transaction's row at its destination, anyone may still append to the chain (no deadlock, no wait)."""
+    if backend != "postgres":
+        pytest.skip("the one-statement create is PostgreSQL's")
+    answers: list[httpx.Response] = []
+    with engine.connect() as racer:
+        racer.execute(
+            sa.text(
+                "INSERT INTO override (target, destination, policy, parameters, justification, duration_seconds, "
+                "state, live, version, requested_by, requested_by_key, requested_by_name, approvals_required, "
+                "created_at, updated_at, extension_round, attempts, clean_checks) VALUES ('default', 'example.org', "
+                "'encrypt', '', 'racing', 60, 'pending', true, 1, 'bea', 'bea', 'Bea', 1, now(), now(), 0, 0, 0)"
+            )
+        )
+        sender = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(
+                    f"{live_server.url}/v1/overrides",
+                    json=VALID_REQUEST,
+                    headers=auth("alice", "requester"),
+                    timeout=60,
+                )
+            )
+        )
+        sender.start()
+        with engine.connect() as watch:
+            for _ in range(600):  # until the create waits on the racer's row (at most a minute)
+                waiting = watch.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = "
+                        "current_database()"
+                    )
+                ).scalar_one()
+                watch.rollback()  # the statistics are a snapshot per transaction: a new one each time
+                if waiting:
+                    break
+                time.sleep(0.1)
+            assert waiting == 1
+            with watch.begin():
+                watch.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
+                assert watch.execute(sa.text("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")).scalar_one() >= 0
+        racer.commit()
+        sender.join(60)
+    [answer] = answers
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["existing"].startswith("/v1/overrides/")
+
+
+async def test_a_write_that_fails_gives_its_connection_back_clean(engine: Engine, backend: str) -> None:
+    if backend != "postgres":
+        pytest.skip("AsyncReads is PostgreSQL's")
+    statement = sa.text("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, 'x') RETURNING id").columns(
+        sa.column("id", sa.Integer)
+    )
+    reads = AsyncReads(engine, size=1)
+    try:
+        with pytest.raises(sa.exc.IntegrityError):  # the head exists: nothing is written
+            await reads.write(statement, {}, lambda rows: None)
+        ok = sa.select(sa.literal(1, sa.Integer).label("one"))
+        assert [row.one for row in await reads.rows(ok, {})] == [1]  # its one connection is back, usable
+    finally:
+        await reads.close()
