@@ -26,6 +26,7 @@ from urllib.parse import quote
 import httpx
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2AuthorizationCodeBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
@@ -377,28 +378,22 @@ OnBehalfOfName = Annotated[
 ]
 
 
-async def current_principal(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-    on_behalf_of: OnBehalfOf = None,
-    on_behalf_of_name: OnBehalfOfName = None,
-) -> Principal:
-    """The caller. The identity headers are parameters so that every authenticated route documents them;
-    they are read from the request (every occurrence: a repeated header is refused)."""
-    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+async def caller(request: Request) -> Principal:
+    """The caller, from the request's `Authorization` header (a bearer token, read as `bearer_scheme` reads
+    it) and identity headers (every occurrence: a repeated header is refused)."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+    if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("A bearer token is required.")
     validator: TokenValidator = request.app.state.token_validator
-    claims = await validator.validate(credentials.credentials)
-    if on_behalf_of is None and on_behalf_of_name is None:
-        principal = validator.principal(credentials.credentials, claims)
+    claims = await validator.validate(token)
+    headers = request.headers
+    if ON_BEHALF_OF not in headers and ON_BEHALF_OF_NAME not in headers:
+        principal = validator.principal(token, claims)
         request.state.principal = principal
         return principal
     try:
         principal = principal_from_claims(
-            claims,
-            validator.settings,
-            request.headers.getlist(ON_BEHALF_OF),
-            request.headers.getlist(ON_BEHALF_OF_NAME),
+            claims, validator.settings, headers.getlist(ON_BEHALF_OF), headers.getlist(ON_BEHALF_OF_NAME)
         )
     except Forbidden as exc:
         if request.method not in {"GET", "HEAD", "OPTIONS"}:  # an attempted action: on record, like any refusal
@@ -406,6 +401,18 @@ async def current_principal(
         raise
     request.state.principal = principal
     return principal
+
+
+async def current_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    on_behalf_of: OnBehalfOf = None,
+    on_behalf_of_name: OnBehalfOfName = None,
+) -> Principal:
+    """The caller (`caller`). The token and the identity headers are parameters so that every authenticated
+    route documents them; `caller` reads them from the request, and the API's routes run it in this one's
+    place (app/core/routes.py)."""
+    return await caller(request)
 
 
 class RecordRefusal(Protocol):
