@@ -301,11 +301,14 @@ class AsyncReads:
     async def rows(self, statement: Select[Any], parameters: dict[str, Any]) -> list[Any]:
         compiled = self._compile(statement)
         parameters = compiled.parameters(parameters)
-        try:
-            async with asyncio.timeout(self._wait):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise PoolTimeout(f"no database connection free after {self._wait:g} s ({self._size} in use)") from None
+        if self._slots.locked():  # every connection busy: wait for one, at most `wait` seconds
+            try:
+                async with asyncio.timeout(self._wait):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise PoolTimeout(f"no database connection free after {self._wait:g} s ({self._size} in use)") from None
+        else:
+            await self._slots.acquire()  # free: taken at once, no timer to set and cancel
         try:
             conn, born = await self._checkout(compiled, parameters)
             try:
