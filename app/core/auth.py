@@ -393,19 +393,15 @@ async def caller(request: Request) -> Principal:
     claims = await validator.validate(token)
     headers = request.headers
     if ON_BEHALF_OF not in headers and ON_BEHALF_OF_NAME not in headers:
-        principal = validator.principal(token, claims)
-        request.state.principal = principal
-        return principal
+        return validator.principal(token, claims)
     try:
-        principal = principal_from_claims(
+        return principal_from_claims(
             claims, validator.settings, headers.getlist(ON_BEHALF_OF), headers.getlist(ON_BEHALF_OF_NAME)
         )
     except Forbidden as exc:
         if request.method not in {"GET", "HEAD", "OPTIONS"}:  # an attempted action: on record, like any refusal
             await _record_refusal(request, claims, exc)
         raise
-    request.state.principal = principal
-    return principal
 
 
 async def current_principal(
