@@ -35,6 +35,7 @@ from app.core.errors import (
 )
 from app.core.me import router as me_router
 from app.core.metrics import metrics_router
+from app.core.routes import include_flat
 from app.core.security_headers import SecurityHeaders, page_policy
 from app.diagnosis.budget import RateLimiter, RecentDiagnoses
 from app.diagnosis.router import router as diagnosis_router
@@ -143,20 +144,16 @@ def create_app(
     # Every authenticated route can also answer 403 (X-On-Behalf-Of from a non-integration), 503 (the
     # identity provider's keys cannot be fetched) and 500 (a bug: still a problem document).
     # The probes first: routes are matched in order, and a probe should not walk past every API route.
-    app.include_router(health_router())
-    api = APIRouter(dependencies=[Depends(scheme)], responses=problem_responses(403, 500, 503))
-    api.include_router(me_router)
-    api.include_router(overrides_router)
-    api.include_router(audit_router)
-    api.include_router(diagnosis_router)
-    api.include_router(targets_router)
-    api.include_router(notifications_router)
-    app.include_router(api)
-    app.include_router(slack_router)
+    # Every router's routes go on the app itself, in one list (app/core/routes.py).
+    include_flat(app, health_router())
+    login, answers = [Depends(scheme)], problem_responses(403, 500, 503)
+    for router in (me_router, overrides_router, audit_router, diagnosis_router, targets_router, notifications_router):
+        include_flat(app, router, dependencies=login, responses=answers)
+    include_flat(app, slack_router)
     document_webhooks(app)
-    app.include_router(metrics_router(database_gauges))
+    include_flat(app, metrics_router(database_gauges))
     if dev_idp is not None:
-        app.include_router(dev_idp.router())
+        include_flat(app, dev_idp.router())
     app.security_pages = _mount_docs(app, settings)
     if dev_idp is not None:
         app.security_pages["/dev/auth"] = LOGIN_PAGE_POLICY

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import httpx
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2AuthorizationCodeBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
@@ -110,34 +111,32 @@ class _JwksCache:
 
 
 class ValidatedTokens:
-    """Tokens that passed the full check, by key id and signature, with the claims they carried: at most
-    `size` of them (the least recently used go first). An entry holds only while the token is unexpired
-    (`exp` + leeway, on the wall clock, as the full check has it) and the JWKS it was checked against is
-    still the current one (the same `KeySet` object); the token's signing input must match too, so a
-    signature glued to another header or payload is never taken for the token it came with."""
+    """Tokens that passed the full check, with the claims they carried: at most `size` of them (the least
+    recently used go first). The key is the whole token (header, payload and signature: a signature glued to
+    another header or payload is another token). An entry holds only while the token is unexpired (`exp` +
+    leeway, on the wall clock, as the full check has it) and the JWKS it was checked against is still the
+    current one (the same `KeySet` object)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[str, bytes], tuple[bytes, float, KeySet, dict[str, Any]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[float, KeySet, dict[str, Any]]] = OrderedDict()
 
-    def get(self, kid: str, token: bytes, keys: KeySet) -> dict[str, Any] | None:
-        signing_input, _, signature = token.rpartition(b".")
-        found = self._items.get((kid, signature))
+    def get(self, token: str, keys: KeySet) -> dict[str, Any] | None:
+        found = self._items.get(token)
         if found is None:
             return None
-        stored_input, until, checked_with, claims = found
-        if stored_input != signing_input or checked_with is not keys or time.time() >= until:
-            del self._items[(kid, signature)]
+        until, checked_with, claims = found
+        if checked_with is not keys or time.time() >= until:
+            del self._items[token]
             return None
-        self._items.move_to_end((kid, signature))
+        self._items.move_to_end(token)
         return claims
 
-    def put(self, kid: str, token: bytes, keys: KeySet, until: float, claims: dict[str, Any]) -> None:
+    def put(self, token: str, keys: KeySet, until: float, claims: dict[str, Any]) -> None:
         if self.size <= 0:
             return
-        signing_input, _, signature = token.rpartition(b".")
-        self._items[(kid, signature)] = (signing_input, until, keys, claims)
-        self._items.move_to_end((kid, signature))
+        self._items[token] = (until, keys, claims)
+        self._items.move_to_end(token)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
 
@@ -212,7 +211,18 @@ class TokenValidator:
         """Whether the keys are due for a refresh (a key the provider removed must stop validating)."""
         return time.monotonic() - cache.fetched_at >= self.settings.oidc_jwks_max_age_seconds
 
+    def _remembered(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token that passed the full check, if the keys it was checked against are the ones
+        `_keys` would answer with now without a fetch (the token's key id is among them: it passed)."""
+        cache = self._cache
+        if cache.keys is None or (self._too_old(cache) and not cache.lock.locked()):
+            return None
+        return self.validated.get(token, cache.keys)
+
     async def validate(self, token: str) -> dict[str, Any]:
+        remembered = self._remembered(token)
+        if remembered is not None:
+            return dict(remembered)
         settings = self.settings
         try:
             header = extract_compact(token.encode()).protected
@@ -225,10 +235,6 @@ class TokenValidator:
         keys = await self._keys(kid if isinstance(kid, str) else None)
         if isinstance(kid, str) and not _has_kid(keys, kid):
             raise Unauthenticated("The token was signed with an unknown key.")
-        raw, cache_kid = token.encode(), kid if isinstance(kid, str) else ""
-        remembered = self.validated.get(cache_kid, raw, keys)
-        if remembered is not None:
-            return dict(remembered)
         try:
             decoded = jwt.decode(token, keys, algorithms=settings.oidc_algorithms)
             jwt.JWTClaimsRegistry(
@@ -243,7 +249,7 @@ class TokenValidator:
         claims = dict(decoded.claims)
         exp = claims.get("exp")
         if isinstance(exp, int | float) and not isinstance(exp, bool):
-            self.validated.put(cache_kid, raw, keys, float(exp) + settings.oidc_leeway_seconds, claims)
+            self.validated.put(token, keys, float(exp) + settings.oidc_leeway_seconds, claims)
         return dict(claims)
 
 
@@ -377,35 +383,37 @@ OnBehalfOfName = Annotated[
 ]
 
 
+async def caller(request: Request) -> Principal:
+    """The caller, from the request's `Authorization` header (a bearer token, read as `bearer_scheme` reads
+    it) and identity headers (every occurrence: a repeated header is refused)."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("A bearer token is required.")
+    validator: TokenValidator = request.app.state.token_validator
+    claims = await validator.validate(token)
+    headers = request.headers
+    if ON_BEHALF_OF not in headers and ON_BEHALF_OF_NAME not in headers:
+        return validator.principal(token, claims)
+    try:
+        return principal_from_claims(
+            claims, validator.settings, headers.getlist(ON_BEHALF_OF), headers.getlist(ON_BEHALF_OF_NAME)
+        )
+    except Forbidden as exc:
+        if request.method not in {"GET", "HEAD", "OPTIONS"}:  # an attempted action: on record, like any refusal
+            await _record_refusal(request, claims, exc)
+        raise
+
+
 async def current_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     on_behalf_of: OnBehalfOf = None,
     on_behalf_of_name: OnBehalfOfName = None,
 ) -> Principal:
-    """The caller. The identity headers are parameters so that every authenticated route documents them;
-    they are read from the request (every occurrence: a repeated header is refused)."""
-    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise Unauthenticated("A bearer token is required.")
-    validator: TokenValidator = request.app.state.token_validator
-    claims = await validator.validate(credentials.credentials)
-    if on_behalf_of is None and on_behalf_of_name is None:
-        principal = validator.principal(credentials.credentials, claims)
-        request.state.principal = principal
-        return principal
-    try:
-        principal = principal_from_claims(
-            claims,
-            validator.settings,
-            request.headers.getlist(ON_BEHALF_OF),
-            request.headers.getlist(ON_BEHALF_OF_NAME),
-        )
-    except Forbidden as exc:
-        if request.method not in {"GET", "HEAD", "OPTIONS"}:  # an attempted action: on record, like any refusal
-            await _record_refusal(request, claims, exc)
-        raise
-    request.state.principal = principal
-    return principal
+    """The caller (`caller`). The token and the identity headers are parameters so that every authenticated
+    route documents them; `caller` reads them from the request, and the API's routes run it in this one's
+    place (app/core/routes.py)."""
+    return await caller(request)
 
 
 class RecordRefusal(Protocol):

@@ -273,7 +273,9 @@ class AsyncReads:
         # TimeoutError, a 503), and a new connection at most `connect_timeout` for the server.
         self._wait = wait
         self._connect_timeout = connect_timeout
-        self._idle: list[tuple[psycopg.AsyncConnection[Any], float]] = []
+        # Each connection with its cursor, made once: a cursor per statement costs more than the statement's
+        # own work here. (An idle cursor keeps its last result, one page at most, until its next statement.)
+        self._idle: list[tuple[psycopg.AsyncConnection[Any], psycopg.AsyncCursor[Any], float]] = []
         self._recycle = recycle
         self._compiled: dict[Select[Any] | TextualSelect, _Compiled] = {}
 
@@ -345,16 +347,19 @@ class AsyncReads:
         execute: Callable[[psycopg.AsyncConnection[Any], str, dict[str, Any]], Awaitable[list[Any]]] | None = None,
     ) -> list[Any]:
         """The statement's raw rows, on a connection of the pool (`execute`: how it is run, else on its own)."""
+        if self._slots.locked():  # every connection busy: wait for one, at most `wait` seconds
+            try:
+                async with asyncio.timeout(self._wait):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise PoolTimeout(f"no database connection free after {self._wait:g} s ({self._size} in use)") from None
+        else:
+            await self._slots.acquire()  # free: taken at once, no timer to set and cancel
         try:
-            async with asyncio.timeout(self._wait):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise PoolTimeout(f"no database connection free after {self._wait:g} s ({self._size} in use)") from None
-        try:
-            conn, born = await self._checkout(compiled, parameters)
+            conn, cursor, born = await self._checkout(compiled, parameters)
             try:
                 if execute is None:
-                    cursor = await conn.execute(compiled.sql, parameters)
+                    await cursor.execute(compiled.sql, parameters)
                     fetched = await cursor.fetchall()
                 else:
                     fetched = await execute(conn, compiled.sql, parameters)
@@ -365,15 +370,15 @@ class AsyncReads:
                     await conn.close()
                     await self.close()
                 else:
-                    self._idle.append((conn, born))
+                    self._idle.append((conn, cursor, born))
                 raise self._error(exc, compiled, parameters, invalidated=invalidated) from exc
             except Exception:  # the check refused the rows: the transaction was rolled back
-                self._idle.append((conn, born))
+                self._idle.append((conn, cursor, born))
                 raise
             except BaseException:  # cancelled mid-statement: the connection's state is unknown, not reused
                 await conn.close()
                 raise
-            self._idle.append((conn, born))
+            self._idle.append((conn, cursor, born))
         finally:
             self._slots.release()
         return fetched
@@ -392,17 +397,17 @@ class AsyncReads:
 
     async def _checkout(
         self, compiled: _Compiled, parameters: dict[str, Any]
-    ) -> tuple[psycopg.AsyncConnection[Any], float]:
+    ) -> tuple[psycopg.AsyncConnection[Any], psycopg.AsyncCursor[Any], float]:
         while self._idle:
-            conn, born = self._idle.pop()
+            conn, cursor, born = self._idle.pop()
             if not conn.closed and time.monotonic() - born < self._recycle:
-                return conn, born
+                return conn, cursor, born
             await conn.close()
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._conninfo, autocommit=True, connect_timeout=self._connect_timeout
             )
-            return conn, time.monotonic()
+            return conn, conn.cursor(), time.monotonic()
         except psycopg.Error as exc:
             raise self._error(exc, compiled, parameters, invalidated=False) from exc
 
@@ -415,5 +420,5 @@ class AsyncReads:
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for conn, _ in idle:
+        for conn, _, _ in idle:
             await conn.close()

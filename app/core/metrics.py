@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from app.core.auth import OnBehalfOf, OnBehalfOfName, bearer_scheme, current_principal
+from app.core.auth import OnBehalfOf, OnBehalfOfName, bearer_scheme, caller
 from app.core.errors import Forbidden, problem_responses
 
 log = logging.getLogger("app.metrics")
@@ -131,7 +131,7 @@ async def _scraper(
     unless `TLSO_METRICS_PUBLIC=true` opens it for a scraper on a private network."""
     if request.app.state.settings.metrics_public:
         return
-    principal = await current_principal(request, credentials, on_behalf_of, on_behalf_of_name)
+    principal = await caller(request)
     if not principal.has("admin", "auditor"):
         raise Forbidden(principal.lacks("admin", "auditor", to="read the metrics"))
 

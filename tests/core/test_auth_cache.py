@@ -165,3 +165,24 @@ async def test_the_caller_of_a_token_is_made_once_while_it_is_recently_used(
         validator.principal(token, await validator.validate(token))
     again = validator.principal(tokens[0], await validator.validate(tokens[0]))
     assert again == first and again is not first
+
+
+async def test_a_remembered_token_is_not_read_again(
+    setup: tuple[Provider, TokenValidator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, validator = setup
+    token = provider.token()
+    await validator.validate(token)
+    reads: list[bytes] = []
+    extract = auth_module.extract_compact
+
+    def counting(value: bytes, *args: Any, **kwargs: Any) -> Any:
+        reads.append(value)
+        return extract(value, *args, **kwargs)
+
+    monkeypatch.setattr(auth_module, "extract_compact", counting)
+    assert (await validator.validate(token))["sub"] == "alice"
+    assert reads == []  # from the cache: not even its header is parsed
+    _age(validator)
+    await validator.validate(token)  # a JWKS due for a refresh: read and checked in full again
+    assert reads == [token.encode()] and provider.fetches == 2

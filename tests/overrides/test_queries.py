@@ -21,22 +21,22 @@ Statements = list[tuple[str, Any]]
 @contextmanager
 def statements(engine: Engine) -> Iterator[Statements]:
     """The SQL statements `engine` runs meanwhile (with their parameters), also those the API's reads on the
-    event loop send on PostgreSQL (app/core/db.py `AsyncReads`, psycopg's AsyncConnection directly)."""
+    event loop send on PostgreSQL (app/core/db.py `AsyncReads`, psycopg's async cursors directly)."""
     seen: Statements = []
 
     def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
         if not statement.startswith("BEGIN"):  # SQLite's explicit BEGIN (PostgreSQL's is implicit)
             seen.append((statement, parameters))
 
-    execute = psycopg.AsyncConnection.execute
+    execute = psycopg.AsyncCursor.execute
 
-    async def async_execute(self: psycopg.AsyncConnection[Any], query: Any, params: Any = None, **kw: Any) -> Any:
+    async def async_execute(self: psycopg.AsyncCursor[Any], query: Any, params: Any = None, **kw: Any) -> Any:
         seen.append((str(query), params))
         return await execute(self, query, params, **kw)
 
     event.listen(engine, "before_cursor_execute", before)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(psycopg.AsyncConnection, "execute", async_execute)
+        patch.setattr(psycopg.AsyncCursor, "execute", async_execute)
         try:
             yield seen
         finally:
