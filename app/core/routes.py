@@ -17,6 +17,7 @@ three more dependencies and two header parameters on every request.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -31,6 +32,13 @@ from app.core.auth import caller, current_principal
 
 # A dependency whose parameters only document what it reads → the function that reads it from the request.
 RUNS_AS: dict[Callable[..., Any], Callable[..., Any]] = {current_principal: caller}
+
+# Settings of a route or a dependant that only newer FastAPI versions have (pyproject's floor lacks them):
+# carried over where this version has them, so the flat routes are the same on every version allowed.
+_ROUTE_EXTRAS = ("strict_content_type", "max_body_size")
+_ADDS = inspect.signature(APIRouter.add_api_route).parameters
+_DEPENDANT_EXTRAS = ("concurrency",)
+_GETS = inspect.signature(get_dependant).parameters
 
 
 def _documents_only(dependant: Dependant) -> bool:
@@ -58,7 +66,7 @@ def _to_run(dependant: Dependant) -> Dependant:
                     name=sub.name,
                     use_cache=sub.use_cache,
                     scope=sub.scope,
-                    concurrency=sub.concurrency,
+                    **{extra: getattr(sub, extra) for extra in _DEPENDANT_EXTRAS if extra in _GETS},
                 )
             )
         else:
@@ -116,6 +124,5 @@ def include_flat(
             callbacks=route.callbacks,
             openapi_extra=route.openapi_extra,
             generate_unique_id_function=route.generate_unique_id_function,
-            strict_content_type=route.strict_content_type,
-            max_body_size=route.max_body_size,
+            **{extra: getattr(route, extra) for extra in _ROUTE_EXTRAS if extra in _ADDS},
         )
