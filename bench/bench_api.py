@@ -287,8 +287,9 @@ def seed_audit(conn: psycopg.Connection[Any], count: int, overrides: int) -> str
     """`count` audit rows forming a valid hash chain (the same canonical form as app.audit.service),
     COPYed in; the head row is set to the last one. Returns the last hash."""
     sys.path.insert(0, str(REPO_ROOT))
+    from app.audit.chain import as_dict
     from app.audit.models import AuditEvent
-    from app.audit.service import as_dict, chain_hash  # the exact form that is hashed
+    from app.audit.service import chain_hash  # the exact form that is hashed
 
     def stored_json(value: Any) -> str:  # as the service writes audit JSON (sorted and compact since issue 10)
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

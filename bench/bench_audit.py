@@ -25,9 +25,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from app.audit.chain import as_dict  # noqa: E402
 from app.audit.checkpoints import write_checkpoint  # noqa: E402
 from app.audit.export import parse_export, to_jsonl  # noqa: E402
-from app.audit.service import as_dict, iter_events, record, verify_events  # noqa: E402
+from app.audit.service import iter_events, record, verify_events  # noqa: E402
 from app.audit.signing import Signer  # noqa: E402
 from app.core.config import CoreSettings  # noqa: E402
 from app.core.db import make_engine, reading, transaction  # noqa: E402

@@ -9,10 +9,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
 
+from app.audit.chain import as_dict
 from app.audit.export import in_chunks, to_csv_rows, to_jsonl
 from app.audit.models import AuditEvent
 from app.audit.schemas import AuditKey, AuditKeys, EventPage, EventRead, PublishedCheckpoints
-from app.audit.service import VerifyResult, as_dict, exported_rows, verify_chain
+from app.audit.service import VerifyResult, exported_rows, verify_chain
 from app.audit.signing import PublicKey
 from app.core.auth import Principal, require
 from app.core.db import ReadSessionDep, reading

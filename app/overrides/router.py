@@ -11,8 +11,9 @@ from pydantic import BaseModel, TypeAdapter
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.audit.chain import as_dict
 from app.audit.schemas import EventRead
-from app.audit.service import as_dict, iter_events
+from app.audit.service import iter_events
 from app.core.auth import CurrentPrincipal, Principal
 from app.core.db import SessionDep, async_statements, read_rows, transaction
 from app.core.errors import NotFound, problem_responses

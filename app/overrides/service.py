@@ -17,7 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.selectable import TextualSelect
 from sqlmodel import Session, col, select
 
-from app.audit.service import append_parameters, append_with, check_appended, new_entry, record
+from app.audit.chain import new_entry
+from app.audit.service import append_parameters, append_with, check_appended, record
 from app.core.auth import Principal
 from app.core.db import AsyncReads, UTCDateTime, utcnow
 from app.core.errors import Conflict, FieldError, InvalidInput

@@ -17,10 +17,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from app.audit.chain import as_dict, chain_hash
 from app.audit.checkpoints import write_checkpoint
 from app.audit.export import to_csv_rows
 from app.audit.models import GENESIS_HASH, AuditEvent, AuditHead
-from app.audit.service import as_dict, chain_hash, record, verify_chain
+from app.audit.service import record, verify_chain
 from app.audit.signing import Checkpoint, Signer, generate_private_pem, load_private_key, signer_from
 from app.cli import main as cli_main
 from app.core.db import transaction, utcnow

@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from app.audit.chain import as_dict, chain_hash
 from app.audit.models import AuditEvent
-from app.audit.service import as_dict, chain_hash
 from app.cli import main as cli_main
 from tests.helpers import act, apply_now, assert_problem
 

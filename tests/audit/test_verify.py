@@ -15,9 +15,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 import app.audit.service as service
+from app.audit.chain import as_dict, chain_hash
 from app.audit.export import to_jsonl
 from app.audit.models import GENESIS_HASH, AuditEvent, AuditHead
-from app.audit.service import as_dict, chain_hash, exported_rows, iter_events, record, verify_chain
+from app.audit.service import exported_rows, iter_events, record, verify_chain
 from app.core.db import reading, transaction
 
 # Times whose text PostgreSQL writes in every length (no fraction, trailing zeros dropped, six digits) and
