@@ -149,9 +149,16 @@ async def _request_session(request: Request) -> AsyncIterator[Session]:
     try:
         yield session
     except BaseException:
-        await run_in_threadpool(_end, session, commit=False)
+        await _end_request_session(session, commit=False)
         raise
-    await run_in_threadpool(_end, session, commit=True)
+    await _end_request_session(session, commit=True)
+
+
+async def _end_request_session(session: Session, *, commit: bool) -> None:
+    if session.in_transaction():
+        await run_in_threadpool(_end, session, commit=commit)
+    else:  # never used (a route that wrote through `AsyncReads`, say): nothing to end, no hop to a thread
+        session.close()
 
 
 SessionDep = Annotated[Session, Depends(_request_session, scope="function")]

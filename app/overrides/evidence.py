@@ -130,17 +130,6 @@ class Evidence:
             return {"error": f"diagnosis failed: {exc}"}, named
         return diagnosis.model_dump(mode="json"), findings_for(diagnosis, policy, parameters, settings) + named
 
-    def blocks(self, ctx: ActionContext, target: str, destination: str) -> bool:
-        """Whether `gather` or `queue` may wait on I/O (a diagnosis, the database, mailcow), so that a caller
-        on the event loop runs them in a thread: with the diagnosis on create off and no mailcow to read the
-        queue of, both only put findings together."""
-        settings = ctx.settings
-        if settings.diagnosis_on_create and mx_domain_of(destination) is not None:
-            return True
-        # As the queue reader decides, from the settings alone (no key file read): a mailcow URL may be set.
-        mailcow = bool(settings.mailcow_url) or target in settings.mailcow_targets
-        return self.queue_reader is not None and settings.queue_evidence_budget_seconds > 0 and mailcow
-
     def queue(self, ctx: ActionContext, target: str, destination: str) -> dict[str, Any] | None:
         """What mailcow's queue holds deferred for the destination (app.overrides.stuck), read within
         `TLSO_QUEUE_EVIDENCE_BUDGET_SECONDS`; a failure is recorded in it and never refuses the request."""

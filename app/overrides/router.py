@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -15,7 +14,7 @@ from app.audit.chain import as_dict
 from app.audit.schemas import EventRead
 from app.audit.service import iter_events
 from app.core.auth import CurrentPrincipal, Principal
-from app.core.db import SessionDep, async_statements, read_rows, transaction
+from app.core.db import SessionDep, async_statements, read_rows
 from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
@@ -146,18 +145,24 @@ def _context(
 async def create_override(
     request: Request,
     body: OverrideCreate,
+    session: SessionDep,
     principal: CurrentPrincipal,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Ask for a temporary TLS policy override. The domain is diagnosed and the evidence stored with it."""
-    ctx = _context(request, principal, None, body, idempotency_key)
+    ctx = _context(request, principal, session, body, idempotency_key)
     state = request.app.state
     evidence = Evidence(state.diagnosis_limiter, state.recent_diagnoses, queue_reader=state.queue_reader)
     db = async_statements(request)
     if db is None or ctx.idempotency is not None:
-        # SQLite, or a key to claim first (app/core/idempotency.py): the ORM's path, in the thread pool.
-        return await run_in_threadpool(_create_in_session, ctx, body, evidence, response)
+        # SQLite, or a key to claim first (app/core/idempotency.py): the ORM's path in the thread pool, in
+        # the request's session (`SessionDep` commits it before the answer, as for every other change).
+        def create() -> Override:
+            return service.create_override(session, ctx, body, evidence)
+
+        return await run_in_threadpool(_answer, session, ctx, response, create, 201)
+    # The request's session stays unused (no transaction: `SessionDep` ends it without a round trip).
     override = await service.create_override_at_once(db, ctx, body, evidence)
     return _json(_OVERRIDE_JSON, answer_once(None, response, 201, OverrideRead, lambda: _created(override)), response)
 
@@ -166,13 +171,6 @@ def _created(override: Answered) -> tuple[OverrideRead, dict[str, str]]:
     """A new override's answer (it has no votes yet) and its headers."""
     headers = {"ETag": f'"{override.version}"', "Location": f"/v1/overrides/{override.id}"}
     return to_read(override, []), headers
-
-
-def _create_in_session(ctx: ActionContext, body: OverrideCreate, evidence: Evidence, response: Response) -> Response:
-    # The request's one transaction, committed here as `SessionDep` commits the others' (before the answer).
-    with transaction(ctx.engine) as session:
-        ctx = replace(ctx, session=session)
-        return _answer(session, ctx, response, lambda: service.create_override(session, ctx, body, evidence), 201)
 
 
 @router.get("", response_model=OverridePage, summary="List overrides", responses=problem_responses(401, 422))

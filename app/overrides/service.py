@@ -70,7 +70,7 @@ async def create_override_at_once(
 ) -> Answered:
     """`create_override` on PostgreSQL without an Idempotency-Key, from the event loop: the override and
     its audit entries are one statement (`append_with`) in a transaction of its own, two round trips
-    (the statement, COMMIT) and no thread; the evidence is gathered in a thread only if that means I/O.
+    (the statement, COMMIT) and no thread; the evidence is gathered in a thread.
     The same checks in the same order, the same rows, the same answer (tests/overrides/test_create.py)."""
     principal = ctx.principal
     if not principal.has("requester", "admin"):
@@ -84,7 +84,7 @@ async def create_override_at_once(
             ctx, target, destination
         )
 
-    found = await anyio.to_thread.run_sync(gather) if evidence.blocks(ctx, target, destination) else gather()
+    found = await anyio.to_thread.run_sync(gather)  # a diagnosis, the database, mailcow's queue: may block
     refused = _refused(found[0][1])
     if refused is not None:
         await _refuse_if_live_at_once(db, target, destination)
