@@ -122,6 +122,13 @@ def test_a_pending_extension_and_its_approvals_read_alike(
     assert full.pending_extension is not None and full.pending_extension.duration == timedelta(hours=12)
     answer = client.get(f"/v1/overrides/{override_id}", headers=auth("bob", "approver"))
     assert answer.content == TypeAdapter(OverrideRead).dump_json(full, by_alias=True)
+    # The values, not only the encoding: each round's approvals in its own place, in the list and the answer.
+    [item] = client.get("/v1/overrides", params={"destination": "ext.example"}, headers=auth("bob", "approver")).json()[
+        "items"
+    ]
+    for shown in (item, answer.json()):
+        assert [a["reviewer"] for a in shown["approvals"]] == ["bob"]
+        assert [a["reviewer"] for a in shown["pending_extension"]["approvals"]] == ["carol"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
