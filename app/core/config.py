@@ -100,6 +100,7 @@ class Settings(CoreSettings):
     justification_min_length: int = 20
     require_if_match: bool = False
     idempotency_ttl: timedelta = timedelta(hours=24)
+    brief_cache_size: int = Field(default=10_000, ge=0)  # encoded list items kept (app/overrides/briefs.py)
 
     # mailcow targets: the default one from URL + key (or key file); more as JSON
     # {"name": {"url": "...", "api_key_file": "..."}}

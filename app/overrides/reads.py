@@ -11,7 +11,8 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
 from pydantic_core import to_json
-from sqlalchemy import CTE, Select, bindparam, select
+from sqlalchemy import CTE, Integer, Select, String, any_, bindparam, func, literal_column, select
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from app.core.db import utcnow
 from app.core.text import encode_cursor
@@ -129,16 +130,54 @@ def one_with_votes(rows: Sequence[Any]) -> tuple[Answered, list[VoteFields]] | N
 def page_of(rows: Sequence[Any], limit: int) -> tuple[list[tuple[Answered, list[VoteFields]]], str | None]:
     """The overrides of a `with_votes` page (at most `limit`, each with its votes) and the cursor of the
     next page (None: this is the last), from its rows (one per vote, or one for an override without)."""
-    page: list[tuple[Answered, list[VoteFields]]] = []
+    page = [(override, votes) for override, votes, _ in grouped(rows)]
+    next_cursor = encode_cursor("o", page[limit - 1][0].id or 0) if len(page) > limit else None
+    return page[:limit], next_cursor
+
+
+def grouped(rows: Sequence[Any]) -> list[tuple[Answered, list[VoteFields], int | None]]:
+    """Each override of `with_votes` rows with its votes and the id of its last vote (None: no votes)."""
+    overrides: list[tuple[Answered, list[VoteFields], int | None]] = []
     last = None
     for row in rows:
         if row.id != last:
             last = row.id
-            page.append((cast(Answered, row), []))
+            overrides.append((cast(Answered, row), [], None))
         if row.vote_id is not None:
-            page[-1][1].append(_vote_of_row(row))
-    next_cursor = encode_cursor("o", page[limit - 1][0].id or 0) if len(page) > limit else None
-    return page[:limit], next_cursor
+            override, votes, _ = overrides[-1]
+            votes.append(_vote_of_row(row))
+            overrides[-1] = (override, votes, row.vote_id)
+    return overrides
+
+
+# PostgreSQL: the version of the override's row a read saw (the transaction that wrote it), as text; with
+# the vote count and the last vote's id, the key of an encoded brief (app/overrides/briefs.py).
+_REV = literal_column("override.xmin::text", String).label("rev")
+STAMP_COLUMNS = (_OVERRIDE.c.id, _REV, _OVERRIDE.c.state, _OVERRIDE.c.removal_deadline)
+
+
+def with_stamps(page: CTE) -> Select[Any]:
+    """A page of overrides (a CTE of `STAMP_COLUMNS`, in the page's order), one row each: the id, `rev`,
+    what `overdue` is computed from, and the count and last id of its votes (`votes`, `last_vote`)."""
+    return (
+        select(
+            page.c.id,
+            page.c.rev,
+            page.c.state,
+            page.c.removal_deadline,
+            func.count(_VOTE.c.id).label("votes"),
+            func.max(_VOTE.c.id).label("last_vote"),
+        )
+        .select_from(page.outerjoin(_VOTE, _VOTE.c.override_id == page.c.id))
+        .group_by(page.c.id, page.c.rev, page.c.state, page.c.removal_deadline)
+        .order_by(page.c.id.desc())
+    )
+
+
+# The overrides with the ids `{"ids": [...]}` in full with their votes, and `rev`: as `with_votes` reads them.
+BY_IDS_WITH_VOTES = with_votes(
+    select(*ANSWER_COLUMNS, _REV).where(_OVERRIDE.c.id == any_(bindparam("ids", type_=ARRAY(Integer)))).cte("page")
+)
 
 
 def vote_reads(votes: Iterable[Vote]) -> list[VoteFields]:

@@ -272,12 +272,13 @@ _PAGES: dict[tuple[Any, ...], Select[Any]] = {}
 
 
 def page_query(
-    principal: Principal, filters: OverrideFilter, cursor: str | None, limit: int
+    principal: Principal, filters: OverrideFilter, cursor: str | None, limit: int, *, stamps: bool = False
 ) -> tuple[Select[Any], dict[str, Any]]:
     """A list page, newest first, stable under inserts (keyset pagination on the id): one statement that
     selects `limit + 1` overrides (to tell whether a next page exists) with their votes joined
     (`reads.with_votes`; `reads.page_of` makes the page of its rows), so the page and its votes are one
-    snapshot and one round trip. Returns the statement and its parameters."""
+    snapshot and one round trip. With `stamps`, the same overrides as the keys of their encoded briefs
+    (`reads.with_stamps`, for app/overrides/briefs.py). Returns the statement and its parameters."""
     visible, caller = visible_to(principal)
     params: dict[str, Any] = dict(caller)
     states = sorted({OverrideState(s).value for s in filters.state or ()})
@@ -296,15 +297,16 @@ def page_query(
     if after is not None:
         params["after"] = after
     params["limit"] = limit + 1
-    shape = (filters.overdue, *sorted(params))  # the names say which conditions there are (and how many states)
+    # The names say which conditions there are (and how many states).
+    shape = (stamps, filters.overdue, *sorted(params))
     statement = _PAGES.get(shape)
     if statement is None:
-        statement = _PAGES[shape] = _page_statement(visible, len(states), params, filters.overdue)
+        statement = _PAGES[shape] = _page_statement(visible, len(states), params, filters.overdue, stamps)
     return statement, params
 
 
 def _page_statement(
-    visible: ColumnElement[bool] | None, states: int, params: dict[str, Any], overdue: bool | None
+    visible: ColumnElement[bool] | None, states: int, params: dict[str, Any], overdue: bool | None, stamps: bool
 ) -> Select[Any]:
     conditions: list[ColumnElement[bool]] = [] if visible is None else [visible]
     if states:
@@ -324,13 +326,13 @@ def _page_statement(
     if "after" in params:
         conditions.append(col(Override.id) < bindparam("after"))
     page = (
-        sa_select(*ANSWER_COLUMNS)
+        sa_select(*(reads.STAMP_COLUMNS if stamps else ANSWER_COLUMNS))
         .where(*conditions)
         .order_by(col(Override.id).desc())
         .limit(bindparam("limit", type_=Integer))
         .cte("page")
     )
-    return reads.with_votes(page)
+    return reads.with_stamps(page) if stamps else reads.with_votes(page)
 
 
 def list_overrides(

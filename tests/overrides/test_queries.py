@@ -68,8 +68,14 @@ def test_a_page_loads_its_votes_in_one_query(
         page = client.get("/v1/overrides", headers=reviewer).json()["items"]
     with statements(engine) as five_in_full:
         full = client.get("/v1/overrides", params={"view": "full"}, headers=reviewer).json()["items"]
+    with statements(engine) as five_again:
+        assert client.get("/v1/overrides", headers=reviewer).json()["items"] == page
     assert len(page) == 5 and all(len(item["votes"]) == 1 for item in full)
-    assert len(five_items) == len(five_in_full) == len(one_item) == 1  # the page with its votes joined
+    assert len(five_in_full) == 1  # the page with its votes joined
+    # Compact, on PostgreSQL: the page's stamps, then the items not encoded before with their votes in one
+    # statement (app/overrides/briefs.py); all of them kept: the stamps only. SQLite: the one statement.
+    assert len(five_items) == len(one_item) == (2 if engine.dialect.name == "postgresql" else 1)
+    assert len(five_again) == 1
     assert [item["approvals"][0]["reviewer"] for item in page] == ["bob"] * 5
 
 
@@ -144,7 +150,9 @@ def test_every_list_filter_has_an_index_in_the_page_order(
     params, index = FILTERS[name]
     with statements(engine) as seen:
         assert client.get("/v1/overrides", params=params, headers=reviewer).status_code == 200
-    [(statement, parameters)] = [(s, p) for s, p in seen if "FROM override" in s]
+    # The page's own statement (on PostgreSQL the stamps of app/overrides/briefs.py; the items not kept are
+    # read by their ids after it).
+    [(statement, parameters)] = [(s, p) for s, p in seen if "FROM override" in s and "LIMIT" in s]
     plan = _page_plan(engine, statement, parameters)
     assert index in plan, plan
     assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan  # the index gives the order: no sort
