@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
 from pydantic_core import to_json
-from sqlalchemy import CTE, Integer, Select, String, any_, bindparam, func, literal_column, select
+from sqlalchemy import CTE, Integer, Select, String, any_, bindparam, func, literal_column, select, true
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from app.core.db import utcnow
@@ -159,17 +159,14 @@ STAMP_COLUMNS = (_OVERRIDE.c.id, _REV, _OVERRIDE.c.state, _OVERRIDE.c.removal_de
 def with_stamps(page: CTE) -> Select[Any]:
     """A page of overrides (a CTE of `STAMP_COLUMNS`, in the page's order), one row each: the id, `rev`,
     what `overdue` is computed from, and the count and last id of its votes (`votes`, `last_vote`)."""
+    votes = (
+        select(func.count(_VOTE.c.id).label("votes"), func.max(_VOTE.c.id).label("last_vote"))
+        .where(_VOTE.c.override_id == page.c.id)
+        .lateral("votes")
+    )
     return (
-        select(
-            page.c.id,
-            page.c.rev,
-            page.c.state,
-            page.c.removal_deadline,
-            func.count(_VOTE.c.id).label("votes"),
-            func.max(_VOTE.c.id).label("last_vote"),
-        )
-        .select_from(page.outerjoin(_VOTE, _VOTE.c.override_id == page.c.id))
-        .group_by(page.c.id, page.c.rev, page.c.state, page.c.removal_deadline)
+        select(page.c.id, page.c.rev, page.c.state, page.c.removal_deadline, votes.c.votes, votes.c.last_vote)
+        .select_from(page.outerjoin(votes, true()))
         .order_by(page.c.id.desc())
     )
 
