@@ -378,7 +378,7 @@ def start_server(name: str, argv: list[str], env: dict[str, str], port: int, rea
     raise SystemExit(f"{name} did not become ready:\n{log.read_text()[-3000:]}")
 
 
-def start_api(database_url: str, issuer: Issuer, logs: Path) -> Server:
+def start_api(database_url: str, issuer: Issuer, logs: Path, settings: dict[str, str]) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TLSO_", "PROMETHEUS_"))}
     env.update(
@@ -390,6 +390,7 @@ def start_api(database_url: str, issuer: Issuer, logs: Path) -> Server:
             "TLSO_OIDC_ALGORITHMS": "RS256",
             "TLSO_DIAGNOSIS_ON_CREATE": "false",
         }
+        | settings
     )
     argv = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
     return start_server("api", argv, env, port, "/readyz", logs)
@@ -853,6 +854,13 @@ def main() -> int:
         help="sizes whose database is kept after the run and reused (upgraded, not reseeded) by the next run "
         "(the request table's 1 k database changes as it runs: do not keep that one)",
     )
+    parser.add_argument(
+        "--api-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the API process, e.g. TLSO_BRIEF_CACHE_SIZE=0 (list pages encoded anew every time)",
+    )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
@@ -897,7 +905,7 @@ def main() -> int:
                             seed_audit(conn, size, size)
                         print(f"  seeded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
                     picks = Picks.from_database(url)
-                    api = start_api(url, issuer, work)
+                    api = start_api(url, issuer, work, dict(setting.split("=", 1) for setting in args.api_setting))
                     try:
                         if "pages" in only:
                             measure_pages(args, report, size, api, tokens, picks)
