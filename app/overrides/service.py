@@ -26,7 +26,7 @@ from app.core.person import person_key
 from app.core.text import decode_cursor
 from app.overrides import reads
 from app.overrides.decisions import approvals_needed
-from app.overrides.evidence import Evidence, Found
+from app.overrides.evidence import Evidence, Found, WouldBlock
 from app.overrides.lifecycle import find_live, snapshot
 from app.overrides.models import Override, OverrideState, Vote
 from app.overrides.permissions import ActionContext, refuse, visible_to
@@ -70,7 +70,7 @@ async def create_override_at_once(
 ) -> Answered:
     """`create_override` on PostgreSQL without an Idempotency-Key, from the event loop: the override and
     its audit entries are one statement (`append_with`) in a transaction of its own, two round trips
-    (the statement, COMMIT) and no thread; the evidence is gathered in a thread.
+    (the statement, COMMIT) and no thread; the evidence is gathered in a thread if that means I/O.
     The same checks in the same order, the same rows, the same answer (tests/overrides/test_create.py)."""
     principal = ctx.principal
     if not principal.has("requester", "admin"):
@@ -79,12 +79,15 @@ async def create_override_at_once(
     request = validate_request(body, ctx.settings)
     target, destination = request[:2]
 
-    def gather() -> tuple[Found, dict[str, Any] | None]:
-        return evidence.gather(ctx, target, destination, body.policy, request[2]), evidence.queue(
-            ctx, target, destination
+    def gather(blocking: bool = True) -> tuple[Found, dict[str, Any] | None]:
+        return evidence.gather(ctx, target, destination, body.policy, request[2], blocking=blocking), evidence.queue(
+            ctx, target, destination, blocking=blocking
         )
 
-    found = await anyio.to_thread.run_sync(gather)  # a diagnosis, the database, mailcow's queue: may block
+    try:
+        found = gather(blocking=False)  # no diagnosis and no mailcow: put together here, no thread
+    except WouldBlock:  # a diagnosis, the database, mailcow's queue: in a thread
+        found = await anyio.to_thread.run_sync(gather)
     refused = _refused(found[0][1])
     if refused is not None:
         await _refuse_if_live_at_once(db, target, destination)
