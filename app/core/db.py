@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import psycopg
 from fastapi import Depends, Request
+from psycopg.adapt import Transformer
 from sqlalchemy import DateTime, Select, event
 from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import DBAPIError, StatementError
@@ -267,7 +268,7 @@ class _Prepared:
 
     name: str
     prepare: str
-    execute: str
+    execute: bytes
     order: tuple[str, ...]  # the parameters' names, by number ($1 is the first)
 
     @classmethod
@@ -280,8 +281,17 @@ class _Prepared:
 
         text = _PLACEHOLDER.sub(numbered, sql)
         name = "tlso_" + hashlib.sha256(text.encode()).hexdigest()[:24]  # the same text, the same name
-        values = f"({', '.join(['%s'] * len(numbers))})" if numbers else ""
-        return cls(name, f"PREPARE {name} AS {text}", f"BEGIN; EXECUTE {name}{values}", tuple(numbers))
+        return cls(name, f"PREPARE {name} AS {text}", f"BEGIN; EXECUTE {name}".encode(), tuple(numbers))
+
+    def execute_with(self, conn: psycopg.AsyncConnection[Any], values: dict[str, Any]) -> bytes:
+        """`BEGIN; EXECUTE name(values)`, each value as the literal psycopg's client-side binding makes of it.
+        (Put together here rather than by a client cursor's `execute(query, values)`: psycopg caches how it
+        splits a query only up to 50 parameters, and splitting it anew costs more than quoting the values.)"""
+        if not self.order:
+            return self.execute
+        literal = Transformer(conn).as_literal
+        quoted = [b"NULL" if (value := values[name]) is None else literal(value) for name in self.order]
+        return b"%b(%b)" % (self.execute, b", ".join(quoted))
 
 
 class _Pooled:
@@ -372,11 +382,10 @@ class AsyncReads:
         in one message, then COMMIT.
 
         The statement is prepared once per connection (`PREPARE`, a round trip of its own on the
-        connection's first use of it); each write sends `BEGIN; EXECUTE name(values)`, the values bound by
-        psycopg on this side (a client-side cursor: the only way to send BEGIN with it without psycopg's
-        pipeline, which polls the socket on the event loop until the answer comes). The server parses and
-        plans the long statement once per connection instead of once per write, and psycopg caches the
-        short text it splits."""
+        connection's first use of it); each write sends `BEGIN; EXECUTE name(values)`, the values bound on
+        this side as psycopg's client-side cursor binds them (the only way to send BEGIN with it without
+        psycopg's pipeline, which polls the socket on the event loop until the answer comes). The server
+        parses and plans the long statement once per connection instead of once per write."""
         compiled = self._compile(statement)
         prepared = self._prepared.get(compiled.sql)
         if prepared is None:
@@ -388,7 +397,7 @@ class AsyncReads:
                 pooled.prepared.add(prepared.name)
             writer = pooled.writer
             try:
-                await writer.execute(prepared.execute, [values[name] for name in prepared.order])
+                await writer.execute(prepared.execute_with(pooled.conn, values))
                 writer.nextset()  # past BEGIN's result
                 rows = self._made(compiled, await writer.fetchall())
                 check(rows)
