@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
 import time
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import psycopg
 from fastapi import Depends, Request
+from psycopg.adapt import Transformer
 from sqlalchemy import DateTime, Select, event
 from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import DBAPIError, StatementError
@@ -162,6 +165,10 @@ async def _end_request_session(session: Session, *, commit: bool) -> None:
 
 
 SessionDep = Annotated[Session, Depends(_request_session, scope="function")]
+# The same session and commit point for a route that needs a session on one of its paths only (a yield
+# dependency costs every request its machinery, about 40 µs): `async with request_session(request) as
+# session:` around the change and its answer, so the commit still comes before the answer is sent.
+request_session = asynccontextmanager(_request_session)
 
 
 def _app_engine(request: Request, name: str, **options: Any) -> Engine:
@@ -255,6 +262,57 @@ class _Compiled:
     processors: tuple[tuple[int, Callable[[Any], Any], bool], ...]
 
 
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")  # psycopg's pyformat: a named parameter, or an escaped %
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A statement that writes, prepared on each connection once: `PREPARE name AS` its text with numbered
+    parameters, then `execute` with the values in `order`."""
+
+    name: str
+    prepare: str
+    execute: bytes
+    order: tuple[str, ...]  # the parameters' names, by number ($1 is the first)
+
+    @classmethod
+    def of(cls, sql: str) -> _Prepared:
+        numbers: dict[str, int] = {}
+
+        def numbered(match: re.Match[str]) -> str:
+            name = match.group(1)
+            return "%" if name is None else f"${numbers.setdefault(name, len(numbers) + 1)}"
+
+        text = _PLACEHOLDER.sub(numbered, sql)
+        name = "tlso_" + hashlib.sha256(text.encode()).hexdigest()[:24]  # the same text, the same name
+        return cls(name, f"PREPARE {name} AS {text}", f"BEGIN; EXECUTE {name}".encode(), tuple(numbers))
+
+    def execute_with(self, conn: psycopg.AsyncConnection[Any], values: dict[str, Any]) -> bytes:
+        """`BEGIN; EXECUTE name(values)`, each value as the literal psycopg's client-side binding makes of it.
+        (Put together here rather than by a client cursor's `execute(query, values)`: psycopg caches how it
+        splits a query only up to 50 parameters, and splitting it anew costs more than quoting the values.)"""
+        if not self.order:
+            return self.execute
+        literal = Transformer(conn).as_literal
+        quoted = [b"NULL" if (value := values[name]) is None else literal(value) for name in self.order]
+        return b"%b(%b)" % (self.execute, b", ".join(quoted))
+
+
+class _Pooled:
+    """A connection of `AsyncReads` with its cursors, made once (a cursor per statement costs more than the
+    statement's own work here; an idle cursor keeps its last result, one page at most, until its next
+    statement), and the names of the statements prepared on it (they live and die with the connection)."""
+
+    __slots__ = ("born", "conn", "cursor", "prepared", "writer")
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+        self.cursor = conn.cursor()
+        self.writer = psycopg.AsyncClientCursor(conn)
+        self.born = time.monotonic()
+        self.prepared: set[str] = set()
+
+
 class AsyncReads:
     """Single statements on PostgreSQL on the event loop: psycopg's `AsyncConnection`s in autocommit
     (each read its own snapshot; a write, `write`, its own transaction), at most `size` at a time, the
@@ -280,11 +338,10 @@ class AsyncReads:
         # TimeoutError, a 503), and a new connection at most `connect_timeout` for the server.
         self._wait = wait
         self._connect_timeout = connect_timeout
-        # Each connection with its cursor, made once: a cursor per statement costs more than the statement's
-        # own work here. (An idle cursor keeps its last result, one page at most, until its next statement.)
-        self._idle: list[tuple[psycopg.AsyncConnection[Any], psycopg.AsyncCursor[Any], float]] = []
+        self._idle: list[_Pooled] = []
         self._recycle = recycle
         self._compiled: dict[Select[Any] | TextualSelect, _Compiled] = {}
+        self._prepared: dict[str, _Prepared] = {}  # by the compiled statement's text
 
     def _compile(self, statement: Select[Any] | TextualSelect) -> _Compiled:
         compiled = self._compiled.get(statement)
@@ -326,22 +383,35 @@ class AsyncReads:
     ) -> list[Any]:
         """The rows of one statement that writes, in a transaction of its own that commits only if `check`
         accepts its rows (else it raises, and nothing was written): two round trips, BEGIN and the statement
-        in one message, then COMMIT. The statement's values are bound by psycopg on this side (a client-side
-        cursor: the only way to send BEGIN with it without psycopg's pipeline, which polls the socket on
-        the event loop until the answer comes)."""
-        compiled = self._compile(statement)
+        in one message, then COMMIT.
 
-        async def in_transaction(conn: psycopg.AsyncConnection[Any], sql: str, values: dict[str, Any]) -> list[Any]:
+        The statement is prepared once per connection (`PREPARE`, a round trip of its own on the
+        connection's first use of it); each write sends `BEGIN; EXECUTE name(values)`, the values bound on
+        this side as psycopg's client-side cursor binds them (the only way to send BEGIN with it without
+        psycopg's pipeline, which polls the socket on the event loop until the answer comes). The server
+        parses and plans the long statement once per connection instead of once per write."""
+        compiled = self._compile(statement)
+        prepared = self._prepared.get(compiled.sql)
+        if prepared is None:
+            prepared = self._prepared[compiled.sql] = _Prepared.of(compiled.sql)
+
+        async def in_transaction(pooled: _Pooled, values: dict[str, Any]) -> list[Any]:
+            if prepared.name not in pooled.prepared:  # a new connection (or a recycled one) has none
+                await pooled.cursor.execute(prepared.prepare)
+                pooled.prepared.add(prepared.name)
+            writer = pooled.writer
             try:
-                cursor = psycopg.AsyncClientCursor(conn)
-                await cursor.execute("BEGIN; " + sql, values)
-                cursor.nextset()  # past BEGIN's result
-                rows = self._made(compiled, await cursor.fetchall())
+                await writer.execute(prepared.execute_with(pooled.conn, values))
+                writer.nextset()  # past BEGIN's result
+                rows = self._made(compiled, await writer.fetchall())
                 check(rows)
-                await conn.execute("COMMIT")
-            except Exception:
+                await writer.execute("COMMIT")
+            except Exception as exc:
+                conn = pooled.conn
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE and not conn.broken:
-                    await conn.execute("ROLLBACK")
+                    await writer.execute("ROLLBACK")
+                if isinstance(exc, psycopg.errors.InvalidSqlStatementName):  # gone after all: prepared again next
+                    pooled.prepared.clear()
                 raise
             return rows
 
@@ -351,7 +421,7 @@ class AsyncReads:
         self,
         compiled: _Compiled,
         parameters: dict[str, Any],
-        execute: Callable[[psycopg.AsyncConnection[Any], str, dict[str, Any]], Awaitable[list[Any]]] | None = None,
+        execute: Callable[[_Pooled, dict[str, Any]], Awaitable[list[Any]]] | None = None,
     ) -> list[Any]:
         """The statement's raw rows, on a connection of the pool (`execute`: how it is run, else on its own)."""
         if self._slots.locked():  # every connection busy: wait for one, at most `wait` seconds
@@ -363,13 +433,14 @@ class AsyncReads:
         else:
             await self._slots.acquire()  # free: taken at once, no timer to set and cancel
         try:
-            conn, cursor, born = await self._checkout(compiled, parameters)
+            pooled = await self._checkout(compiled, parameters)
+            conn = pooled.conn
             try:
                 if execute is None:
-                    await cursor.execute(compiled.sql, parameters)
-                    fetched = await cursor.fetchall()
+                    await pooled.cursor.execute(compiled.sql, parameters)
+                    fetched = await pooled.cursor.fetchall()
                 else:
-                    fetched = await execute(conn, compiled.sql, parameters)
+                    fetched = await execute(pooled, parameters)
             except psycopg.Error as exc:
                 # A lost connection: like the engine's pool, drop every idle one too (they are as dead).
                 invalidated = conn.broken or isinstance(exc, psycopg.OperationalError)
@@ -377,15 +448,15 @@ class AsyncReads:
                     await conn.close()
                     await self.close()
                 else:
-                    self._idle.append((conn, cursor, born))
+                    self._idle.append(pooled)
                 raise self._error(exc, compiled, parameters, invalidated=invalidated) from exc
             except Exception:  # the check refused the rows: the transaction was rolled back
-                self._idle.append((conn, cursor, born))
+                self._idle.append(pooled)
                 raise
             except BaseException:  # cancelled mid-statement: the connection's state is unknown, not reused
                 await conn.close()
                 raise
-            self._idle.append((conn, cursor, born))
+            self._idle.append(pooled)
         finally:
             self._slots.release()
         return fetched
@@ -402,19 +473,17 @@ class AsyncReads:
             columns[i] = [value if value is None and keeps_none else processor(value) for value in columns[i]]
         return list(map(make, *columns))
 
-    async def _checkout(
-        self, compiled: _Compiled, parameters: dict[str, Any]
-    ) -> tuple[psycopg.AsyncConnection[Any], psycopg.AsyncCursor[Any], float]:
+    async def _checkout(self, compiled: _Compiled, parameters: dict[str, Any]) -> _Pooled:
         while self._idle:
-            conn, cursor, born = self._idle.pop()
-            if not conn.closed and time.monotonic() - born < self._recycle:
-                return conn, cursor, born
-            await conn.close()
+            pooled = self._idle.pop()
+            if not pooled.conn.closed and time.monotonic() - pooled.born < self._recycle:
+                return pooled
+            await pooled.conn.close()
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._conninfo, autocommit=True, connect_timeout=self._connect_timeout
             )
-            return conn, conn.cursor(), time.monotonic()
+            return _Pooled(conn)
         except psycopg.Error as exc:
             raise self._error(exc, compiled, parameters, invalidated=False) from exc
 
@@ -427,5 +496,5 @@ class AsyncReads:
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for conn, _, _ in idle:
-            await conn.close()
+        for pooled in idle:
+            await pooled.conn.close()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio.from_thread
 
@@ -87,9 +86,20 @@ def idna_deviation(destination: str) -> Finding | None:
 
 
 Found = tuple[dict[str, Any] | None, list[dict[str, Any]]]
-# Reads the target's mail queue for a new request: (ctx, target, destination, time limit) → the evidence
-# to store, or None. `create_app` hands it over (app.targets.queue.queue_on_create).
-QueueReader = Callable[[ActionContext, str, str, float | None], dict[str, Any] | None]
+
+
+class WouldBlock(Exception):
+    """Raised by evidence asked for with `blocking=False` at the point where it would wait on I/O (a
+    diagnosis, the database, mailcow): the caller on the event loop gathers it in a thread instead."""
+
+
+class QueueReader(Protocol):
+    """Reads the target's mail queue for a new request: the evidence to store, or None (with `blocking=False`:
+    `WouldBlock` instead of any I/O). `create_app` hands it over (app.targets.queue.queue_on_create)."""
+
+    def __call__(
+        self, ctx: ActionContext, target: str, destination: str, time_limit: float | None, *, blocking: bool = True
+    ) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -102,17 +112,22 @@ class Evidence:
     time_limit: float | None = None  # a caller that must answer quickly (Slack: 3 s) takes no longer
     queue_reader: QueueReader | None = None  # None: the worker's refresh reads the queue later
 
-    def gather(self, ctx: ActionContext, target: str, destination: str, policy: str, parameters: str) -> Found:
+    def gather(
+        self, ctx: ActionContext, target: str, destination: str, policy: str, parameters: str, *, blocking: bool = True
+    ) -> Found:
         """Diagnose the destination's domain (from a worker thread of the API) and assess the request.
 
         Nothing is probed for a request that will be a replay or a 409 (read without a write lock, so the
         probe holds up nobody), nor for a next hop. Over the caller's budget the request is still taken,
-        without evidence: an urgent request never waits."""
+        without evidence: an urgent request never waits. With `blocking=False`: `WouldBlock` instead of
+        any I/O (the findings of a request that is not diagnosed need none)."""
         settings = ctx.settings
         named = request_findings(destination, policy, settings)
         domain = mx_domain_of(destination)
         if not settings.diagnosis_on_create or domain is None:
             return None, named
+        if not blocking:
+            raise WouldBlock
         with reading(ctx.engine) as peek:
             replay = ctx.idempotency is not None and ctx.idempotency.answered(peek)
             if replay or find_live(peek, target, destination):
@@ -130,12 +145,15 @@ class Evidence:
             return {"error": f"diagnosis failed: {exc}"}, named
         return diagnosis.model_dump(mode="json"), findings_for(diagnosis, policy, parameters, settings) + named
 
-    def queue(self, ctx: ActionContext, target: str, destination: str) -> dict[str, Any] | None:
+    def queue(
+        self, ctx: ActionContext, target: str, destination: str, *, blocking: bool = True
+    ) -> dict[str, Any] | None:
         """What mailcow's queue holds deferred for the destination (app.overrides.stuck), read within
-        `TLSO_QUEUE_EVIDENCE_BUDGET_SECONDS`; a failure is recorded in it and never refuses the request."""
+        `TLSO_QUEUE_EVIDENCE_BUDGET_SECONDS`; a failure is recorded in it and never refuses the request.
+        With `blocking=False`: `WouldBlock` instead of any I/O."""
         if self.queue_reader is None:
             return None
-        return self.queue_reader(ctx, target, destination, self.time_limit)
+        return self.queue_reader(ctx, target, destination, self.time_limit, blocking=blocking)
 
     async def _diagnose(self, settings: Settings, principal: Principal, domain: str) -> Diagnosis:
         work = diagnose_within_budget(self.limiter, settings, principal, domain)

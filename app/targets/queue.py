@@ -27,6 +27,7 @@ from app.core.errors import InvalidInput, NotFound, ServiceUnavailable
 from app.mailcow.errors import MailcowAuthError, MailcowError
 from app.mailcow.queue import QueueMessage, capped
 from app.mailcow.targets import Target, configured_targets
+from app.overrides.evidence import WouldBlock
 from app.overrides.lifecycle import find_live
 from app.overrides.models import Override, OverrideState
 from app.overrides.permissions import ActionContext
@@ -67,16 +68,19 @@ def _paused(engine: Engine, config: Target) -> bool:
 
 
 def queue_on_create(
-    ctx: ActionContext, target: str, destination: str, time_limit: float | None = None
+    ctx: ActionContext, target: str, destination: str, time_limit: float | None = None, *, blocking: bool = True
 ) -> dict[str, Any] | None:
     """The queue evidence stored with a new request (from a worker thread of the API), or None when it is
-    not read: turned off, a replay or a 409 to come. A failure is recorded in it, never raised."""
+    not read: turned off, a replay or a 409 to come. A failure is recorded in it, never raised. With
+    `blocking=False` (the event loop), `WouldBlock` instead of any I/O."""
     settings = ctx.settings
     budget = settings.queue_evidence_budget_seconds
     if time_limit is not None:
         budget = min(budget, time_limit)
     if budget <= 0:
         return None
+    if not blocking and (settings.mailcow_url or settings.mailcow_targets):
+        raise WouldBlock  # a key file to read (`configured_targets`), then the database and mailcow
     now = utcnow()
     config = configured_targets(settings).get(target)
     if config is None:

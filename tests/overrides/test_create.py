@@ -1,11 +1,13 @@
 """`POST /v1/overrides` on PostgreSQL without an Idempotency-Key runs on the event loop, the override and its
 audit entries in one statement (app/overrides/service.py `create_override_at_once`); with a key, and on
 SQLite, it takes the ORM's path. Both give the same answer byte for byte, the same rows and the same
-problems; a statement whose audit rows do not check out writes nothing; and a request that waits on a
-racing request's uniqueness check does not hold the audit chain meanwhile."""
+problems, also on a connection that prepared the statement long ago and on a new one; a statement whose
+audit rows do not check out writes nothing; and a request that waits on a racing request's uniqueness
+check does not hold the audit chain meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -13,14 +15,18 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio.to_thread
 import httpx
+import psycopg
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
-from app.core.db import AsyncReads
+from app.core.db import AsyncReads, close_async_reads
+from app.overrides import evidence as evidence_module
 from app.overrides import router, service
+from app.targets import queue as queue_module
 from tests.helpers import VALID_REQUEST, LiveServer, counts, make_settings
 
 NOW = datetime(2026, 12, 7, 9, 30, 1, 250000, tzinfo=UTC)
@@ -219,3 +225,151 @@ async def test_a_write_that_fails_gives_its_connection_back_clean(engine: Engine
         assert [row.one for row in await reads.rows(ok, {})] == [1]  # its one connection is back, usable
     finally:
         await reads.close()
+
+
+def _stored(engine: Engine, override_id: int, destination: str) -> tuple[str, list[str]]:
+    """The override's row and its audit rows as PostgreSQL writes them out (each column's text), without
+    what two creates differ in (id, destination, the audit rows' place in the chain and time)."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT (o.*)::text FROM override AS o WHERE id = :id"), {"id": override_id}
+        ).scalar_one()
+        trail = conn.execute(
+            sa.text(
+                "SELECT ROW(actor, via, action, before::text, after::text, comment)::text FROM audit_event "
+                "WHERE override_id = :id ORDER BY seq"
+            ),
+            {"id": override_id},
+        ).scalars()
+        row = row.replace(f"({override_id},", "(0,", 1)  # the id is the first column
+        return _without(row, override_id, destination), [_without(text, override_id, destination) for text in trail]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [make_settings(), make_settings(auto_approve_policies=["encrypt"])],
+    ids=["pending", "auto-approved"],
+)
+def test_each_connection_prepares_the_statement_once_and_stores_the_orms_rows(
+    backend: str,
+    app: Any,
+    client: TestClient,
+    engine: Engine,
+    auth: Callable[..., dict[str, str]],
+    frozen: None,
+    orm_path: Callable[[bool], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The statement is prepared on a connection once, and each create after that on it (after a 409 too,
+    whose transaction was rolled back) stores the ORM's rows, byte for byte; so does a new connection,
+    which prepares it again."""
+    if backend != "postgres":
+        pytest.skip("the one-statement create is PostgreSQL's")
+    prepared: list[str] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def recording(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(query, str) and query.startswith("PREPARE "):
+            prepared.append(query.split()[1])
+        return await execute(cursor, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", recording)
+    headers = auth("ticketing-sa", "integration", client_id="ticketing", on_behalf_of="carol")
+
+    def created(destination: str) -> tuple[str, list[str]]:
+        answer = _post(client, headers, destination=destination)
+        assert answer.status_code == 201, answer.text
+        return _stored(engine, answer.json()["id"], destination)
+
+    orm_path(True)
+    reference = created("orm.example")
+    orm_path(False)
+    assert reference[1] and all(created(f"fast{i}.example") == reference for i in range(4))
+    assert len(prepared) == 1  # one connection (the requests came one after the other), one PREPARE
+    before = counts(engine)
+    assert _post(client, headers, destination="fast0.example").status_code == 409
+    assert counts(engine) == before
+    assert created("after-conflict.example") == reference
+    assert len(prepared) == 1
+    client.portal.call(close_async_reads, app.state)  # type: ignore[union-attr]
+    assert created("new-connection.example") == reference
+    assert prepared == [prepared[0]] * 2  # the new connection prepared the same statement again
+
+
+async def test_a_write_whose_prepared_statement_is_gone_fails_once_and_writes_nothing(
+    engine: Engine, backend: str
+) -> None:
+    if backend != "postgres":
+        pytest.skip("AsyncReads is PostgreSQL's")
+    statement = sa.text("UPDATE audit_head SET seq = seq WHERE id = :id RETURNING id").columns(
+        sa.column("id", sa.Integer)
+    )
+    reads = AsyncReads(engine, size=1)
+    try:
+        assert [row.id for row in await reads.write(statement, {"id": 1}, lambda rows: None)] == [1]
+        [(conn, *_)] = [(pooled.conn,) for pooled in reads._idle]
+        await conn.execute("DEALLOCATE ALL")  # as if the server had forgotten it
+        with pytest.raises(sa.exc.ProgrammingError):
+            await reads.write(statement, {"id": 1}, lambda rows: None)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert [row.id for row in await reads.write(statement, {"id": 1}, lambda rows: None)] == [1]
+    finally:
+        await reads.close()
+
+
+def _on_the_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("settings", "io"),
+    [
+        (make_settings(), False),
+        (make_settings(diagnosis_on_create=True), True),
+        (make_settings(mailcow_url="http://127.0.0.1:9", mailcow_api_key="k", queue_evidence_budget_seconds=1), True),
+    ],
+    ids=["nothing-to-wait-for", "diagnosis", "mail-queue"],
+)
+def test_evidence_that_waits_on_io_is_gathered_in_a_thread_and_only_then(
+    backend: str, client: TestClient, auth: Callable[..., dict[str, str]], monkeypatch: pytest.MonkeyPatch, io: bool
+) -> None:
+    """Without a diagnosis and a mail queue to read, the evidence is put together on the event loop (a hop to
+    a thread and back cost more than the rest of it); anything that waits on I/O runs in a thread."""
+    if backend != "postgres":
+        pytest.skip("the one-statement create is PostgreSQL's")
+    hops: list[Any] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting(function: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(function, "__qualname__", "").startswith("create_override_at_once."):
+            hops.append(function)
+        return await run_sync(function, *args, **kwargs)
+
+    looked: list[bool] = []  # for each look at the database or a key file: was it on the event loop?
+
+    def watched(original: Callable[..., Any]) -> Callable[..., Any]:
+        def look(*args: Any) -> Any:
+            looked.append(_on_the_event_loop())
+            return original(*args)
+
+        return look
+
+    async def no_network(*args: Any) -> Any:
+        raise RuntimeError("no DNS in this test")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    for module, name in ((evidence_module, "reading"), (queue_module, "reading"), (queue_module, "configured_targets")):
+        monkeypatch.setattr(module, name, watched(getattr(module, name)))
+    monkeypatch.setattr(evidence_module, "diagnose_within_budget", no_network)
+    created = _post(client, auth("alice", "requester"))
+    assert created.status_code == 201, created.text
+    assert len(hops) == io
+    assert looked if io else not looked
+    assert not any(looked), "I/O on the event loop"
+    answer = created.json()
+    if io:  # what the I/O found (nothing answers here): recorded with the request, which was not held up
+        assert "failed" in str(answer["diagnosis"]) or "could not be read" in str(answer["queue"]), answer
