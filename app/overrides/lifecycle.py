@@ -8,6 +8,7 @@ Services never commit: the caller's unit of work does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, Protocol, TypeVar
@@ -116,18 +117,17 @@ END_STATE: dict[EndReason, OverrideState] = {
 }
 
 
+_SNAPSHOT = ("state", "version", "target", "destination", "policy", "parameters", "expires_at", "mailcow_id")
+
+
 def snapshot(override: Override) -> dict[str, Any]:
     """The fields an audit entry shows before/after a change."""
-    return {
-        "state": override.state.value,
-        "version": override.version,
-        "target": override.target,
-        "destination": override.destination,
-        "policy": override.policy,
-        "parameters": override.parameters,
-        "expires_at": override.expires_at,
-        "mailcow_id": override.mailcow_id,
-    }
+    return snapshot_of({name: getattr(override, name) for name in _SNAPSHOT})
+
+
+def snapshot_of(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`snapshot` of an override's column values (a new override's, which need not be an `Override`)."""
+    return {name: OverrideState(values[name]).value if name == "state" else values[name] for name in _SNAPSHOT}
 
 
 def transition(

@@ -27,7 +27,7 @@ from app.core.text import decode_cursor
 from app.overrides import reads
 from app.overrides.decisions import approvals_needed
 from app.overrides.evidence import Evidence, Found, WouldBlock
-from app.overrides.lifecycle import find_live, snapshot
+from app.overrides.lifecycle import find_live, snapshot_of
 from app.overrides.models import Override, OverrideState, Vote
 from app.overrides.permissions import ActionContext, refuse, visible_to
 from app.overrides.postfix import PolicyInputError, normalise_destination
@@ -50,7 +50,8 @@ def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, 
     if refused is not None:
         _refuse_if_live(session, *request[:2])  # a 409 comes before the 400
         raise refused
-    override = _new_override(ctx, body, request, found)
+    values = _new_values(ctx, body, request, found)
+    override = Override(**values)
     session.add(override)
     try:
         session.flush()
@@ -59,8 +60,8 @@ def create_override(session: Session, ctx: ActionContext, body: OverrideCreate, 
         # INSERT, one round trip less), also against a request that raced this one. Name the override.
         session.rollback()
         _refuse_if_live(session, *request[:2])
-        raise _live_conflict(override) from exc
-    for entry in _created_entries(ctx, body, request, override):
+        raise _live_conflict(*request[:2]) from exc
+    for entry in _created_entries(ctx, body, request, values):
         record(session, override_id=override.id, **entry)
     return override
 
@@ -92,18 +93,17 @@ async def create_override_at_once(
     if refused is not None:
         await _refuse_if_live_at_once(db, target, destination)
         raise refused
-    override = _new_override(ctx, body, request, found)
-    entries = [new_entry(**entry) for entry in _created_entries(ctx, body, request, override)]
-    params = {c.key: getattr(override, c.key) for c in _INSERTED}
+    values = _new_values(ctx, body, request, found)  # the columns' values; no `Override` is needed here
+    entries = [new_entry(**entry) for entry in _created_entries(ctx, body, request, values)]
     try:
         rows = await db.write(
             _created_statement(len(entries)),
-            params | append_parameters(entries, about_subject=True),
+            values | append_parameters(entries, about_subject=True),
             lambda rows: check_appended(entries, rows),
         )
     except IntegrityError as exc:
         await _refuse_if_live_at_once(db, target, destination)
-        raise _live_conflict(override) from exc
+        raise _live_conflict(target, destination) from exc
     return cast(Answered, rows[0])
 
 
@@ -121,16 +121,17 @@ def _refused(findings: list[dict[str, Any]] | None) -> InvalidInput | None:
     )
 
 
-def _new_override(
+def _new_values(
     ctx: ActionContext, body: OverrideCreate, request: Request, found: tuple[Found, dict[str, Any] | None]
-) -> Override:
+) -> dict[str, Any]:
+    """A new override's value of every column but the id (those it does not set: the column's default)."""
     principal, settings = ctx.principal, ctx.settings
     target, destination, parameters, duration = request
     (diagnosis, findings), queue = found
     now = utcnow()
     required = approvals_needed(body.policy, settings)
     auto = required == 0
-    return Override(
+    return _DEFAULTS | dict(
         target=target,
         destination=destination,
         policy=body.policy,
@@ -156,7 +157,7 @@ def _new_override(
 
 
 def _created_entries(
-    ctx: ActionContext, body: OverrideCreate, request: Request, override: Override
+    ctx: ActionContext, body: OverrideCreate, request: Request, values: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """The audit entries of a new override (`record`'s arguments but its id): created, and auto-approved."""
     principal = ctx.principal
@@ -165,29 +166,29 @@ def _created_entries(
             "actor": principal.actor,
             "via": principal.via,
             "action": "override.created",
-            "after": snapshot(override)
+            "after": snapshot_of(values)
             | {
                 "duration": body.duration or request[3],
-                "justification": override.justification,
-                "ticket": override.ticket,
+                "justification": values["justification"],
+                "ticket": values["ticket"],
             },
-            "comment": override.justification,
+            "comment": values["justification"],
         }
     ]
-    if override.approvals_required == 0:
+    if values["approvals_required"] == 0:
         entries.append(
             {
                 "actor": "system",
                 "action": "override.auto_approved",
-                "after": snapshot(override),
+                "after": snapshot_of(values),
                 "comment": f"policy {body.policy} is stronger than the default",
             }
         )
     return entries
 
 
-def _live_conflict(override: Override) -> Conflict:
-    return Conflict(f"A live override for {override.destination} on {override.target} already exists.")
+def _live_conflict(target: str, destination: str) -> Conflict:
+    return Conflict(f"A live override for {destination} on {target} already exists.")
 
 
 def _refuse_if_live(session: Session, target: str, destination: str) -> None:
@@ -210,6 +211,8 @@ def _refuse_live(existing: tuple[int | None, str] | None, target: str, destinati
 
 _OVERRIDE = Override.__table__  # type: ignore[attr-defined]
 _INSERTED = tuple(c for c in _OVERRIDE.c if c.key != "id")
+# What a new `Override` holds in the columns `_new_values` does not set (none has a default factory).
+_DEFAULTS = {c.key: field.get_default() for c in _INSERTED if not (field := Override.model_fields[c.key]).is_required()}
 _QUOTE = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
 _INSERT = (
     f"INSERT INTO {_QUOTE(_OVERRIDE.name)} ({', '.join(_QUOTE(c.name) for c in _INSERTED)}) "  # noqa: S608
