@@ -14,7 +14,7 @@ from app.audit.chain import as_dict
 from app.audit.schemas import EventRead
 from app.audit.service import iter_events
 from app.core.auth import CurrentPrincipal, Principal
-from app.core.db import SessionDep, async_statements, read_rows
+from app.core.db import SessionDep, async_statements, read_rows, request_session
 from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
@@ -145,24 +145,26 @@ def _context(
 async def create_override(
     request: Request,
     body: OverrideCreate,
-    session: SessionDep,
     principal: CurrentPrincipal,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Ask for a temporary TLS policy override. The domain is diagnosed and the evidence stored with it."""
-    ctx = _context(request, principal, session, body, idempotency_key)
     state = request.app.state
     evidence = Evidence(state.diagnosis_limiter, state.recent_diagnoses, queue_reader=state.queue_reader)
     db = async_statements(request)
-    if db is None or ctx.idempotency is not None:
+    if db is None or idempotency_key is not None:
         # SQLite, or a key to claim first (app/core/idempotency.py): the ORM's path in the thread pool, in
-        # the request's session (`SessionDep` commits it before the answer, as for every other change).
-        def create() -> Override:
-            return service.create_override(session, ctx, body, evidence)
+        # the request's session, committed before the answer as `SessionDep` commits every other change.
+        async with request_session(request) as session:
+            ctx = _context(request, principal, session, body, idempotency_key)
 
-        return await run_in_threadpool(_answer, session, ctx, response, create, 201)
-    # The request's session stays unused (no transaction: `SessionDep` ends it without a round trip).
+            def create() -> Override:
+                return service.create_override(session, ctx, body, evidence)
+
+            return await run_in_threadpool(_answer, session, ctx, response, create, 201)
+    # One statement in a transaction of its own (`AsyncReads.write`): no session.
+    ctx = _context(request, principal, None, body, None)
     override = await service.create_override_at_once(db, ctx, body, evidence)
     return _json(_OVERRIDE_JSON, answer_once(None, response, 201, OverrideRead, lambda: _created(override)), response)
 
