@@ -7,6 +7,7 @@ check does not hold the audit chain meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -22,7 +23,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
 from app.core.db import AsyncReads, close_async_reads
+from app.overrides import evidence as evidence_module
 from app.overrides import router, service
+from app.targets import queue as queue_module
 from tests.helpers import VALID_REQUEST, LiveServer, counts, make_settings
 
 NOW = datetime(2026, 12, 7, 9, 30, 1, 250000, tzinfo=UTC)
@@ -311,3 +314,62 @@ async def test_a_write_whose_prepared_statement_is_gone_fails_once_and_writes_no
         assert [row.id for row in await reads.write(statement, {"id": 1}, lambda rows: None)] == [1]
     finally:
         await reads.close()
+
+
+def _on_the_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("settings", "io"),
+    [
+        (make_settings(), False),
+        (make_settings(diagnosis_on_create=True), True),
+        (make_settings(mailcow_url="http://127.0.0.1:9", mailcow_api_key="k", queue_evidence_budget_seconds=1), True),
+    ],
+    ids=["nothing-to-wait-for", "diagnosis", "mail-queue"],
+)
+def test_evidence_that_waits_on_io_is_gathered_in_a_thread_and_only_then(
+    backend: str, client: TestClient, auth: Callable[..., dict[str, str]], monkeypatch: pytest.MonkeyPatch, io: bool
+) -> None:
+    """Without a diagnosis and a mail queue to read, the evidence is put together on the event loop (a hop to
+    a thread and back cost more than the rest of it); anything that waits on I/O runs in a thread."""
+    if backend != "postgres":
+        pytest.skip("the one-statement create is PostgreSQL's")
+    hops: list[Any] = []
+    run_sync = service.anyio.to_thread.run_sync
+
+    async def counting(function: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(function, "__qualname__", "").startswith("create_override_at_once."):
+            hops.append(function)
+        return await run_sync(function, *args, **kwargs)
+
+    looked: list[bool] = []  # for each look at the database or a key file: was it on the event loop?
+
+    def watched(original: Callable[..., Any]) -> Callable[..., Any]:
+        def look(*args: Any) -> Any:
+            looked.append(_on_the_event_loop())
+            return original(*args)
+
+        return look
+
+    async def no_network(*args: Any) -> Any:
+        raise RuntimeError("no DNS in this test")
+
+    monkeypatch.setattr(service.anyio.to_thread, "run_sync", counting)
+    monkeypatch.setattr(evidence_module, "reading", watched(evidence_module.reading))
+    monkeypatch.setattr(queue_module, "reading", watched(queue_module.reading))
+    monkeypatch.setattr(queue_module, "configured_targets", watched(queue_module.configured_targets))
+    monkeypatch.setattr(evidence_module, "diagnose_within_budget", no_network)
+    created = _post(client, auth("alice", "requester"))
+    assert created.status_code == 201, created.text
+    assert len(hops) == io
+    assert looked if io else not looked
+    assert not any(looked), "I/O on the event loop"
+    answer = created.json()
+    if io:  # what the I/O found (nothing answers here): recorded with the request, which was not held up
+        assert "failed" in str(answer["diagnosis"]) or "could not be read" in str(answer["queue"]), answer
