@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import psycopg
 import pytest
@@ -341,7 +342,7 @@ def test_evidence_that_waits_on_io_is_gathered_in_a_thread_and_only_then(
     if backend != "postgres":
         pytest.skip("the one-statement create is PostgreSQL's")
     hops: list[Any] = []
-    run_sync = service.anyio.to_thread.run_sync
+    run_sync = anyio.to_thread.run_sync
 
     async def counting(function: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(function, "__qualname__", "").startswith("create_override_at_once."):
@@ -360,10 +361,9 @@ def test_evidence_that_waits_on_io_is_gathered_in_a_thread_and_only_then(
     async def no_network(*args: Any) -> Any:
         raise RuntimeError("no DNS in this test")
 
-    monkeypatch.setattr(service.anyio.to_thread, "run_sync", counting)
-    monkeypatch.setattr(evidence_module, "reading", watched(evidence_module.reading))
-    monkeypatch.setattr(queue_module, "reading", watched(queue_module.reading))
-    monkeypatch.setattr(queue_module, "configured_targets", watched(queue_module.configured_targets))
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    for module, name in ((evidence_module, "reading"), (queue_module, "reading"), (queue_module, "configured_targets")):
+        monkeypatch.setattr(module, name, watched(getattr(module, name)))
     monkeypatch.setattr(evidence_module, "diagnose_within_budget", no_network)
     created = _post(client, auth("alice", "requester"))
     assert created.status_code == 201, created.text
