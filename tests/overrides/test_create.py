@@ -71,11 +71,15 @@ def _without(answer: str, override_id: int, destination: str) -> str:
     return answer.replace(destination, "DEST")
 
 
-@pytest.mark.parametrize(
+# A request that waits for review, and one approved at once (its second audit entry).
+PENDING_AND_AUTO_APPROVED = pytest.mark.parametrize(
     "settings",
     [make_settings(), make_settings(auto_approve_policies=["encrypt"])],
     ids=["pending", "auto-approved"],
 )
+
+
+@PENDING_AND_AUTO_APPROVED
 def test_the_answer_is_the_override_as_it_reads(
     client: TestClient, auth: Callable[..., dict[str, str]], frozen: None
 ) -> None:
@@ -96,11 +100,7 @@ def test_the_answer_is_the_override_as_it_reads(
     assert verified["valid"] is True, verified
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [make_settings(), make_settings(auto_approve_policies=["encrypt"])],
-    ids=["pending", "auto-approved"],
-)
+@PENDING_AND_AUTO_APPROVED
 def test_both_paths_answer_and_record_alike(
     backend: str,
     client: TestClient,
@@ -245,11 +245,7 @@ def _stored(engine: Engine, override_id: int, destination: str) -> tuple[str, li
         return _without(row, override_id, destination), [_without(text, override_id, destination) for text in trail]
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [make_settings(), make_settings(auto_approve_policies=["encrypt"])],
-    ids=["pending", "auto-approved"],
-)
+@PENDING_AND_AUTO_APPROVED
 def test_each_connection_prepares_the_statement_once_and_stores_the_orms_rows(
     backend: str,
     app: Any,
