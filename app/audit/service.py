@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import event
 from sqlmodel import Session, col, select
 
-from app.audit.chain import Entry, as_dict, chain_hash, new_entry
+from app.audit.chain import Entry, as_dict, canonical, chain_hash, new_entry
 from app.audit.export import ExportFormatError
 from app.audit.models import GENESIS_HASH, AuditEvent, AuditHead
 from app.audit.signing import CHECKPOINT_ACTION, Checkpoint, PublicKey
@@ -106,18 +106,33 @@ def _row(entry: Entry, seq: int, at: datetime, prev_hash: str) -> dict[str, Any]
 # once the lock is held, as Python's was before: the times stay in sequence order).
 # sha256(prev_hash "\n" {"action":…,"actor":…,"after":…,"at":"<at>","before":…,"comment":…,
 #        "override_id":…,"prev_hash":"<prev_hash>","seq":<seq>,"via":…})
-# The rows come back and Python checks each hash the reference way (`chain_hash`): a difference fails the
-# commit instead of storing a row that would not verify.
+# Nothing that would not verify is stored, and the statement needs no look from Python before its COMMIT
+# (app/core/db.py `AsyncReads.write` sends both at once):
+# - the pieces are checked before the statement is sent: joined around sample values they must be the
+#   canonical text of that sample row (`_check_pieces`); they do not depend on the values put between them;
+# - the values the server puts between them are an integer's text (`seq`, the override's id), the head's
+#   hash as stored, and `at`'s text, which the statement checks itself (`_AT_CHECKED`): it must have the shape
+#   `datetime.isoformat()` gives an aware UTC time, six digits of fraction exactly when there are
+#   microseconds, and read back as `at` itself; else the statement fails (a cast that cannot succeed, whose
+#   message says why) and nothing is written.
+# Rows appended in the ORM's transaction (`_append_in_one_statement`) are also re-hashed the reference way
+# (`chain_hash`) before its COMMIT.
 _AT_TEXT = (
     "to_char(ts, 'YYYY-MM-DD\"T\"HH24:MI:SS')"
     " || CASE WHEN mod(extract(microseconds FROM ts)::bigint, 1000000) = 0 THEN '' ELSE to_char(ts, '.US') END"
     " || '+00:00'"  # as datetime.isoformat() writes an aware UTC time
 )
+_AT_CHECKED = (
+    "t.at_text ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}([.][0-9]{6})?[+]00:00$'"
+    " AND t.at_text !~ '[.]000000[+]' AND CAST(t.at_text AS TIMESTAMPTZ) AT TIME ZONE 'UTC' = t.ts"
+)
 # Built from these constants and row numbers only (no value is ever formatted into the SQL: all are bound).
 _ROW_CTE = (
     "r{i} AS (SELECT p.seq + 1 AS seq, p.hash AS prev_hash, t.ts AS at, {override_id} AS override_id,"  # noqa: S608
-    " encode(sha256(convert_to(p.hash, 'UTF8') || :a{i} || convert_to(t.at_text, 'UTF8') || {b}"
-    " || convert_to(p.hash, 'UTF8') || :c || convert_to((p.seq + 1)::text, 'UTF8') || :d{i}), 'hex') AS hash"
+    " CASE WHEN {checked} THEN encode(sha256(convert_to(p.hash, 'UTF8') || :a{i} || convert_to(t.at_text, 'UTF8')"
+    " || {b} || convert_to(p.hash, 'UTF8') || :c || convert_to((p.seq + 1)::text, 'UTF8') || :d{i}), 'hex')"
+    " ELSE CAST('the audit time ' || t.at_text || ' is not as Python writes it: nothing was written' AS INTEGER)::text"
+    " END AS hash"
     f" FROM {{prev}} AS p{{subject}}, (SELECT ts, {_AT_TEXT} AS at_text"
     " FROM (SELECT clock_timestamp() AT TIME ZONE 'UTC' AS ts) AS n) AS t)"
 )
@@ -152,6 +167,7 @@ def _chain(count: int, *, about_subject: bool) -> str:
                 i=i,
                 override_id=override_id.format(i=i),
                 b=b.format(i=i),
+                checked=_AT_CHECKED,
                 prev="head" if i == 0 else f"r{i - 1}",
                 subject=subject,
             )
@@ -180,7 +196,8 @@ def append_with(subject: str, count: int) -> str:
     with its `id`) and appends `count` audit entries about it (their `override_id` is the new row's id,
     which only the INSERT decides: the hashed text is put together around it too). Its rows: the
     subject's columns with `audit_seq`, `audit_at`, `audit_prev_hash`, `audit_hash`, one row per entry in
-    sequence order. Parameters: `append_parameters`; check the rows with `check_appended` before COMMIT.
+    sequence order. Parameters: `append_parameters`. It checks itself: it may be committed with no look at
+    its rows (see `_AT_CHECKED`).
 
     The head is locked only once the row is inserted (`EXISTS (SELECT FROM subject)` is a one-time filter,
     evaluated before the head is scanned), the order the ORM's path takes them in: a request that waits on
@@ -217,6 +234,7 @@ def append_parameters(pending: Sequence[Entry], *, about_subject: bool = False) 
             ).encode()
             params[f"override_id{i}"] = entry.override_id
         params[f"d{i}"] = ("," + _json_text({"via": entry.via})[1:]).encode()
+        _check_pieces(entry, params, i, about_subject)
         params |= {
             f"actor{i}": entry.actor,
             f"via{i}": entry.via,
@@ -229,20 +247,33 @@ def append_parameters(pending: Sequence[Entry], *, about_subject: bool = False) 
     return params
 
 
+# Sample values of what only the statement decides, each written as the server writes it (see `_AT_CHECKED`).
+_SAMPLE_AT, _SAMPLE_SEQ, _SAMPLE_ID, _SAMPLE_HASH = datetime(2000, 1, 2, 3, 4, 5, 6, tzinfo=UTC), 7, 11, "f" * 64
+_SAMPLE_AT_TEXT = _SAMPLE_AT.isoformat()
+
+
+def _check_pieces(entry: Entry, params: dict[str, Any], i: int, about_subject: bool) -> None:
+    """Raise unless entry `i`'s pieces, joined around sample values as the statement joins them, are the
+    canonical text of that sample row (`chain_hash` hashes the previous hash, a newline and that text)."""
+    at, prev = _SAMPLE_AT_TEXT.encode(), _SAMPLE_HASH.encode()
+    if about_subject:
+        entry = replace(entry, override_id=_SAMPLE_ID)
+        subject = b"%d%b" % (_SAMPLE_ID, params[f"e{i}"])
+    else:
+        subject = b""
+    joined = (
+        params[f"a{i}"] + at + params[f"b{i}"] + subject + prev + params["c"] + b"%d" % _SAMPLE_SEQ + params[f"d{i}"]
+    )
+    sample = _row(entry, _SAMPLE_SEQ, _SAMPLE_AT, _SAMPLE_HASH) | {"at": _SAMPLE_AT_TEXT}
+    if joined != b"\n" + canonical(sample):
+        raise RuntimeError(f"the audit entry {entry.action} would not hash as it verifies; nothing was written")
+
+
 def _check_written(pending: Sequence[Entry], written: Iterable[tuple[int, datetime, str, str]]) -> None:
     for entry, (seq, at, prev_hash, digest) in zip(pending, written, strict=True):
         row = _row(entry, seq, at.replace(tzinfo=UTC), prev_hash)
         if chain_hash(prev_hash, row | {"at": row["at"].isoformat()}) != digest:
             raise RuntimeError(f"the audit row {seq} was hashed differently by the database; nothing was written")
-
-
-def check_appended(pending: Sequence[Entry], rows: Sequence[Any]) -> None:
-    """Raise unless each row of `append_with`'s statement holds the hash of its entry (about the subject
-    row the statement inserted), recomputed the reference way."""
-    _check_written(
-        [replace(entry, override_id=row.id) for entry, row in zip(pending, rows, strict=True)],
-        ((row.audit_seq, row.audit_at, row.audit_prev_hash, row.audit_hash) for row in rows),
-    )
 
 
 def _append_in_one_statement(connection: sa.Connection, pending: list[Entry]) -> None:

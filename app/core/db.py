@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 import time
@@ -16,7 +15,6 @@ from typing import Annotated, Any
 
 import psycopg
 from fastapi import Depends, Request
-from psycopg.adapt import Transformer
 from sqlalchemy import DateTime, Select, event
 from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import DBAPIError, StatementError
@@ -266,51 +264,37 @@ _PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")  # psycopg's pyformat: a named para
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    """A statement that writes, prepared on each connection once: `PREPARE name AS` its text with numbered
-    parameters, then `execute` with the values in `order`."""
+class _Numbered:
+    """A statement's text with numbered parameters (`$1` is the first), as the server takes them, and the
+    parameters' names in that order. A raw cursor sends it as it is: psycopg does not split it anew on each
+    call (it caches that only up to 50 parameters), and it binds the values itself."""
 
-    name: str
-    prepare: str
-    execute: bytes
-    order: tuple[str, ...]  # the parameters' names, by number ($1 is the first)
+    text: str
+    order: tuple[str, ...]
 
     @classmethod
-    def of(cls, sql: str) -> _Prepared:
+    def of(cls, sql: str) -> _Numbered:
         numbers: dict[str, int] = {}
 
         def numbered(match: re.Match[str]) -> str:
             name = match.group(1)
             return "%" if name is None else f"${numbers.setdefault(name, len(numbers) + 1)}"
 
-        text = _PLACEHOLDER.sub(numbered, sql)
-        name = "tlso_" + hashlib.sha256(text.encode()).hexdigest()[:24]  # the same text, the same name
-        return cls(name, f"PREPARE {name} AS {text}", f"BEGIN; EXECUTE {name}".encode(), tuple(numbers))
-
-    def execute_with(self, conn: psycopg.AsyncConnection[Any], values: dict[str, Any]) -> bytes:
-        """`BEGIN; EXECUTE name(values)`, each value as the literal psycopg's client-side binding makes of it.
-        (Put together here rather than by a client cursor's `execute(query, values)`: psycopg caches how it
-        splits a query only up to 50 parameters, and splitting it anew costs more than quoting the values.)"""
-        if not self.order:
-            return self.execute
-        literal = Transformer(conn).as_literal
-        quoted = [b"NULL" if (value := values[name]) is None else literal(value) for name in self.order]
-        return b"%b(%b)" % (self.execute, b", ".join(quoted))
+        return cls(_PLACEHOLDER.sub(numbered, sql), tuple(numbers))
 
 
 class _Pooled:
     """A connection of `AsyncReads` with its cursors, made once (a cursor per statement costs more than the
     statement's own work here; an idle cursor keeps its last result, one page at most, until its next
-    statement), and the names of the statements prepared on it (they live and die with the connection)."""
+    statement)."""
 
-    __slots__ = ("born", "conn", "cursor", "prepared", "writer")
+    __slots__ = ("born", "conn", "cursor", "writer")
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.conn = conn
         self.cursor = conn.cursor()
-        self.writer = psycopg.AsyncClientCursor(conn)
+        self.writer = psycopg.AsyncRawCursor(conn)
         self.born = time.monotonic()
-        self.prepared: set[str] = set()
 
 
 class AsyncReads:
@@ -341,7 +325,7 @@ class AsyncReads:
         self._idle: list[_Pooled] = []
         self._recycle = recycle
         self._compiled: dict[Select[Any] | TextualSelect, _Compiled] = {}
-        self._prepared: dict[str, _Prepared] = {}  # by the compiled statement's text
+        self._numbered: dict[str, _Numbered] = {}  # by the compiled statement's text
 
     def _compile(self, statement: Select[Any] | TextualSelect) -> _Compiled:
         compiled = self._compiled.get(statement)
@@ -378,44 +362,26 @@ class AsyncReads:
         compiled = self._compile(statement)
         return self._made(compiled, await self._run(compiled, compiled.parameters(parameters)))
 
-    async def write(
-        self, statement: Select[Any] | TextualSelect, parameters: dict[str, Any], check: Callable[[list[Any]], None]
-    ) -> list[Any]:
-        """The rows of one statement that writes, in a transaction of its own that commits only if `check`
-        accepts its rows (else it raises, and nothing was written): two round trips, BEGIN and the statement
-        in one message, then COMMIT.
+    async def write(self, statement: Select[Any] | TextualSelect, parameters: dict[str, Any]) -> list[Any]:
+        """The rows of one statement that writes, in one round trip: in autocommit, the statement is a
+        transaction of its own, committed (its WAL flushed) before its answer comes back. So the statement
+        must refuse in itself, by raising, whatever must not be stored: nothing is looked at between it and
+        the COMMIT (nor held, its locks included, while this side's event loop gets back to it).
 
-        The statement is prepared once per connection (`PREPARE`, a round trip of its own on the
-        connection's first use of it); each write sends `BEGIN; EXECUTE name(values)`, the values bound on
-        this side as psycopg's client-side cursor binds them (the only way to send BEGIN with it without
-        psycopg's pipeline, which polls the socket on the event loop until the answer comes). The server
-        parses and plans the long statement once per connection instead of once per write."""
+        The statement is prepared once per connection by psycopg (`prepare=True`: parsed and planned once,
+        then only bound and executed; psycopg prepares it again on a connection that lost it to `DEALLOCATE
+        ALL` or `DISCARD ALL`), its values bound by psycopg's own dumpers."""
         compiled = self._compile(statement)
-        prepared = self._prepared.get(compiled.sql)
-        if prepared is None:
-            prepared = self._prepared[compiled.sql] = _Prepared.of(compiled.sql)
+        numbered = self._numbered.get(compiled.sql)
+        if numbered is None:
+            numbered = self._numbered[compiled.sql] = _Numbered.of(compiled.sql)
 
-        async def in_transaction(pooled: _Pooled, values: dict[str, Any]) -> list[Any]:
-            if prepared.name not in pooled.prepared:  # a new connection (or a recycled one) has none
-                await pooled.cursor.execute(prepared.prepare)
-                pooled.prepared.add(prepared.name)
+        async def at_once(pooled: _Pooled, values: dict[str, Any]) -> list[Any]:
             writer = pooled.writer
-            try:
-                await writer.execute(prepared.execute_with(pooled.conn, values))
-                writer.nextset()  # past BEGIN's result
-                rows = self._made(compiled, await writer.fetchall())
-                check(rows)
-                await writer.execute("COMMIT")
-            except Exception as exc:
-                conn = pooled.conn
-                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE and not conn.broken:
-                    await writer.execute("ROLLBACK")
-                if isinstance(exc, psycopg.errors.InvalidSqlStatementName):  # gone after all: prepared again next
-                    pooled.prepared.clear()
-                raise
-            return rows
+            await writer.execute(numbered.text, [values[name] for name in numbered.order], prepare=True)
+            return await writer.fetchall()
 
-        return await self._run(compiled, compiled.parameters(parameters), in_transaction)
+        return self._made(compiled, await self._run(compiled, compiled.parameters(parameters), at_once))
 
     async def _run(
         self,
@@ -444,16 +410,16 @@ class AsyncReads:
             except psycopg.Error as exc:
                 # A lost connection: like the engine's pool, drop every idle one too (they are as dead).
                 invalidated = conn.broken or isinstance(exc, psycopg.OperationalError)
-                if invalidated:
+                if invalidated or isinstance(exc, psycopg.errors.InvalidSqlStatementName):
+                    # Or one whose prepared statements went behind psycopg's back (a pooler, DISCARD ALL through
+                    # another path): psycopg would name the one it thinks it has again, and fail again.
                     await conn.close()
-                    await self.close()
+                    if invalidated:
+                        await self.close()
                 else:
                     self._idle.append(pooled)
                 raise self._error(exc, compiled, parameters, invalidated=invalidated) from exc
-            except Exception:  # the check refused the rows: the transaction was rolled back
-                self._idle.append(pooled)
-                raise
-            except BaseException:  # cancelled mid-statement: the connection's state is unknown, not reused
+            except BaseException:  # cancelled mid-statement, or else: the connection's state is unknown, not reused
                 await conn.close()
                 raise
             self._idle.append(pooled)

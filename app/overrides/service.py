@@ -18,7 +18,7 @@ from sqlalchemy.sql.selectable import TextualSelect
 from sqlmodel import Session, col, select
 
 from app.audit.chain import new_entry
-from app.audit.service import append_parameters, append_with, check_appended, record
+from app.audit.service import append_parameters, append_with, record
 from app.core.auth import Principal
 from app.core.db import AsyncReads, UTCDateTime, utcnow
 from app.core.errors import Conflict, FieldError, InvalidInput
@@ -70,8 +70,8 @@ async def create_override_at_once(
     db: AsyncReads, ctx: ActionContext, body: OverrideCreate, evidence: Evidence
 ) -> Answered:
     """`create_override` on PostgreSQL without an Idempotency-Key, from the event loop: the override and
-    its audit entries are one statement (`append_with`) in a transaction of its own, two round trips
-    (the statement, COMMIT) and no thread; the evidence is gathered in a thread if that means I/O.
+    its audit entries are one statement (`append_with`) in a transaction of its own, one round trip and
+    no thread; the evidence is gathered in a thread if that means I/O.
     The same checks in the same order, the same rows, the same answer (tests/overrides/test_create.py)."""
     principal = ctx.principal
     if not principal.has("requester", "admin"):
@@ -96,11 +96,7 @@ async def create_override_at_once(
     values = _new_values(ctx, body, request, found)  # the columns' values; no `Override` is needed here
     entries = [new_entry(**entry) for entry in _created_entries(ctx, body, request, values)]
     try:
-        rows = await db.write(
-            _created_statement(len(entries)),
-            values | append_parameters(entries, about_subject=True),
-            lambda rows: check_appended(entries, rows),
-        )
+        rows = await db.write(_created_statement(len(entries)), values | append_parameters(entries, about_subject=True))
     except IntegrityError as exc:
         await _refuse_if_live_at_once(db, target, destination)
         raise _live_conflict(target, destination) from exc

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from app.audit import service as audit_service
 from app.audit.chain import as_dict, chain_hash
 from app.audit.models import AuditEvent
 from app.audit.schemas import EventPage, EventRead
@@ -421,3 +422,42 @@ def test_rows_stored_in_another_json_form_verify_the_reference_way(client: Any, 
         )
     result = _verify(client, auth)
     assert (result["valid"], result["first_broken"], result["reason"]) == (False, 1, "hash does not match content")
+
+
+def test_the_statement_writes_times_as_python_and_refuses_any_other_text(
+    engine: Engine, backend: str, subtests: Any
+) -> None:
+    """`at`'s text as the one-statement append writes it is `datetime.isoformat()`'s, and its check
+    (what lets it commit with no look from Python) accepts that text only."""
+    if backend != "postgres":
+        pytest.skip("the one-statement append is PostgreSQL's")
+    written = sa.text(f"SELECT {audit_service._AT_TEXT} FROM (SELECT CAST(:ts AS TIMESTAMP) AS ts) AS n")
+    checked = sa.text(
+        f"SELECT {audit_service._AT_CHECKED} FROM (SELECT CAST(:ts AS TIMESTAMP) AS ts, "
+        "CAST(:text AS VARCHAR) AS at_text) AS t"
+    )
+    times = [
+        datetime(2026, 12, 7, 9, 30, 1, 0, tzinfo=UTC),
+        datetime(2026, 12, 7, 9, 30, 1, 1, tzinfo=UTC),
+        datetime(2026, 12, 7, 9, 30, 1, 250000, tzinfo=UTC),
+        datetime(2028, 2, 29, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1999, 1, 1, 0, 0, 0, 10, tzinfo=UTC),
+    ]
+    with engine.connect() as conn:
+        for at in times:
+            naive, text = at.replace(tzinfo=None), at.isoformat()
+            with subtests.test(at=text):
+                assert conn.execute(written, {"ts": naive}).scalar_one() == text
+                assert conn.execute(checked, {"ts": naive, "text": text}).scalar_one() is True
+                others = [
+                    text.replace("T", " "),
+                    text.replace("+00:00", "Z"),
+                    text.replace("+00:00", "+01:00"),
+                    (at + timedelta(microseconds=1)).isoformat(),
+                    at.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+                    if at.microsecond == 0
+                    else at.strftime("%Y-%m-%dT%H:%M:%S+00:00"),
+                    at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-1] + "+00:00",
+                ]
+                for other in others:
+                    assert conn.execute(checked, {"ts": naive, "text": other}).scalar_one() is False, other

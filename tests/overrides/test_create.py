@@ -17,12 +17,12 @@ from typing import Any
 
 import anyio.to_thread
 import httpx
-import psycopg
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
+from app.audit import service as audit_service
 from app.core.db import AsyncReads, close_async_reads
 from app.overrides import evidence as evidence_module
 from app.overrides import router, service
@@ -84,7 +84,7 @@ def test_the_answer_is_the_override_as_it_reads(
     client: TestClient, auth: Callable[..., dict[str, str]], frozen: None
 ) -> None:
     """The 201's body is `GET /v1/overrides/{id}`'s, byte for byte, and its ETag and Location are too."""
-    # Values bound on the client side (app/core/db.py `AsyncReads.write`) arrive as they were sent.
+    # Values bound by psycopg on a prepared statement (app/core/db.py `AsyncReads.write`) arrive as sent.
     justification = "It's 100 % broken: \\x00 ':id' %(x)s $1 ; -- \"Bücher\" ␀ " + "and stale."
     created = _post(
         client, auth("alice", "requester"), ticket_url="https://tickets.example/OPS-1", justification=justification
@@ -141,23 +141,41 @@ def test_both_paths_answer_and_record_alike(
     assert verified["valid"] is True, verified
 
 
-def test_a_statement_whose_audit_rows_do_not_check_out_writes_nothing(
+def _refused_then_created(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, client: TestClient, auth: Callable[..., Any]
+) -> None:
+    """A create under `monkeypatch`'s change is a 500 that writes nothing; without it, the chain goes on."""
+    before = counts(engine)
+    assert _post(client, auth("alice", "requester")).status_code == 500
+    assert counts(engine) == before
+    monkeypatch.undo()
+    monkeypatch.setattr(service, "_CREATED", {})  # the statement made anew, as it is
+    assert _post(client, auth("alice", "requester")).status_code == 201  # the head did not move
+    verified = client.get("/v1/audit/verify", headers=auth("erin", "auditor")).json()
+    assert verified["valid"] is True and verified["checked"] == before["audit_event"] + 1, verified
+
+
+def test_audit_pieces_that_would_not_hash_as_they_verify_are_never_sent(
     backend: str, engine: Engine, monkeypatch: pytest.MonkeyPatch, client: TestClient, auth: Callable[..., Any]
 ) -> None:
     if backend != "postgres":
         pytest.skip("the one-statement create is PostgreSQL's")
-    before = counts(engine)
+    # The pieces put together with JSON's default separators: not the canonical text's.
+    monkeypatch.setattr(audit_service, "_json_text", lambda value: json.dumps(value, sort_keys=True))
+    _refused_then_created(engine, monkeypatch, client, auth)
 
-    def refuse(entries: Any, rows: Any) -> None:
-        raise RuntimeError("the audit row was hashed differently by the database")
 
-    monkeypatch.setattr(service, "check_appended", refuse)
-    assert _post(client, auth("alice", "requester")).status_code == 500
-    assert counts(engine) == before
-    monkeypatch.undo()
-    assert _post(client, auth("alice", "requester")).status_code == 201  # the head did not move: the chain goes on
-    verified = client.get("/v1/audit/verify", headers=auth("erin", "auditor")).json()
-    assert verified["valid"] is True and verified["checked"] == before["audit_event"] + 1, verified
+def test_a_statement_whose_audit_time_would_not_verify_writes_nothing(
+    backend: str, engine: Engine, monkeypatch: pytest.MonkeyPatch, client: TestClient, auth: Callable[..., Any]
+) -> None:
+    """The statement commits with no look from Python: it refuses itself a time text that is not `at`'s."""
+    if backend != "postgres":
+        pytest.skip("the one-statement create is PostgreSQL's")
+    shifted = audit_service._ROW_CTE.replace("SELECT ts, to_char(ts,", "SELECT ts, to_char(ts + interval '1 second',")
+    assert shifted != audit_service._ROW_CTE
+    monkeypatch.setattr(audit_service, "_ROW_CTE", shifted)
+    monkeypatch.setattr(service, "_CREATED", {})
+    _refused_then_created(engine, monkeypatch, client, auth)
 
 
 def test_a_create_waiting_on_a_racing_insert_does_not_hold_the_chain(
@@ -220,7 +238,7 @@ async def test_a_write_that_fails_gives_its_connection_back_clean(engine: Engine
     reads = AsyncReads(engine, size=1)
     try:
         with pytest.raises(sa.exc.IntegrityError):  # the head exists: nothing is written
-            await reads.write(statement, {}, lambda rows: None)
+            await reads.write(statement, {})
         ok = sa.select(sa.literal(1, sa.Integer).label("one"))
         assert [row.one for row in await reads.rows(ok, {})] == [1]  # its one connection is back, usable
     finally:
@@ -245,6 +263,21 @@ def _stored(engine: Engine, override_id: int, destination: str) -> tuple[str, li
         return _without(row, override_id, destination), [_without(text, override_id, destination) for text in trail]
 
 
+def _prepared_creates(app: Any, client: TestClient) -> list[tuple[datetime, int]]:
+    """The create statements prepared on the app's one pooled connection: when, and how often executed."""
+
+    async def read() -> list[tuple[datetime, int]]:
+        [pooled] = app.state.tlso_async_reads._idle
+        cursor = await pooled.conn.execute(
+            "SELECT prepare_time, generic_plans + custom_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE 'WITH subject AS (INSERT INTO override %'"
+        )
+        return await cursor.fetchall()
+
+    prepared: list[tuple[datetime, int]] = client.portal.call(read)  # type: ignore[union-attr]
+    return prepared
+
+
 @PENDING_AND_AUTO_APPROVED
 def test_each_connection_prepares_the_statement_once_and_stores_the_orms_rows(
     backend: str,
@@ -254,22 +287,12 @@ def test_each_connection_prepares_the_statement_once_and_stores_the_orms_rows(
     auth: Callable[..., dict[str, str]],
     frozen: None,
     orm_path: Callable[[bool], None],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The statement is prepared on a connection once, and each create after that on it (after a 409 too,
     whose transaction was rolled back) stores the ORM's rows, byte for byte; so does a new connection,
     which prepares it again."""
     if backend != "postgres":
         pytest.skip("the one-statement create is PostgreSQL's")
-    prepared: list[str] = []
-    execute = psycopg.AsyncCursor.execute
-
-    async def recording(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(query, str) and query.startswith("PREPARE "):
-            prepared.append(query.split()[1])
-        return await execute(cursor, query, *args, **kwargs)
-
-    monkeypatch.setattr(psycopg.AsyncCursor, "execute", recording)
     headers = auth("ticketing-sa", "integration", client_id="ticketing", on_behalf_of="carol")
 
     def created(destination: str) -> tuple[str, list[str]]:
@@ -281,34 +304,40 @@ def test_each_connection_prepares_the_statement_once_and_stores_the_orms_rows(
     reference = created("orm.example")
     orm_path(False)
     assert reference[1] and all(created(f"fast{i}.example") == reference for i in range(4))
-    assert len(prepared) == 1  # one connection (the requests came one after the other), one PREPARE
+    [(prepared_at, executed)] = _prepared_creates(app, client)  # one connection (one request at a time)
+    assert executed == 4  # prepared once, executed four times
     before = counts(engine)
     assert _post(client, headers, destination="fast0.example").status_code == 409
     assert counts(engine) == before
     assert created("after-conflict.example") == reference
-    assert len(prepared) == 1
+    assert _prepared_creates(app, client) == [(prepared_at, 6)]
     client.portal.call(close_async_reads, app.state)  # type: ignore[union-attr]
     assert created("new-connection.example") == reference
-    assert prepared == [prepared[0]] * 2  # the new connection prepared the same statement again
+    [(again_at, executed)] = _prepared_creates(app, client)
+    assert again_at > prepared_at and executed == 1  # the new connection prepared it again
 
 
-async def test_a_write_whose_prepared_statement_is_gone_fails_once_and_writes_nothing(
+async def test_a_connection_whose_prepared_statement_is_gone_fails_one_write_and_writes_nothing(
     engine: Engine, backend: str
 ) -> None:
+    """psycopg prepares a statement again after a `DEALLOCATE ALL` it sees; one done behind its back (a
+    pooler, say) fails that write, with nothing written, and the connection is not used again."""
     if backend != "postgres":
         pytest.skip("AsyncReads is PostgreSQL's")
-    statement = sa.text("UPDATE audit_head SET seq = seq WHERE id = :id RETURNING id").columns(
-        sa.column("id", sa.Integer)
+    statement = sa.text("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq").columns(
+        sa.column("seq", sa.Integer)
     )
     reads = AsyncReads(engine, size=1)
     try:
-        assert [row.id for row in await reads.write(statement, {"id": 1}, lambda rows: None)] == [1]
-        [(conn, *_)] = [(pooled.conn,) for pooled in reads._idle]
-        await conn.execute("DEALLOCATE ALL")  # as if the server had forgotten it
+        [(first,)] = await reads.write(statement, {})
+        [pooled] = reads._idle
+        await pooled.conn.execute("DEALLOCATE ALL")  # seen by psycopg: prepared again
+        assert await reads.write(statement, {}) == [(first + 1,)]
+        pooled.conn.pgconn.exec_(b"DEALLOCATE ALL")  # not seen
         with pytest.raises(sa.exc.ProgrammingError):
-            await reads.write(statement, {"id": 1}, lambda rows: None)
-        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        assert [row.id for row in await reads.write(statement, {"id": 1}, lambda rows: None)] == [1]
+            await reads.write(statement, {})
+        assert pooled.conn.closed and not reads._idle
+        assert await reads.write(statement, {}) == [(first + 2,)]  # on a new connection; nothing was written
     finally:
         await reads.close()
 
