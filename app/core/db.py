@@ -7,7 +7,7 @@ import json
 import re
 import time
 from collections import namedtuple
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -254,6 +254,7 @@ def _keeps_none(processor: Callable[[Any], Any]) -> bool:
 class _Compiled:
     sql: str
     parameters: Callable[[dict[str, Any]], dict[str, Any]]  # every parameter's value, as SQLAlchemy binds it
+    binders: Mapping[str, Callable[[Any], Any]]  # the bind processors `parameters` runs, by parameter
     row: type[tuple[Any, ...]]  # a named tuple class: the statement's column names
     # SQLAlchemy's own result processor of the columns that have one, by position, and whether it leaves
     # None as None (then a NULL need not go through it)
@@ -270,17 +271,22 @@ class _Numbered:
     call (it caches that only up to 50 parameters), and it binds the values itself."""
 
     text: str
-    order: tuple[str, ...]
+    order: tuple[tuple[str, Callable[[Any], Any] | None], ...]  # each parameter's name and bind processor
 
     @classmethod
-    def of(cls, sql: str) -> _Numbered:
+    def of(cls, compiled: _Compiled) -> _Numbered:
         numbers: dict[str, int] = {}
 
         def numbered(match: re.Match[str]) -> str:
             name = match.group(1)
             return "%" if name is None else f"${numbers.setdefault(name, len(numbers) + 1)}"
 
-        return cls(_PLACEHOLDER.sub(numbered, sql), tuple(numbers))
+        text = _PLACEHOLDER.sub(numbered, compiled.sql)
+        return cls(text, tuple((name, compiled.binders.get(name)) for name in numbers))
+
+    def values(self, given: dict[str, Any]) -> list[Any]:
+        """The values by number, as `_Compiled.parameters` binds them (each statement here names every one)."""
+        return [given[name] if binder is None else binder(given[name]) for name, binder in self.order]
 
 
 class _Pooled:
@@ -346,6 +352,7 @@ class AsyncReads:
             compiled = _Compiled(
                 sql=str(done),
                 parameters=parameters,
+                binders=binders,
                 row=namedtuple("Row", statement.selected_columns.keys()),
                 processors=tuple(
                     (i, processor, _keeps_none(processor))
@@ -374,14 +381,14 @@ class AsyncReads:
         compiled = self._compile(statement)
         numbered = self._numbered.get(compiled.sql)
         if numbered is None:
-            numbered = self._numbered[compiled.sql] = _Numbered.of(compiled.sql)
+            numbered = self._numbered[compiled.sql] = _Numbered.of(compiled)
 
-        async def at_once(pooled: _Pooled, values: dict[str, Any]) -> list[Any]:
+        async def at_once(pooled: _Pooled, given: dict[str, Any]) -> list[Any]:
             writer = pooled.writer
-            await writer.execute(numbered.text, [values[name] for name in numbered.order], prepare=True)
+            await writer.execute(numbered.text, numbered.values(given), prepare=True)
             return await writer.fetchall()
 
-        return self._made(compiled, await self._run(compiled, compiled.parameters(parameters), at_once))
+        return self._made(compiled, await self._run(compiled, parameters, at_once))
 
     async def _run(
         self,
@@ -432,6 +439,12 @@ class AsyncReads:
         make, processors = compiled.row, compiled.processors
         if not processors or not fetched:
             return [make(*raw) for raw in fetched]
+        if len(fetched) == 1:  # one row (an override read or written): value by value
+            row = list(fetched[0])
+            for i, processor, keeps_none in processors:
+                if (value := row[i]) is not None or not keeps_none:
+                    row[i] = processor(value)
+            return [make(*row)]
         # Column by column (a page is tens of rows of tens of columns): each processor over its column in one
         # comprehension, then the rows made from the columns in one pass.
         columns: list[Sequence[Any]] = list(zip(*fetched, strict=True))
