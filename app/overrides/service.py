@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 import anyio.to_thread
-from sqlalchemy import ColumnElement, Integer, Select, String, bindparam, column, func, text
+from sqlalchemy import ColumnElement, Integer, Select, bindparam, func, text
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 from app.audit.chain import new_entry
 from app.audit.service import append_parameters, append_with, record
 from app.core.auth import Principal
-from app.core.db import AsyncReads, UTCDateTime, utcnow
+from app.core.db import AsyncReads, utcnow
 from app.core.errors import Conflict, FieldError, InvalidInput
 from app.core.person import person_key
 from app.core.text import decode_cursor
@@ -226,13 +226,7 @@ def _created_statement(entries: int) -> TextualSelect:
         statement = _CREATED[entries] = (
             text(append_with(_INSERT, entries))
             .bindparams(*(bindparam(c.key, type_=c.type) for c in _INSERTED))
-            .columns(
-                *ANSWER_COLUMNS,
-                column("audit_seq", Integer),
-                column("audit_at", UTCDateTime()),
-                column("audit_prev_hash", String),
-                column("audit_hash", String),
-            )
+            .columns(*ANSWER_COLUMNS)
         )
     return statement
 
