@@ -9,7 +9,8 @@ Everything is measured in one run on this machine, in production mode:
 * the yardstick is a bare FastAPI app with one `async def` returning a constant, served by the same
   `uvicorn.run(...)` call as `cmd_serve` (same settings, same logging set-up) and loaded by the same
   `wrk` with the same connection counts right after each cell (on a shared machine the load moves
-  within minutes); every request rate is printed as a ratio to it;
+  within minutes); every request rate is printed as a ratio to it; `--rounds N` measures each cell
+  (and the yardstick after it) N times and shows the round of the median ratio, with every round's;
 * page latency: each list page (filters: state, ticket, destination, requester, target; the audit
   page) with 1 k, 100 k and 1 M overrides and as many audit rows, seeded in SQL (`generate_series`,
   realistic spreads of states, destinations, tickets, requesters and targets) and, for the audit
@@ -24,6 +25,7 @@ py-spy (`pip install py-spy`, any venv) and records that row's API process.
     .venv/bin/python bench/bench_api.py                  # everything (~15 min on 2 cores)
     .venv/bin/python bench/bench_api.py --quick          # shorter runs, sizes 1 k and 100 k
     .venv/bin/python bench/bench_api.py --only requests --clients 1,32 --duration 5
+    .venv/bin/python bench/bench_api.py --only requests --rows create --rounds 3   # a ratio that moves ±8 %
     .venv/bin/python bench/bench_api.py --only pages,audit --sizes 1000,1000000
     .venv/bin/python bench/bench_api.py --only requests --rows list-pending --profile list-pending
     .venv/bin/python bench/bench_api.py --only pages,audit --sizes 1000000 --keep 1000000   # seed 1 M once
@@ -612,6 +614,7 @@ class RequestResult:
     clients: int
     load: Load
     bare: Load  # the bare endpoint, measured right after this cell
+    ratios: list[float] = field(default_factory=list)  # every round's (`--rounds`); load/bare: the median one
 
 
 @dataclass
@@ -648,33 +651,39 @@ def measure_requests(
     nonce = 0
     for row in args.rows:
         for clients in args.clients:
-            profiler = start_profile(args, api, row, clients, work)
-            if row in simple:
-                label, path, headers = simple[row]
-                load = wrk(api.url + path, clients, args.duration, headers)
-            elif row == "create":
-                nonce += 1
-                label = "POST /v1/overrides (diagnosis on create off)"
-                script = LUA_CREATE % {"token": tokens.requester, "nonce": f"{os.getpid()}x{nonce}"}
-                load = wrk(api.url, clients, args.duration, script=script, work=work)
-            else:  # approve: each request decides a fresh pending override from a pool made just before
-                label = "POST /v1/overrides/{id}/approve"
-                with psycopg.connect(url, autocommit=True) as conn:
-                    first = add_pending_pool(conn, int(200 * args.duration + 300))
-                threads = min(clients, 2)
-                script = LUA_APPROVE % {"token": tokens.reviewer, "first": first, "threads": threads}
-                load = wrk(api.url, clients, args.duration, script=script, work=work)
-            stop_profile(profiler)
-            time.sleep(1.0)  # let the API finish what wrk left in flight before the next cell
-            # The yardstick right after each cell: on a shared machine the load moves within minutes.
-            bare = wrk(bare_url + "/", clients, max(2.0, args.duration / 2))
-            report.requests.append(RequestResult(row, label, clients, load, bare))
-            print(
-                f"  {label:48} c={clients:<3} {load.rps:8.1f} rps  p50 {load.p50_ms:7.1f} ms  bare {bare.rps:8.1f} rps"
-                + (f"  NON-2XX {load.non_2xx}" if load.non_2xx else "")
-                + (f"  SOCKET ERRORS {load.errors}" if load.errors else ""),
-                file=sys.stderr,
-            )
+            pairs: list[tuple[Load, Load]] = []
+            for round_ in range(args.rounds):
+                profiler = start_profile(args, api, row, clients, work) if round_ == 0 else None
+                if row in simple:
+                    label, path, headers = simple[row]
+                    load = wrk(api.url + path, clients, args.duration, headers)
+                elif row == "create":
+                    nonce += 1
+                    label = "POST /v1/overrides (diagnosis on create off)"
+                    script = LUA_CREATE % {"token": tokens.requester, "nonce": f"{os.getpid()}x{nonce}"}
+                    load = wrk(api.url, clients, args.duration, script=script, work=work)
+                else:  # approve: each request decides a fresh pending override from a pool made just before
+                    label = "POST /v1/overrides/{id}/approve"
+                    with psycopg.connect(url, autocommit=True) as conn:
+                        first = add_pending_pool(conn, int(200 * args.duration + 300))
+                    threads = min(clients, 2)
+                    script = LUA_APPROVE % {"token": tokens.reviewer, "first": first, "threads": threads}
+                    load = wrk(api.url, clients, args.duration, script=script, work=work)
+                stop_profile(profiler)
+                time.sleep(1.0)  # let the API finish what wrk left in flight before the next cell
+                # The yardstick right after each cell: on a shared machine the load moves within minutes.
+                bare = wrk(bare_url + "/", clients, max(2.0, args.duration / 2))
+                pairs.append((load, bare))
+                print(
+                    f"  {label:48} c={clients:<3} {load.rps:8.1f} rps  p50 {load.p50_ms:7.1f} ms  "
+                    f"bare {bare.rps:8.1f} rps"
+                    + (f"  NON-2XX {load.non_2xx}" if load.non_2xx else "")
+                    + (f"  SOCKET ERRORS {load.errors}" if load.errors else ""),
+                    file=sys.stderr,
+                )
+            ratios = [load.rps / bare.rps for load, bare in pairs]
+            load, bare = sorted(pairs, key=lambda pair: pair[0].rps / pair[1].rps)[len(pairs) // 2]
+            report.requests.append(RequestResult(row, label, clients, load, bare, ratios))
 
 
 def measure_pages(
@@ -803,16 +812,21 @@ def print_report(args: argparse.Namespace, report: Report) -> None:
     print(f"\nMachine: {machine()}")
     print(
         f"wrk, {args.duration:g} s per cell, the bare endpoint measured right after each cell for "
-        f"{max(2.0, args.duration / 2):g} s; pages: best p50 of {args.page_rounds} rounds of {args.page_duration:g} s\n"
+        f"{max(2.0, args.duration / 2):g} s"
+        + (f", each cell {args.rounds} times (the round of the median ratio shown)" if args.rounds > 1 else "")
+        + f"; pages: best p50 of {args.page_rounds} rounds of {args.page_duration:g} s\n"
     )
     if report.requests:
-        print("| request | clients | tlsoverride rps | bare rps | ratio | p50 ms | non-2xx |")
-        print("|---|---|---|---|---|---|---|")
+        spread = args.rounds > 1
+        header = "| request | clients | tlsoverride rps | bare rps | ratio | p50 ms | non-2xx |"
+        print(header + (" ratios |" if spread else ""))
+        print("|---|---|---|---|---|---|---|" + ("---|" if spread else ""))
         for result in report.requests:
             bare = result.bare
             print(
                 f"| `{result.label}` | {result.clients} | {result.load.rps:,.0f} | {bare.rps:,.0f} | "
                 f"{result.load.rps / bare.rps:.3f} | {result.load.p50_ms:.1f} | {result.load.non_2xx} |"
+                + (f" {' / '.join(f'{ratio:.3f}' for ratio in result.ratios)} |" if spread else "")
             )
         print()
     if report.pages:
@@ -846,6 +860,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="seconds per request cell (default 10, quick 3)")
     parser.add_argument("--page-duration", type=float, help="seconds per page cell (default 5, quick 2)")
     parser.add_argument("--page-rounds", type=int, default=2, help="measure each page this often, keep the best")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each request cell (and the bare endpoint after it) this often; the median ratio counts",
+    )
     parser.add_argument("--profile", metavar="ROW", help="record this request row (at the most clients) with py-spy")
     parser.add_argument("--profile-out", type=Path, help="keep the raw py-spy stacks here")
     parser.add_argument(
