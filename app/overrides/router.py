@@ -204,8 +204,9 @@ async def list_overrides(
         state=state, destination=destination, requester=requester, ticket=ticket, target=target, overdue=overdue
     )
     # `async`: on PostgreSQL the statements run on the event loop; briefs encoded before are kept (briefs.py).
-    db, cache = async_statements(request), _brief_cache(request)
-    if view == "compact" and db is not None and cache is not None:
+    db = async_statements(request)
+    cache = _brief_cache(request) if db is not None and view == "compact" else None  # PostgreSQL's only
+    if db is not None and cache is not None:
         statement, params = service.page_query(principal, filters, cursor, limit, stamps=True)
         body = await brief_page(db, cache, statement, params, limit)
         if body is not None:

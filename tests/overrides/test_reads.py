@@ -253,10 +253,11 @@ def test_a_page_of_briefs_is_the_models_page_byte_for_byte(
 
 
 def test_a_page_through_the_api_is_the_models_page_byte_for_byte(
-    client: Any, engine: Engine, make_override: Any, auth: Any
+    app: Any, backend: str, client: Any, engine: Engine, make_override: Any, auth: Any
 ) -> None:
     """Overrides in many states (votes of both kinds and rounds, ended, removing past its deadline, unicode,
-    no ticket), listed in pages of three and as one page: each page is the models' page of the same rows."""
+    no ticket), listed in pages of three and as one page: each page is the models' page of the same rows
+    (on PostgreSQL through the kept briefs; SQLite reads each page in one statement and keeps none)."""
     reviewer, admin = auth("bob", "approver"), auth("root", "admin")
     _every_part(client, engine, make_override, auth)
     make_override(destination="pending.example", ticket=None, justification="Empfänger ✉ „TLSA“ 🚀 — 証明書 \u200d ok")
@@ -307,3 +308,4 @@ def test_a_page_through_the_api_is_the_models_page_byte_for_byte(
         if cursor is None:
             break
     assert seen >= len(everything)
+    assert (getattr(app.state, "tlso_brief_cache", None) is not None) == (backend == "postgres")
