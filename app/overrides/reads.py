@@ -18,7 +18,7 @@ from app.core.db import utcnow
 from app.core.text import encode_cursor
 from app.overrides.lifecycle import is_overdue
 from app.overrides.models import Override, OverrideState, Vote
-from app.overrides.schemas import OverrideRead
+from app.overrides.schemas import OverrideRead, QueueEvidenceRead
 from app.overrides.stuck import queue_line
 from app.overrides.summary import summarize
 
@@ -263,14 +263,30 @@ def to_read(override: Answered, votes: list[VoteFields]) -> OverrideRead:
     """The override in full, with its votes (all rounds, in vote order)."""
     return OverrideRead(
         **brief_fields(override, votes),
-        # The queue ids a release in flight notes for a takeover are the worker's bookkeeping, not evidence.
-        queue_release={k: v for k, v in override.queue_release.items() if k != "asking"}
-        if override.queue_release
-        else None,
+        queue_release=_shown_release(override.queue_release),
         votes=votes,
         queue=override.queue,
         diagnosis=override.diagnosis,
     )
+
+
+def read_json(override: Answered, votes: list[VoteFields]) -> bytes:
+    """`to_read`'s model as JSON (`OverrideRead`), encoded from the plain fields as `brief_page_json` encodes
+    a brief, without validating the whole model: only the stored queue evidence goes through its model
+    (`QueueEvidenceRead` picks and orders its keys). The same bytes (tests/overrides/test_reads.py)."""
+    queue = None if override.queue is None else QueueEvidenceRead.model_validate(override.queue)
+    fields = brief_fields(override, votes) | {
+        "votes": votes,
+        "queue": queue,
+        "queue_release": _shown_release(override.queue_release),
+        "diagnosis": override.diagnosis,
+    }
+    return to_json(fields, inf_nan_mode="null")
+
+
+def _shown_release(release: dict[str, Any] | None) -> dict[str, Any] | None:
+    # The queue ids a release in flight notes for a takeover are the worker's bookkeeping, not evidence.
+    return {k: v for k, v in release.items() if k != "asking"} if release else None
 
 
 def brief_page_json(page: Sequence[tuple[Answered, list[VoteFields]]], next_cursor: str | None) -> bytes:

@@ -23,7 +23,16 @@ from app.overrides.briefs import BriefCache, brief_page
 from app.overrides.evidence import Evidence
 from app.overrides.models import Override, OverrideState
 from app.overrides.permissions import ActionContext, can_see, load_visible
-from app.overrides.reads import ONE_WITH_VOTES, Answered, brief_page_json, one_with_votes, page_of, to_read, vote_reads
+from app.overrides.reads import (
+    ONE_WITH_VOTES,
+    Answered,
+    brief_page_json,
+    one_with_votes,
+    page_of,
+    read_json,
+    to_read,
+    vote_reads,
+)
 from app.overrides.schemas import (
     ActionBody,
     ExtendBody,
@@ -167,13 +176,17 @@ async def create_override(
     # One statement in a transaction of its own (`AsyncReads.write`): no session.
     ctx = _context(request, principal, None, body, None)
     override = await service.create_override_at_once(db, ctx, body, evidence)
-    return _json(_OVERRIDE_JSON, answer_once(None, response, 201, OverrideRead, lambda: _created(override)), response)
+    response.headers.update(_created_headers(override))
+    return _encoded(read_json(override, []), response, 201)  # no key: nothing to keep for a retry
 
 
 def _created(override: Answered) -> tuple[OverrideRead, dict[str, str]]:
     """A new override's answer (it has no votes yet) and its headers."""
-    headers = {"ETag": f'"{override.version}"', "Location": f"/v1/overrides/{override.id}"}
-    return to_read(override, []), headers
+    return to_read(override, []), _created_headers(override)
+
+
+def _created_headers(override: Answered) -> dict[str, str]:
+    return {"ETag": f'"{override.version}"', "Location": f"/v1/overrides/{override.id}"}
 
 
 @router.get("", response_model=OverridePage, summary="List overrides", responses=problem_responses(401, 422))
@@ -250,7 +263,7 @@ async def get_override(
         raise NotFound(f"Override {override_id} does not exist.")
     override, votes = found
     response.headers["ETag"] = f'"{override.version}"'
-    return _json(_OVERRIDE_JSON, to_read(override, votes), response)
+    return _encoded(read_json(override, votes), response)
 
 
 @router.get(

@@ -25,7 +25,15 @@ from app.core.db import transaction, utcnow
 from app.mailcow.policies import TlsPolicy
 from app.overrides import lifecycle, service
 from app.overrides.models import EndReason, Override, OverrideState
-from app.overrides.reads import Answered, VoteFields, brief_fields, brief_page_json, to_read, vote_reads
+from app.overrides.reads import (
+    Answered,
+    VoteFields,
+    brief_fields,
+    brief_page_json,
+    read_json,
+    to_read,
+    vote_reads,
+)
 from app.overrides.schemas import FindingRead, OverrideBrief, OverridePage, OverrideRead, VoteRead
 from app.overrides.stuck import QueueEvidence, ReasonCount
 from tests.helpers import act, apply_now, worker_step
@@ -250,6 +258,17 @@ def test_a_page_of_briefs_is_the_models_page_byte_for_byte(
     page: list[tuple[Answered, list[VoteFields]]], next_cursor: str | None
 ) -> None:
     assert brief_page_json(page, next_cursor) == model_page(page, next_cursor)
+
+
+@given(
+    # Stored queue evidence is `QueueEvidence.as_json()`'s (or none): the full answer shows it by its model.
+    row=_ROW.filter(lambda row: row.queue is None or "checked_at" in row.queue),
+    votes=st.lists(_VOTE, max_size=4),
+)
+@settings(max_examples=300)
+def test_a_full_answer_is_the_models_byte_for_byte(row: Answered, votes: list[VoteFields]) -> None:
+    """`read_json` (a single override's answer: `GET /v1/overrides/{id}`, a create) is `to_read`'s model."""
+    assert read_json(row, votes) == TypeAdapter(OverrideRead).dump_json(to_read(row, votes), by_alias=True)
 
 
 def test_a_page_through_the_api_is_the_models_page_byte_for_byte(
