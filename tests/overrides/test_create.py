@@ -1,9 +1,10 @@
 """`POST /v1/overrides` on PostgreSQL without an Idempotency-Key runs on the event loop, the override and its
 audit entries in one statement (app/overrides/service.py `create_override_at_once`); with a key, and on
 SQLite, it takes the ORM's path. Both give the same answer byte for byte, the same rows and the same
-problems, also on a connection that prepared the statement long ago and on a new one; a statement whose
-audit rows do not check out writes nothing; and a request that waits on a racing request's uniqueness
-check does not hold the audit chain meanwhile."""
+problems, also on a connection that prepared the statement long ago and on a new one; audit pieces that
+would not hash as they verify are never sent, and a statement whose time text would not verify refuses
+itself and writes nothing (it commits with no look from Python); and a request that waits on a racing
+request's uniqueness check does not hold the audit chain meanwhile."""
 
 from __future__ import annotations
 
