@@ -11,6 +11,10 @@ Everything is measured in one run on this machine, in production mode:
   `wrk` with the same connection counts right after each cell (on a shared machine the load moves
   within minutes); every request rate is printed as a ratio to it; `--rounds N` measures each cell
   (and the yardstick after it) N times and shows the round of the median ratio, with every round's;
+* the `floor-write` row is a second yardstick, not tlsoverride: the same bare app's `GET /write`, one
+  durable INSERT of a small row as the create writes (prepared, autocommit, a pool as large as the
+  API's) and nothing else, as a ratio to the constant: how much of the create's budget this machine's
+  commit alone takes;
 * page latency: each list page (filters: state, ticket, destination, requester, target; the audit
   page) with 1 k, 100 k and 1 M overrides and as many audit rows, seeded in SQL (`generate_series`,
   realistic spreads of states, destinations, tickets, requesters and targets) and, for the audit
@@ -398,15 +402,29 @@ def start_api(database_url: str, issuer: Issuer, logs: Path, settings: dict[str,
     return start_server("api", argv, env, port, "/readyz", logs)
 
 
-def start_bare(logs: Path) -> Server:
+def start_bare(logs: Path, database_url: str | None = None) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TLSO_", "PROMETHEUS_"))}
     argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
-    return start_server("bare", argv, env, port, "/", logs)
+    if database_url is None:
+        return start_server("bare", argv, env, port, "/", logs)
+    return start_server("floor", [*argv, "--bare-database", database_url], env, port, "/", logs)
 
 
-def serve_bare(port: int) -> None:
-    """The yardstick: FastAPI, one `async def` returning a constant, served exactly as `cmd_serve` does."""
+FLOOR_CONNECTIONS = 10  # as many as the API's own pool (app/core/db.py AsyncReads)
+
+
+def serve_bare(port: int, database_url: str | None = None) -> None:
+    """The yardstick: FastAPI, one `async def` returning a constant, served exactly as `cmd_serve` does.
+
+    With `database_url`, also the durable-write floor: `GET /write` inserts one small row into a table of
+    its own and answers its id, the way the API's create writes (psycopg, a statement prepared once per
+    connection, autocommit: committed, its WAL flushed, before the answer), on a pool as large as the
+    API's. No token, no validation, no audit chain: what a create could cost at the least on this machine,
+    so that its ratio shows how much of the create's budget the commit alone takes."""
+    import asyncio
+    from collections.abc import AsyncIterator
+
     import uvicorn
     from fastapi import FastAPI
 
@@ -416,11 +434,41 @@ def serve_bare(port: int) -> None:
 
     defaults = Settings(env="test")
     configure_logging(defaults.log_level, defaults.log_json)
-    bare = FastAPI()
+    idle: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
+
+    @contextlib.asynccontextmanager
+    async def connected(app: FastAPI) -> AsyncIterator[None]:
+        if database_url is None:
+            yield
+            return
+        for _ in range(FLOOR_CONNECTIONS):
+            idle.put_nowait(await psycopg.AsyncConnection.connect(database_url, autocommit=True))
+        conn = await idle.get()
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_floor (id bigserial PRIMARY KEY, note text NOT NULL, "
+            "at timestamptz NOT NULL DEFAULT now())"
+        )
+        idle.put_nowait(conn)
+        yield
+        while not idle.empty():
+            await idle.get_nowait().close()
+
+    bare = FastAPI(lifespan=connected)
 
     @bare.get("/")
     async def constant() -> dict[str, str]:
         return {"status": "ok"}
+
+    @bare.get("/write")
+    async def write() -> dict[str, int]:
+        conn = await idle.get()
+        try:
+            cursor = psycopg.AsyncRawCursor(conn)
+            await cursor.execute("INSERT INTO bench_floor (note) VALUES ($1) RETURNING id", ["floor"], prepare=True)
+            row = await cursor.fetchone()
+        finally:
+            idle.put_nowait(conn)
+        return {"id": row[0] if row else 0}
 
     # Keep in step with app/cli.py cmd_serve.
     uvicorn.run(bare, host="127.0.0.1", port=port, proxy_headers=True, log_config=None, server_header=False)
@@ -604,6 +652,7 @@ REQUEST_ROWS = (
     "list-target",
     "audit",
     "healthz",
+    "floor-write",
 )
 
 
@@ -648,6 +697,26 @@ def measure_requests(
         "audit": ("GET /v1/audit", paths["audit page"], auditor),
         "healthz": ("GET /healthz (no auth, no database)", "/healthz", {}),
     }
+    # The durable-write floor is served by a yardstick of its own, on this database.
+    floor = start_bare(work, url) if "floor-write" in args.rows else None
+    try:
+        measure_rows(args, report, api, bare_url, floor.url if floor else "", tokens, work, simple, url)
+    finally:
+        if floor is not None:
+            floor.stop()
+
+
+def measure_rows(
+    args: argparse.Namespace,
+    report: Report,
+    api: Server,
+    bare_url: str,
+    floor_url: str,
+    tokens: Tokens,
+    work: Path,
+    simple: dict[str, tuple[str, str, dict[str, str]]],
+    url: str,
+) -> None:
     nonce = 0
     for row in args.rows:
         for clients in args.clients:
@@ -657,6 +726,9 @@ def measure_requests(
                 if row in simple:
                     label, path, headers = simple[row]
                     load = wrk(api.url + path, clients, args.duration, headers)
+                elif row == "floor-write":
+                    label = "floor: bare + one durable INSERT (not tlsoverride)"
+                    load = wrk(floor_url + "/write", clients, args.duration)
                 elif row == "create":
                     nonce += 1
                     label = "POST /v1/overrides (diagnosis on create off)"
@@ -882,9 +954,10 @@ def main() -> int:
         help="a setting for the API process, e.g. TLSO_BRIEF_CACHE_SIZE=0 (list pages encoded anew every time)",
     )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-database", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
-        serve_bare(args.serve_bare)
+        serve_bare(args.serve_bare, args.bare_database)
         return 0
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install wrk")
