@@ -60,7 +60,9 @@ def compact_json(value: Any) -> str:
 
 def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
     """An engine for `url`. `pre_ping` tests each pooled connection before use (a round trip): the worker
-    and the CLI keep it; the API turns it off (see `create_app`)."""
+    and the CLI keep it; the API turns it off (see `create_app`). A failed statement's error, and so any
+    log line of it, names the statement but none of its values (`hide_parameters`): they are people's
+    words (justifications, names, tickets)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -68,7 +70,10 @@ def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
 
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, json_serializer=compact_json
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            json_serializer=compact_json,
+            hide_parameters=True,
         )
         _make_sqlite_serialisable(engine)
         return engine
@@ -76,7 +81,13 @@ def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
         url = str(parsed.set(drivername="postgresql+psycopg"))
     # `pool_recycle` retires connections before idle-timeouts on the way (proxies, firewalls) do.
     return create_engine(
-        url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=10, pool_recycle=300, json_serializer=compact_json
+        url,
+        pool_pre_ping=pre_ping,
+        pool_size=10,
+        max_overflow=10,
+        pool_recycle=300,
+        json_serializer=compact_json,
+        hide_parameters=True,
     )
 
 
@@ -470,8 +481,11 @@ class AsyncReads:
     def _error(
         exc: psycopg.Error, compiled: _Compiled, parameters: dict[str, Any], *, invalidated: bool
     ) -> StatementError:
-        """The exception SQLAlchemy raises for `exc` (OperationalError, ProgrammingError, ...)."""
-        return DBAPIError.instance(compiled.sql, parameters, exc, psycopg.Error, connection_invalidated=invalidated)
+        """The exception SQLAlchemy raises for `exc` (OperationalError, ProgrammingError, ...), without the
+        statement's values, as the engine's (`make_engine`)."""
+        return DBAPIError.instance(
+            compiled.sql, parameters, exc, psycopg.Error, hide_parameters=True, connection_invalidated=invalidated
+        )
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

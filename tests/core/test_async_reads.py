@@ -58,3 +58,18 @@ async def test_an_unreachable_server_is_an_operational_error(engine: Engine) -> 
     finally:
         await reads.close()
         gone.dispose()
+
+
+async def test_a_failed_statement_names_none_of_its_values(engine: Engine) -> None:
+    """As the engine's errors (tests/core/test_errors.py): the statement, none of its values."""
+    words = "the recipient's admin, Jane Roe, said so on the phone"
+    missing = sa.select(sa.literal_column("words")).select_from(sa.table("no_such_table"))
+    statement = missing.where(sa.literal_column("words") == sa.bindparam("words", type_=sa.String))
+    reads = AsyncReads(engine, size=1)
+    try:
+        for run in (reads.rows, reads.write):
+            with pytest.raises(sa.exc.ProgrammingError) as failed:
+                await run(statement, {"words": words})
+            assert "no_such_table" in str(failed.value) and words not in str(failed.value), failed.value
+    finally:
+        await reads.close()

@@ -3,10 +3,12 @@ wrong method, an unreachable database (503 with Retry-After; a failing statement
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
@@ -135,3 +137,16 @@ def test_an_unreachable_database_is_a_503(error: Exception) -> None:
 )
 def test_a_failed_statement_is_still_a_500(error: Exception) -> None:
     assert_problem(_failing_app(error).get("/boom"), 500)
+
+
+def test_a_failed_statement_names_none_of_its_values(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """Statements carry people's words (justifications, names, tickets): a failed one's error, and so the
+    log line of an unexpected error, names the statement but none of its values (`make_engine`)."""
+    words = "the recipient's admin, Jane Roe, said so on the phone"
+    with pytest.raises(sa.exc.DBAPIError) as failed, engine.connect() as conn:
+        conn.execute(sa.text("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, :words)"), {"words": words})
+    with caplog.at_level(logging.ERROR):
+        assert_problem(_failing_app(failed.value).get("/boom"), 500)
+    [logged] = [record for record in caplog.records if record.getMessage().startswith("unhandled error")]
+    text = logging.Formatter().format(logged)  # with its traceback
+    assert "INSERT INTO audit_head" in text and words not in text, text  # the head is there: IntegrityError
