@@ -176,7 +176,8 @@ class WebhookEvent(_Model):
     type: str = Field(
         description="The audit action: `override.created`, `override.approved`, `audit.checkpoint`, … About the "
         "queue: `override.queue_released` (the destination's deferred mail handed to mailcow's deliver, "
-        "`details.released`; none when nothing was deferred), `override.still_stuck` (its mail deferred for TLS a "
+        "`details.released`; none when nothing was deferred; `details.interrupted` names the end that cut it short), "
+        "`override.still_stuck` (its mail deferred for TLS a "
         "minute later, or again later while active: the override does not help; once per episode), "
         "`override.queue_clear` (that mail is gone); after the end `recipient.still_failing` (mail defers for TLS "
         "again) and `recipient.regressed` (the diagnosis turned `blocked` again), with `links.request_again`."

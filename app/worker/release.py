@@ -5,7 +5,8 @@ with every queue refresh while it lasts, and its destination watched after the o
   `deliver` (`postqueue -i`, by queue id, in batches of `TLSO_QUEUE_RELEASE_BATCH`; never `flush`, never a
   delete), so mail waiting for Postfix's next retry (up to 30 minutes) flows now: `override.queue_released`
   (none when nothing was deferred). The ids are noted (`releasing`) before each `deliver`, so that a worker
-  taking over after a kill asks again and audits the release once.
+  taking over after a kill asks again and audits the release once; if the override has ended by then, the
+  watch audits it (`interrupted`: the end) without asking again.
 * check, `TLSO_QUEUE_CHECK_SECONDS` later, then every `TLSO_QUEUE_REFRESH_SECONDS` while active (it is the
   active override's queue refresh): mail for the destination deferred with a TLS reason means the override
   does not help: flagged `still_stuck` (`override.still_stuck`, once per episode, the
@@ -119,7 +120,7 @@ async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, queue:
         "queue_capped": queue.capped,
     }
     check_at = now + timedelta(seconds=ctx.settings.queue_check_seconds)
-    audit = None
+    audits = []
     if asked:  # nothing deferred, nothing asked: no event (the check still flags mail that defers later)
         comment = (
             f"asked mailcow to deliver the {len(asked)} deferred message(s) for {job.destination} now "
@@ -128,8 +129,8 @@ async def _release(ctx: JobContext, client: MailcowClient, job: QueueJob, queue:
         after = {"released": len(asked), "calls": calls, **evidence}
         if before:
             after["resumed"] = True  # a worker killed mid-release: this one asked again and records it once
-        audit = QueueAudit("override.queue_released", comment, after)
-    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, check_at, audit):
+        audits.append(QueueAudit("override.queue_released", comment, after))
+    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, check_at, audits):
         WORKER_JOBS.labels("release", "released").inc()
         log.info("override %s: released %d deferred message(s) for %s", job.id, len(asked), job.destination)
 
@@ -167,7 +168,8 @@ async def _check(ctx: JobContext, job: QueueJob, queue: QueueView) -> None:
     fresh = replace(queue_evidence(queue.deferred_for(job.destination), job.destination, now), capped=queue.capped)
     refresh = ctx.settings.queue_refresh_seconds
     due = now + timedelta(seconds=refresh) if refresh > 0 else None
-    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, due, audit, fresh.as_json()):
+    audits = [] if audit is None else [audit]
+    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, due, audits, fresh.as_json()):
         if audit is not None:
             WORKER_JOBS.labels("release", "still_stuck" if stuck else "clear").inc()
         if audit is not None and stuck:
@@ -177,30 +179,47 @@ async def _check(ctx: JobContext, job: QueueJob, queue: QueueView) -> None:
 async def _watch(ctx: JobContext, job: QueueJob, queue: QueueView) -> None:
     now = utcnow()
     value: dict[str, Any] = dict(job.queue_release or {})
-    value.pop("asking", None)  # a release the end interrupted: its ids are no evidence
+    # A release the end interrupted (its ids noted, mailcow asked or about to be): on record now, not asked again.
+    audits = [_interrupted_release(job, value)] if job.status == S.releasing else []
+    value.pop("asking", None)  # its ids are no evidence
     if job.status != S.watching:
         until = (job.ended_at or now) + timedelta(seconds=ctx.settings.queue_watch_seconds)
         value.update(status=S.watching.value, watch_until=until.isoformat(), failing=False, episodes=0)
     until = datetime.fromisoformat(str(value["watch_until"]))
     stuck = tls_deferred(queue.deferred_for(job.destination), job.destination)
-    audit = None
-    if stuck and not value.get("failing"):
+    failing = bool(stuck) and not value.get("failing")
+    if failing:
         evidence = evidence_of(stuck, job.destination)
         value.update(failing=True, failing_since=now.isoformat(), episodes=int(value.get("episodes", 0)) + 1)
-        audit = QueueAudit(
-            "recipient.still_failing",
-            f"{describe(evidence)} after the override ended ({job.state.value}): the recipient still fails "
-            "TLS; request a new override if mail must flow",
-            {**evidence, "ended": job.state.value, "request_again": request_again(job)},
+        audits.append(
+            QueueAudit(
+                "recipient.still_failing",
+                f"{describe(evidence)} after the override ended ({job.state.value}): the recipient still fails "
+                "TLS; request a new override if mail must flow",
+                {**evidence, "ended": job.state.value, "request_again": request_again(job)},
+            )
         )
     elif not stuck and value.get("failing"):
         value.update(failing=False, failing_since=None)  # the episode is over: a new one is raised again
     due: datetime | None = now + timedelta(seconds=ctx.settings.queue_check_seconds)
     if job.status == S.watching and now >= until:
         value["status"], due = S.watched.value, None
-    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, due, audit) and audit:
+    if await ctx.db(store.move_queue_release, ctx.engine, job, ctx.owner, value, due, audits) and failing:
         WORKER_JOBS.labels("release", "still_failing").inc()
         log.warning("override %s ended, but %s", job.id, describe(evidence_of(stuck, job.destination)))
+
+
+def _interrupted_release(job: QueueJob, record: dict[str, Any]) -> QueueAudit:
+    """`override.queue_released` for a release the override's end cut short: the ids it noted were handed to
+    mailcow's `deliver`, or were about to be (a worker killed, or its record refused by the end), so some of
+    the mail may have gone out and some not; the watch that follows looks at what is still deferred."""
+    asked = list(record.get("asking", []))
+    comment = (
+        f"the override ended ({job.state.value}) while mailcow was being asked to deliver the {len(asked)} "
+        f"deferred message(s) for {job.destination}: some may have gone out; not asked again"
+    )
+    after = {"released": len(asked), **dict(record.get("deferred") or {}), "interrupted": job.state.value}
+    return QueueAudit("override.queue_released", comment, after)
 
 
 def request_again(job: QueueJob) -> dict[str, Any]:

@@ -22,6 +22,7 @@ dropped: the remove job cleans up whatever the interrupted job left in mailcow.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -408,11 +409,11 @@ def move_queue_release(
     owner: str,
     value: dict[str, Any] | None,
     due_at: datetime | None,
-    audit: QueueAudit | None = None,
+    audits: Sequence[QueueAudit] = (),
     queue: dict[str, Any] | None = None,
 ) -> bool:
     """Record a queue pass: the release's new value (its status checked against its table under the row's
-    lock), when the next pass is due, its audit entry and (the check) the fresh queue evidence, in one
+    lock), when the next pass is due, its audit entries and (the check) the fresh queue evidence, in one
     transaction; the lease is let go. False
     (nothing written) if the lease is not this worker's any more."""
     with transaction(engine) as session:
@@ -428,7 +429,7 @@ def move_queue_release(
         if override.state == OverrideState.removing:
             values["next_attempt_at"] = utcnow()  # revoked meanwhile: its removal waited for this lease
         _leased(session, [job.id], owner, **values)
-        if audit is not None:
+        for audit in audits:
             record(
                 session,
                 actor="system",

@@ -379,6 +379,31 @@ async def test_mail_deferred_for_tls_after_the_end_raises_still_failing_once_per
     assert deliver_calls(standin) == []  # the watch only looks
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_release_the_end_cut_short_is_audited_once_by_the_watch_and_not_asked_again(
+    client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin
+) -> None:
+    """A worker noted the ids and asked mailcow (or was about to), then died; the override expired before
+    another worker took the pass over. The watch puts the release on record, with the end that cut it
+    short, and does not ask mailcow again: the override's row is gone, so delivering would only defer again."""
+    override_id = approved(client, auth, "example.org")
+    await worker.tick()  # applied; nothing deferred yet
+    asked = standin.queue.fill("example.org", messages=2, reason=TLSA)
+    noted = {"status": "releasing", "asking": asked, "calls": 0, "deferred": {"messages": 2, "recipients": 2}}
+    set_columns(engine, override_id, queue_release=noted, queue_due_at=None)  # as a worker killed after deliver
+    expire_now(engine, override_id)
+    await worker.tick()  # removed, and the watch due at once
+    await worker.tick()  # a later pass: nothing more on record
+    assert load(engine, override_id).state == S.expired
+    [released] = audit_after(engine, override_id, "override.queue_released")
+    assert released["released"] == 2 and released["interrupted"] == "expired" and released["messages"] == 2
+    actions = audit_actions(engine, override_id)
+    assert actions.index("override.queue_released") < actions.index("recipient.still_failing")  # still deferred
+    assert deliver_calls(standin) == []
+    record = release_of(engine, override_id)
+    assert record["status"] == "watching" and "asking" not in record
+
+
 @SQLITE_ONLY
 async def test_the_still_failing_event_carries_a_link_to_request_again(
     client: TestClient, auth: Auth, engine: Engine, worker: Worker, standin: MailcowStandin
