@@ -59,6 +59,18 @@ class BriefCache:
         return len(self._kept)
 
 
+def kept_briefs(state: Any) -> BriefCache | None:
+    """The API process's cache, on the app's `state`: made on first use, and anew when the app's engine is
+    another (another database); None when `TLSO_BRIEF_CACHE_SIZE` is 0."""
+    size: int = state.settings.brief_cache_size
+    if not size:
+        return None
+    made: tuple[Any, BriefCache] | None = getattr(state, "tlso_brief_cache", None)
+    if made is None or made[0] is not state.engine:
+        made = state.tlso_brief_cache = (state.engine, BriefCache(size))
+    return made[1]
+
+
 async def brief_page(
     db: AsyncReads, cache: BriefCache, stamps: Select[Any], params: dict[str, Any], limit: int
 ) -> bytes | None:

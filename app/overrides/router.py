@@ -19,7 +19,7 @@ from app.core.errors import NotFound, problem_responses
 from app.core.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKey, answer_once, fingerprint
 from app.core.text import MAX_ID, Filter
 from app.overrides import decisions, service
-from app.overrides.briefs import BriefCache, brief_page
+from app.overrides.briefs import brief_page, kept_briefs
 from app.overrides.evidence import Evidence
 from app.overrides.models import Override, OverrideState
 from app.overrides.permissions import ActionContext, can_see, load_visible
@@ -218,7 +218,7 @@ async def list_overrides(
     )
     # `async`: on PostgreSQL the statements run on the event loop; briefs encoded before are kept (briefs.py).
     db = async_statements(request)
-    cache = _brief_cache(request) if db is not None and view == "compact" else None  # PostgreSQL's only
+    cache = kept_briefs(request.app.state) if db is not None and view == "compact" else None  # PostgreSQL's only
     if db is not None and cache is not None:
         statement, params = service.page_query(principal, filters, cursor, limit, stamps=True)
         body = await brief_page(db, cache, statement, params, limit)
@@ -236,16 +236,6 @@ async def list_overrides(
     # A default page of briefs is built on the event loop (≈ 1 ms); full items carry whole diagnoses and a
     # long page takes several times that, so those are built in the thread pool, not blocking every request.
     return await run_in_threadpool(answer) if view == "full" or len(page) > 50 else answer()
-
-
-def _brief_cache(request: Request) -> BriefCache | None:
-    """The app's cache of encoded briefs (made on first use, anew for another database); None: turned off."""
-    state = request.app.state
-    size = state.settings.brief_cache_size
-    made: tuple[Any, BriefCache] | None = getattr(state, "tlso_brief_cache", None)
-    if made is None or made[0] is not state.engine:
-        made = state.tlso_brief_cache = (state.engine, BriefCache(size))
-    return made[1] if size else None
 
 
 @router.get(
