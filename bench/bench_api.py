@@ -698,64 +698,59 @@ def measure_requests(
         "healthz": ("GET /healthz (no auth, no database)", "/healthz", {}),
     }
     # The durable-write floor is served by a yardstick of its own, on this database.
-    floor = start_bare(work, url) if "floor-write" in args.rows else None
+    with floor_yardstick(work, url, "floor-write" in args.rows) as floor_url:
+        nonce = 0
+        for row in args.rows:
+            for clients in args.clients:
+                pairs: list[tuple[Load, Load]] = []
+                for round_ in range(args.rounds):
+                    profiler = start_profile(args, api, row, clients, work) if round_ == 0 else None
+                    if row in simple:
+                        label, path, headers = simple[row]
+                        load = wrk(api.url + path, clients, args.duration, headers)
+                    elif row == "floor-write":
+                        label = "floor: bare + one durable INSERT (not tlsoverride)"
+                        load = wrk(floor_url + "/write", clients, args.duration)
+                    elif row == "create":
+                        nonce += 1
+                        label = "POST /v1/overrides (diagnosis on create off)"
+                        script = LUA_CREATE % {"token": tokens.requester, "nonce": f"{os.getpid()}x{nonce}"}
+                        load = wrk(api.url, clients, args.duration, script=script, work=work)
+                    else:  # approve: each request decides a fresh pending override from a pool made just before
+                        label = "POST /v1/overrides/{id}/approve"
+                        with psycopg.connect(url, autocommit=True) as conn:
+                            first = add_pending_pool(conn, int(200 * args.duration + 300))
+                        threads = min(clients, 2)
+                        script = LUA_APPROVE % {"token": tokens.reviewer, "first": first, "threads": threads}
+                        load = wrk(api.url, clients, args.duration, script=script, work=work)
+                    stop_profile(profiler)
+                    time.sleep(1.0)  # let the API finish what wrk left in flight before the next cell
+                    # The yardstick right after each cell: on a shared machine the load moves within minutes.
+                    bare = wrk(bare_url + "/", clients, max(2.0, args.duration / 2))
+                    pairs.append((load, bare))
+                    print(
+                        f"  {label:48} c={clients:<3} {load.rps:8.1f} rps  p50 {load.p50_ms:7.1f} ms  "
+                        f"bare {bare.rps:8.1f} rps"
+                        + (f"  NON-2XX {load.non_2xx}" if load.non_2xx else "")
+                        + (f"  SOCKET ERRORS {load.errors}" if load.errors else ""),
+                        file=sys.stderr,
+                    )
+                ratios = [load.rps / bare.rps for load, bare in pairs]
+                load, bare = sorted(pairs, key=lambda pair: pair[0].rps / pair[1].rps)[len(pairs) // 2]
+                report.requests.append(RequestResult(row, label, clients, load, bare, ratios))
+
+
+@contextlib.contextmanager
+def floor_yardstick(work: Path, database_url: str, wanted: bool) -> Iterator[str]:
+    """The floor's URL while it is served (`serve_bare` with a database), "" when it is not wanted."""
+    if not wanted:
+        yield ""
+        return
+    floor = start_bare(work, database_url)
     try:
-        measure_rows(args, report, api, bare_url, floor.url if floor else "", tokens, work, simple, url)
+        yield floor.url
     finally:
-        if floor is not None:
-            floor.stop()
-
-
-def measure_rows(
-    args: argparse.Namespace,
-    report: Report,
-    api: Server,
-    bare_url: str,
-    floor_url: str,
-    tokens: Tokens,
-    work: Path,
-    simple: dict[str, tuple[str, str, dict[str, str]]],
-    url: str,
-) -> None:
-    nonce = 0
-    for row in args.rows:
-        for clients in args.clients:
-            pairs: list[tuple[Load, Load]] = []
-            for round_ in range(args.rounds):
-                profiler = start_profile(args, api, row, clients, work) if round_ == 0 else None
-                if row in simple:
-                    label, path, headers = simple[row]
-                    load = wrk(api.url + path, clients, args.duration, headers)
-                elif row == "floor-write":
-                    label = "floor: bare + one durable INSERT (not tlsoverride)"
-                    load = wrk(floor_url + "/write", clients, args.duration)
-                elif row == "create":
-                    nonce += 1
-                    label = "POST /v1/overrides (diagnosis on create off)"
-                    script = LUA_CREATE % {"token": tokens.requester, "nonce": f"{os.getpid()}x{nonce}"}
-                    load = wrk(api.url, clients, args.duration, script=script, work=work)
-                else:  # approve: each request decides a fresh pending override from a pool made just before
-                    label = "POST /v1/overrides/{id}/approve"
-                    with psycopg.connect(url, autocommit=True) as conn:
-                        first = add_pending_pool(conn, int(200 * args.duration + 300))
-                    threads = min(clients, 2)
-                    script = LUA_APPROVE % {"token": tokens.reviewer, "first": first, "threads": threads}
-                    load = wrk(api.url, clients, args.duration, script=script, work=work)
-                stop_profile(profiler)
-                time.sleep(1.0)  # let the API finish what wrk left in flight before the next cell
-                # The yardstick right after each cell: on a shared machine the load moves within minutes.
-                bare = wrk(bare_url + "/", clients, max(2.0, args.duration / 2))
-                pairs.append((load, bare))
-                print(
-                    f"  {label:48} c={clients:<3} {load.rps:8.1f} rps  p50 {load.p50_ms:7.1f} ms  "
-                    f"bare {bare.rps:8.1f} rps"
-                    + (f"  NON-2XX {load.non_2xx}" if load.non_2xx else "")
-                    + (f"  SOCKET ERRORS {load.errors}" if load.errors else ""),
-                    file=sys.stderr,
-                )
-            ratios = [load.rps / bare.rps for load, bare in pairs]
-            load, bare = sorted(pairs, key=lambda pair: pair[0].rps / pair[1].rps)[len(pairs) // 2]
-            report.requests.append(RequestResult(row, label, clients, load, bare, ratios))
+        floor.stop()
 
 
 def measure_pages(
